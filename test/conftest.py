@@ -31,7 +31,8 @@ def _free_domain_id() -> int:
 
 # Set before any test imports rclpy: discovery never leaves loopback, runs never mix.
 os.environ['ROS_AUTOMATIC_DISCOVERY_RANGE'] = 'LOCALHOST'
-os.environ['ROS_LOCALHOST_ONLY'] = '1'  # the same setting's name before Jazzy
+if os.environ.get('ROS_DISTRO') in ('humble', 'iron'):
+    os.environ['ROS_LOCALHOST_ONLY'] = '1'  # the same setting's name before Jazzy
 os.environ.setdefault('ROS_DOMAIN_ID', str(_free_domain_id()))
 os.environ.setdefault('OMP_NUM_THREADS', '2')
 
