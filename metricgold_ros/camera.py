@@ -1,0 +1,98 @@
+"""Pinhole intrinsics: the one place that validates and rescales K for the whole project."""
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from metricgold_ros.errors import InputError
+
+
+def _pixel_count(name: str, value: object) -> int:
+    """``value`` as a positive int, or an InputError naming ``name``."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value > 0:
+        return int(value)
+    raise InputError(f'{name}: {value!r} must be a positive whole number of pixels; check '
+                     'camera_info width/height')
+
+
+@dataclass(frozen=True)
+class Intrinsics:
+    """Pinhole camera intrinsics of an image of ``width`` x ``height`` pixels.
+
+    Pixel coordinates follow OpenCV / REP 104: integer (u, v) is the centre of a pixel, (0, 0)
+    the centre of the top-left one. Frozen and hashable so it can key caches.
+    """
+
+    fx_px: float
+    fy_px: float
+    cx_px: float
+    cy_px: float
+    width: int
+    height: int
+
+    def __post_init__(self) -> None:
+        """Refuse values that would make a projection meaningless (zero focal, no pixels)."""
+        for name in ('fx_px', 'fy_px', 'cx_px', 'cy_px'):
+            value = getattr(self, name)
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                number = math.nan
+            if not math.isfinite(number):
+                raise InputError(f'{name}: {value!r} is not a finite number; check camera_info')
+            object.__setattr__(self, name, number)
+        for name in ('fx_px', 'fy_px'):
+            if getattr(self, name) <= 0:
+                raise InputError(f'{name}: {getattr(self, name)} must be > 0; the camera is '
+                                 'uncalibrated (K all zeros?) - calibrate it or set K')
+        for name in ('width', 'height'):
+            object.__setattr__(self, name, _pixel_count(name, getattr(self, name)))
+
+    @classmethod
+    def from_k(cls, k: Sequence[float], width: int, height: int) -> 'Intrinsics':
+        """Build from a row-major 3x3 K (9 numbers, as in ``CameraInfo.k``)."""
+        try:
+            k_arr = np.asarray(k, dtype=np.float64).reshape(-1)
+        except (TypeError, ValueError) as err:
+            raise InputError(f'K: {k!r} is not 9 numbers; pass CameraInfo.k') from err
+        if k_arr.size != 9:
+            raise InputError(f'K: {k_arr.size} values; a row-major 3x3 K has 9')
+        if not np.all(np.isfinite(k_arr)):
+            raise InputError(f'K: {k_arr.tolist()} holds NaN/inf; fix the camera calibration')
+        if k_arr[0] <= 0 or k_arr[4] <= 0:
+            raise InputError(f'K: fx={k_arr[0]}, fy={k_arr[4]}; both must be > 0 (an all-zero '
+                             'K means the camera is uncalibrated - calibrate it or set K)')
+        return cls(fx_px=float(k_arr[0]), fy_px=float(k_arr[4]), cx_px=float(k_arr[2]),
+                   cy_px=float(k_arr[5]), width=width, height=height)
+
+    def scaled_to(self, width: int, height: int) -> 'Intrinsics':
+        """Intrinsics of the same camera after resizing the image to ``width`` x ``height``.
+
+        Convention (pixel centres stay aligned, as ``cv2.resize`` samples): with
+        ``sx = width / self.width``, ``fx' = fx * sx`` and ``cx' = (cx + 0.5) * sx - 0.5``;
+        likewise for y. The same rule scales up or down, so ``a.scaled_to(w, h).scaled_to(
+        a.width, a.height) == a`` up to rounding. Note image_proc's resize node uses
+        ``cx' = cx * sx``, which differs by ``(sx - 1) / 2`` pixels.
+        """
+        width = _pixel_count('width', width)
+        height = _pixel_count('height', height)
+        sx = width / self.width
+        sy = height / self.height
+        return Intrinsics(fx_px=self.fx_px * sx, fy_px=self.fy_px * sy,
+                          cx_px=(self.cx_px + 0.5) * sx - 0.5,
+                          cy_px=(self.cy_px + 0.5) * sy - 0.5,
+                          width=width, height=height)
+
+    @property
+    def k(self) -> np.ndarray:
+        """3x3 camera matrix K, float64."""
+        return np.array([[self.fx_px, 0.0, self.cx_px],
+                         [0.0, self.fy_px, self.cy_px],
+                         [0.0, 0.0, 1.0]])
+
+    @property
+    def p(self) -> np.ndarray:
+        """3x4 projection matrix P = [K | 0] (a monocular, rectified camera), float64."""
+        return np.hstack([self.k, np.zeros((3, 1))])

@@ -1,0 +1,320 @@
+"""Checkpoint I/O: the diffusers folder layout plus MetricGold's own metadata.
+
+A checkpoint folder holds ``model_index.json``, ``unet/``, ``vae/``, ``scheduler/`` (optionally
+``text_encoder/`` + ``tokenizer/``), and for MetricGold models ``metricgold.json`` (depth range,
+defaults) with ``empty_text_embedding.safetensors`` (the prompt-free conditioning, so inference
+needs no text encoder). Released Marigold checkpoints, which have no ``metricgold.json``, load in
+*relative* mode.
+
+Weights load from safetensors only; pickled ``.bin``/``.ckpt`` files can execute code when
+loaded, so they are refused unless the caller passes ``allow_pickle=True`` (and even then are
+read with ``torch.load(weights_only=True)``). Nothing is downloaded: ``path`` is a local folder.
+"""
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Dict, Optional, Union
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from metricgold_ros.errors import CheckpointError
+
+LOGGER = logging.getLogger(__name__)
+
+METADATA_FILE = 'metricgold.json'
+EMBEDDING_FILE = 'empty_text_embedding.safetensors'
+FORMAT_VERSION = 1
+_WEIGHT_NAME = 'diffusion_pytorch_model'
+ALLOW_PICKLE_HINT = (
+    'pickled weights can run code when loaded; convert them to safetensors, or pass '
+    '--allow-pickle (Python: allow_pickle=True) if you trust the file')
+
+
+@dataclass(frozen=True)
+class ModelMetadata:
+    """What a MetricGold checkpoint needs beyond the diffusers layout.
+
+    Attributes:
+        d_min_m, d_max_m: metric range of the log-depth codec (metres), fixed at training time.
+        default_denoising_steps: DDIM steps used when a caller does not choose.
+        default_processing_resolution: longer image side (px) fed to the networks.
+        relative: True for affine-invariant Marigold checkpoints (output in [0, 1], not metres).
+    """
+
+    d_min_m: float
+    d_max_m: float
+    default_denoising_steps: int = 1
+    default_processing_resolution: int = 768
+    relative: bool = False
+
+    def validate(self, source: str) -> 'ModelMetadata':
+        if not (math.isfinite(self.d_min_m) and math.isfinite(self.d_max_m)
+                and 0.0 < self.d_min_m < self.d_max_m):
+            raise CheckpointError(
+                f'{source}: d_min={self.d_min_m!r}, d_max={self.d_max_m!r} is not a valid depth '
+                'range; expected finite metres with 0 < d_min < d_max')
+        if int(self.default_denoising_steps) < 1:
+            raise CheckpointError(
+                f'{source}: default_denoising_steps={self.default_denoising_steps!r}, '
+                'expected an integer >= 1')
+        if int(self.default_processing_resolution) < 8:
+            raise CheckpointError(
+                f'{source}: default_processing_resolution='
+                f'{self.default_processing_resolution!r}, expected an integer >= 8 (pixels)')
+        return self
+
+
+@dataclass
+class Checkpoint:
+    """The loaded networks, scheduler, conditioning and metadata of one model folder."""
+
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    scheduler: object
+    empty_text_embedding: torch.Tensor  # [1,T,C]
+    metadata: ModelMetadata
+    path: Optional[Path] = None
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise CheckpointError(f'{path} is missing')
+    try:
+        data = json.loads(path.read_text(encoding='utf-8'))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f'{path} is not valid JSON: {err}') from err
+    if not isinstance(data, dict):
+        raise CheckpointError(f'{path} must hold a JSON object, found {type(data).__name__}')
+    return data
+
+
+def _read_state_dict(folder: Path, allow_pickle: bool) -> Dict[str, torch.Tensor]:
+    """Weights of one sub-model folder, safetensors first (plain, fp16 variant, sharded)."""
+    for name in (f'{_WEIGHT_NAME}.safetensors', f'{_WEIGHT_NAME}.fp16.safetensors',
+                 'model.safetensors'):
+        if (folder / name).is_file():
+            return _load_safetensors(folder / name)
+    index = folder / f'{_WEIGHT_NAME}.safetensors.index.json'
+    if index.is_file():
+        shards = sorted(set(_read_json(index).get('weight_map', {}).values()))
+        state: Dict[str, torch.Tensor] = {}
+        for shard in shards:
+            state.update(_load_safetensors(folder / shard))
+        return state
+    pickled = [p for p in sorted(folder.glob('*')) if p.suffix in ('.bin', '.ckpt', '.pt', '.pth')]
+    if pickled and not allow_pickle:
+        raise CheckpointError(f'{pickled[0]} is a pickled weight file: {ALLOW_PICKLE_HINT}')
+    if pickled:
+        try:
+            return torch.load(pickled[0], map_location='cpu', weights_only=True)
+        except Exception as err:  # noqa: BLE001 - any unpickling failure is a bad file
+            raise CheckpointError(f'{pickled[0]} could not be read as weights: {err}') from err
+    raise CheckpointError(
+        f'{folder} has no weights: expected {_WEIGHT_NAME}.safetensors (or a sharded index)')
+
+
+def _load_safetensors(path: Path) -> Dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path), device='cpu')
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise CheckpointError(
+            f'{path} is not a readable safetensors file (truncated, corrupt or pickled data '
+            f'under a .safetensors name): {err}') from err
+
+
+def _load_module(cls, folder: Path, allow_pickle: bool) -> torch.nn.Module:
+    """Build ``cls`` from ``folder/config.json`` without random init, then load its weights."""
+    from accelerate import init_empty_weights
+
+    config_path = folder / 'config.json'
+    if not folder.is_dir():
+        raise CheckpointError(f'{folder} is missing: expected a {cls.__name__} sub-folder')
+    config = _read_json(config_path)
+    try:
+        with init_empty_weights():
+            module = cls.from_config(config)
+    except (TypeError, ValueError, KeyError) as err:
+        raise CheckpointError(f'{config_path} does not describe a {cls.__name__}: {err}') from err
+    state = _read_state_dict(folder, allow_pickle)
+    try:
+        module.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as err:
+        first_line = str(err).splitlines()[0]
+        detail = '; '.join(line.strip() for line in str(err).splitlines()[1:4])
+        raise CheckpointError(
+            f'weights in {folder} do not match {config_path}: {first_line} {detail}') from err
+    return module.float().eval().requires_grad_(False)
+
+
+def _load_metadata(path: Path, model_index: dict) -> ModelMetadata:
+    meta_path = path / METADATA_FILE
+    if not meta_path.exists():
+        # A released Marigold checkpoint: affine-invariant depth, defaults in model_index.json.
+        if model_index.get('scale_invariant') is False and model_index.get('shift_invariant') is False:
+            raise CheckpointError(
+                f'{path} has no {METADATA_FILE} but model_index.json says the model is metric: '
+                f'its depth range is unknown; add {METADATA_FILE} with d_min and d_max')
+        return ModelMetadata(
+            d_min_m=1.0, d_max_m=2.0, relative=True,
+            default_denoising_steps=int(model_index.get('default_denoising_steps') or 4),
+            default_processing_resolution=int(
+                model_index.get('default_processing_resolution') or 768),
+        ).validate(str(path / 'model_index.json'))
+    data = _read_json(meta_path)
+    try:
+        meta = ModelMetadata(
+            d_min_m=float(data['d_min']), d_max_m=float(data['d_max']),
+            default_denoising_steps=int(data.get('default_denoising_steps', 1)),
+            default_processing_resolution=int(data.get('default_processing_resolution', 768)))
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(
+            f'{meta_path}: bad or missing field {err}; expected numbers d_min, d_max (metres) '
+            'and integers default_denoising_steps, default_processing_resolution') from err
+    return meta.validate(str(meta_path))
+
+
+def _load_embedding(path: Path, unet: torch.nn.Module, cache_embedding: bool) -> torch.Tensor:
+    emb_path = path / EMBEDDING_FILE
+    if emb_path.is_file():
+        tensors = _load_safetensors(emb_path)
+        if 'embedding' not in tensors:
+            raise CheckpointError(f'{emb_path} lacks the tensor "embedding"')
+        embedding = tensors['embedding'].float()
+    elif (path / 'text_encoder').is_dir() and (path / 'tokenizer').is_dir():
+        embedding = compute_empty_text_embedding(path)
+        if cache_embedding:
+            _atomic_save_tensors({'embedding': embedding}, emb_path)
+            LOGGER.info('stored the empty-text embedding in %s', emb_path)
+        else:
+            LOGGER.info('computed the empty-text embedding from %s/text_encoder; store it with '
+                        'cache_embedding=True (or `metricgold init-model --help`) to skip the '
+                        'text encoder next time', path)
+    else:
+        raise CheckpointError(
+            f'{emb_path} is missing and there is no text_encoder/ + tokenizer/ to compute it from')
+    cross_dim = unet.config.cross_attention_dim
+    if embedding.dim() != 3 or embedding.shape[0] != 1 or embedding.shape[-1] != cross_dim:
+        raise CheckpointError(
+            f'{emb_path}: empty-text embedding has shape {tuple(embedding.shape)}, expected '
+            f'[1, T, {cross_dim}] to match unet cross_attention_dim')
+    return embedding
+
+
+def compute_empty_text_embedding(path: Union[str, Path]) -> torch.Tensor:
+    """Encode the empty prompt with the checkpoint's own CLIP text encoder: ``[1, T, C]``."""
+    try:
+        from transformers import CLIPTextModel, CLIPTokenizer
+    except ImportError as err:
+        raise CheckpointError(
+            f'{path}: computing the empty-text embedding needs `pip install transformers`') from err
+    path = Path(path)
+    tokenizer = CLIPTokenizer.from_pretrained(str(path / 'tokenizer'), local_files_only=True)
+    encoder = CLIPTextModel.from_pretrained(
+        str(path / 'text_encoder'), local_files_only=True, use_safetensors=True)
+    ids = tokenizer('', padding='do_not_pad', truncation=True, return_tensors='pt').input_ids
+    with torch.no_grad():
+        return encoder(ids)[0].float()
+
+
+def load_checkpoint(path: Union[str, Path], *, allow_pickle: bool = False,
+                    cache_embedding: bool = False) -> Checkpoint:
+    """Load a MetricGold (metric) or Marigold (relative) checkpoint from a local folder."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise CheckpointError(
+            f'model folder {path} does not exist; give a local checkpoint folder '
+            '(`metricgold init-model DIR --tiny` writes one)')
+    model_index = _read_json(path / 'model_index.json')
+    metadata = _load_metadata(path, model_index)
+    unet = _load_module(UNet2DConditionModel, path / 'unet', allow_pickle)
+    if unet.config.in_channels != 8:
+        raise CheckpointError(
+            f'{path / "unet" / "config.json"}: conv_in has {unet.config.in_channels} input '
+            'channels, expected 8 ([rgb_latent, depth_latent]); this is not a Marigold-style UNet')
+    vae = _load_module(AutoencoderKL, path / 'vae', allow_pickle)
+    if vae.config.latent_channels * 2 != unet.config.in_channels or \
+            unet.config.out_channels != vae.config.latent_channels:
+        raise CheckpointError(
+            f'{path}: vae latent_channels={vae.config.latent_channels} does not fit unet '
+            f'in_channels={unet.config.in_channels}/out_channels={unet.config.out_channels}')
+    scheduler_config = _read_json(path / 'scheduler' / 'scheduler_config.json')
+    # Few-step DDIM needs trailing spacing: "leading" never visits the last timestep.
+    scheduler = DDIMScheduler.from_config(scheduler_config, timestep_spacing='trailing')
+    embedding = _load_embedding(path, unet, cache_embedding)
+    return Checkpoint(unet, vae, scheduler, embedding, metadata, path)
+
+
+def _atomic_save_tensors(tensors: Dict[str, torch.Tensor], path: Path) -> None:
+    tmp = path.with_name(path.name + '.tmp')
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def save_checkpoint(path: Union[str, Path], checkpoint: Checkpoint, *,
+                    overwrite: bool = False) -> Path:
+    """Write ``checkpoint`` in the layout :func:`load_checkpoint` reads, atomically.
+
+    Everything is written to a temporary sibling folder and renamed into place at the end, so
+    an interrupted save never leaves a half-written model under ``path``.
+    """
+    path = Path(path).expanduser()
+    if path.exists() and not overwrite:
+        raise CheckpointError(f'{path} already exists; choose another folder or overwrite=True')
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f'.{path.name}.', dir=path.parent))
+    try:
+        checkpoint.unet.save_pretrained(tmp / 'unet', safe_serialization=True)
+        checkpoint.vae.save_pretrained(tmp / 'vae', safe_serialization=True)
+        checkpoint.scheduler.save_pretrained(tmp / 'scheduler')
+        meta = checkpoint.metadata
+        index = {
+            '_class_name': 'MarigoldDepthPipeline', '_diffusers_version': _diffusers_version(),
+            'prediction_type': 'depth', 'scale_invariant': meta.relative,
+            'shift_invariant': meta.relative,
+            'default_denoising_steps': meta.default_denoising_steps,
+            'default_processing_resolution': meta.default_processing_resolution,
+            'unet': ['diffusers', 'UNet2DConditionModel'],
+            'vae': ['diffusers', 'AutoencoderKL'],
+            'scheduler': ['diffusers', 'DDIMScheduler'],
+        }
+        (tmp / 'model_index.json').write_text(json.dumps(index, indent=2) + '\n')
+        if not meta.relative:
+            fields = asdict(meta)
+            fields.pop('relative')
+            fields['d_min'] = fields.pop('d_min_m')
+            fields['d_max'] = fields.pop('d_max_m')
+            fields['format_version'] = FORMAT_VERSION
+            fields['depth_codec'] = 'log: x = 2*log(d/d_min)/log(d_max/d_min) - 1'
+            (tmp / METADATA_FILE).write_text(json.dumps(fields, indent=2) + '\n')
+        _atomic_save_tensors({'embedding': checkpoint.empty_text_embedding}, tmp / EMBEDDING_FILE)
+        _make_readable(tmp)
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _make_readable(folder: Path) -> None:
+    """mkdtemp and safetensors create owner-only entries; a model folder is shared data."""
+    folder.chmod(0o755)
+    for entry in folder.rglob('*'):
+        entry.chmod(0o755 if entry.is_dir() else 0o644)
+
+
+def _diffusers_version() -> str:
+    import diffusers
+
+    return diffusers.__version__
