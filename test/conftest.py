@@ -43,3 +43,21 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f'real test data not found at {SHARED_DATA} (only present in the dev tree)')
     return SHARED_DATA
+
+
+@pytest.fixture(scope='session')
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny MetricGold checkpoint (random weights, real architecture) saved in the real layout."""
+    from metricgold_ros.model import build_tiny_checkpoint, save_checkpoint
+
+    path = tmp_path_factory.mktemp('models') / 'tiny'
+    save_checkpoint(path, build_tiny_checkpoint(seed=0, processing_resolution=128))
+    return path
+
+
+@pytest.fixture(scope='session')
+def tiny_pipeline(tiny_model_dir):
+    """The tiny model loaded on the CPU through the public loader."""
+    from metricgold_ros.model import MetricGoldPipeline
+
+    return MetricGoldPipeline.from_pretrained(tiny_model_dir, device='cpu', dtype='float32')
