@@ -1,0 +1,156 @@
+"""One camera frame -> every output the node and the bag tool publish (one implementation).
+
+``DepthFrameProcessor.process`` runs the pipeline and derives the depth image, uncertainty,
+colour visualisation, the intrinsics of the depth image and the point cloud as numpy arrays;
+``frame_messages`` turns them into ROS messages of either type system (rclpy or rosbags), all
+stamped with the input frame's header. Neither imports rclpy.
+"""
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
+
+import numpy as np
+
+from metricgold_ros import messages
+from metricgold_ros.camera import Intrinsics
+from metricgold_ros.colorize import colorize_depth
+from metricgold_ros.errors import InputError
+from metricgold_ros.pointcloud import Cloud, depth_to_points
+
+# Relative difference of aspect ratios below which CameraInfo of another size is taken to be
+# the same camera resized (e.g. info for 1280x720, image downscaled to 640x360).
+ASPECT_TOLERANCE = 0.01
+
+
+@dataclass
+class FrameOptions:
+    """Per-frame choices; the node maps its parameters onto these, the bag tool its flags."""
+
+    denoising_steps: Optional[int] = None  # None: the checkpoint's default
+    ensemble_size: int = 1
+    processing_resolution: Optional[int] = None  # None: the checkpoint's default
+    seed: Optional[int] = 0
+    warm_start: bool = False
+    warm_start_strength: float = 0.5
+    output_scale: float = 1.0  # depth size relative to the input image
+    colored: bool = True
+    colormap: str = 'turbo'
+    color_min_m: Optional[float] = None  # None: automatic (2nd percentile)
+    color_max_m: Optional[float] = None  # None: automatic (98th percentile)
+    points: bool = True
+    points_stride: int = 1
+    points_rgb: bool = False
+    max_depth_m: float = math.inf
+
+
+@dataclass
+class FrameResult:
+    """Outputs of one frame, at the depth image's size ``[H,W]``.
+
+    ``intrinsics`` describe the depth image (``None`` without CameraInfo); ``cloud`` is
+    ``None`` without intrinsics, for relative models, or when points are off.
+    """
+
+    depth: np.ndarray
+    relative: bool
+    uncertainty: Optional[np.ndarray]
+    intrinsics: Optional[Intrinsics]
+    colored_bgr: Optional[np.ndarray]
+    cloud: Optional[Cloud]
+    timings_s: Dict[str, float] = field(default_factory=dict)
+
+
+def camera_for_image(camera: Intrinsics, width: int, height: int) -> Intrinsics:
+    """Intrinsics of an image of ``width`` x ``height`` taken by ``camera`` (maybe resized).
+
+    Raises ``InputError`` when the aspect ratios differ: that is another camera or a crop,
+    and scaling K would silently bend the cloud.
+    """
+    if (camera.width, camera.height) == (width, height):
+        return camera
+    aspect_info = camera.width / camera.height
+    aspect_image = width / height
+    if abs(aspect_info / aspect_image - 1.0) > ASPECT_TOLERANCE:
+        raise InputError(
+            f'camera_info is for {camera.width}x{camera.height} but the image is '
+            f'{width}x{height} (another aspect ratio): check that camera_info belongs to this '
+            'image topic, or publish the rectified/cropped camera_info')
+    return camera.scaled_to(width, height)
+
+
+class DepthFrameProcessor:
+    """Runs the pipeline on frames of one stream, keeping the warm-start latent between them."""
+
+    def __init__(self, pipeline: Any) -> None:
+        self.pipeline = pipeline
+        self._previous_latent = None
+
+    def reset(self) -> None:
+        """Forget the previous frame (stream restarted, resolution changed, seek)."""
+        self._previous_latent = None
+
+    def process(self, rgb: np.ndarray, camera: Optional[Intrinsics],
+                options: FrameOptions) -> FrameResult:
+        """Depth and its derived products for one RGB uint8 ``[H,W,3]`` frame."""
+        height, width = rgb.shape[:2]
+        if not 0.0 < options.output_scale <= 1.0:
+            raise InputError(f'output_scale={options.output_scale}, expected a number in (0, 1]')
+        out_h = max(1, round(height * options.output_scale))
+        out_w = max(1, round(width * options.output_scale))
+        # Validate intrinsics before spending time on inference.
+        depth_camera = camera_for_image(camera, out_w, out_h) if camera is not None else None
+        prediction = self.pipeline(
+            rgb, denoising_steps=options.denoising_steps, ensemble_size=options.ensemble_size,
+            processing_resolution=options.processing_resolution, seed=options.seed,
+            init_latent=self._previous_latent if options.warm_start else None,
+            warm_start_strength=options.warm_start_strength, output_size=(out_h, out_w))
+        self._previous_latent = prediction.depth_latent if options.warm_start else None
+        timings = dict(prediction.timings_s)
+
+        colored = None
+        if options.colored:
+            start = time.perf_counter()
+            colored = colorize_depth(prediction.depth, options.color_min_m,
+                                     options.color_max_m, options.colormap)
+            timings['colorize'] = time.perf_counter() - start
+        cloud = None
+        if options.points and depth_camera is not None and not prediction.relative:
+            start = time.perf_counter()
+            colour = None
+            if options.points_rgb:
+                colour = rgb if (out_h, out_w) == (height, width) else _resize_rgb(
+                    rgb, out_w, out_h)
+            cloud = depth_to_points(prediction.depth_m, depth_camera, options.points_stride,
+                                    options.max_depth_m, colour)
+            timings['cloud'] = time.perf_counter() - start
+        return FrameResult(prediction.depth, prediction.relative, prediction.uncertainty,
+                           depth_camera, colored, cloud, timings)
+
+
+def _resize_rgb(rgb: np.ndarray, width: int, height: int) -> np.ndarray:
+    import cv2
+
+    return cv2.resize(rgb, (width, height), interpolation=cv2.INTER_AREA)
+
+
+def frame_messages(types: Any, header: Any, result: FrameResult,
+                   distortion_model: str = 'plumb_bob') -> Dict[str, Any]:
+    """ROS messages for ``result`` keyed by output topic (relative to the output namespace).
+
+    ``types`` is :func:`messages.rclpy_types` or :func:`messages.rosbags_types`; every message
+    carries ``header`` (the input frame's stamp and frame_id). The depth image has no
+    distortion: it is in the processed image's geometry, so its CameraInfo has ``d = 0``.
+    """
+    out: Dict[str, Any] = {'depth/image': messages.depth_image_msg(types, header, result.depth)}
+    if result.intrinsics is not None:
+        out['depth/camera_info'] = messages.camera_info_msg(
+            types, header, result.intrinsics, distortion_model=distortion_model)
+    if result.colored_bgr is not None:
+        out['depth/colored'] = messages.bgr8_image_msg(types, header, result.colored_bgr)
+    if result.uncertainty is not None:
+        out['depth/uncertainty'] = messages.depth_image_msg(types, header, result.uncertainty)
+    if result.cloud is not None:
+        out['points'] = messages.pointcloud_msg(types, header, result.cloud)
+    return out
