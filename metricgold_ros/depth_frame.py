@@ -136,17 +136,18 @@ def _resize_rgb(rgb: np.ndarray, width: int, height: int) -> np.ndarray:
 
 
 def frame_messages(types: Any, header: Any, result: FrameResult,
-                   distortion_model: str = 'plumb_bob') -> Dict[str, Any]:
+                   distortion_model: str = 'plumb_bob',
+                   distortion: Optional[Any] = None) -> Dict[str, Any]:
     """ROS messages for ``result`` keyed by output topic (relative to the output namespace).
 
     ``types`` is :func:`messages.rclpy_types` or :func:`messages.rosbags_types`; every message
-    carries ``header`` (the input frame's stamp and frame_id). The depth image has no
-    distortion: it is in the processed image's geometry, so its CameraInfo has ``d = 0``.
+    carries ``header`` (the input frame's stamp and frame_id). The depth image shares the
+    input image's geometry, so its CameraInfo keeps the input's distortion model and D.
     """
     out: Dict[str, Any] = {'depth/image': messages.depth_image_msg(types, header, result.depth)}
     if result.intrinsics is not None:
         out['depth/camera_info'] = messages.camera_info_msg(
-            types, header, result.intrinsics, distortion_model=distortion_model)
+            types, header, result.intrinsics, distortion_model=distortion_model, d=distortion)
     if result.colored_bgr is not None:
         out['depth/colored'] = messages.bgr8_image_msg(types, header, result.colored_bgr)
     if result.uncertainty is not None:

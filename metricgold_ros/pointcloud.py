@@ -152,6 +152,7 @@ def write_ply(path: Union[str, 'os.PathLike[str]'], cloud: Cloud) -> int:
     folder = os.path.dirname(os.path.abspath(os.fspath(path)))
     fd, tmp_path = tempfile.mkstemp(prefix='.tmp-', suffix='.ply', dir=folder)
     try:
+        os.chmod(tmp_path, 0o644)  # mkstemp's 0600 would hide the cloud from other users
         with os.fdopen(fd, 'wb') as handle:
             handle.write(('\n'.join(header) + '\n').encode('ascii'))
             handle.write(vertices.tobytes())
