@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Dict, Optional, Union
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from metricgold_ros.errors import CheckpointError
 
@@ -123,7 +123,10 @@ def _read_state_dict(folder: Path, allow_pickle: bool) -> Dict[str, torch.Tensor
 
 def _load_safetensors(path: Path) -> Dict[str, torch.Tensor]:
     try:
-        return load_file(str(path), device='cpu')
+        with safe_open(str(path), framework='pt', device='cpu') as handle:
+            # clone(): tensors straight from the file can sit at unaligned addresses, and
+            # oneDNN then sums in another order - reloaded models would differ in the last bit.
+            return {key: handle.get_tensor(key).clone() for key in handle.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise CheckpointError(
             f'{path} is not a readable safetensors file (truncated, corrupt or pickled data '
@@ -236,11 +239,17 @@ def load_checkpoint(path: Union[str, Path], *, allow_pickle: bool = False,
             '(`metricgold init-model DIR --tiny` writes one)')
     model_index = _read_json(path / 'model_index.json')
     metadata = _load_metadata(path, model_index)
-    unet = _load_module(UNet2DConditionModel, path / 'unet', allow_pickle)
-    if unet.config.in_channels != 8:
+    unet_config_path = path / 'unet' / 'config.json'
+    if not unet_config_path.parent.is_dir():
+        raise CheckpointError(f'{unet_config_path.parent} is missing: expected a '
+                              'UNet2DConditionModel sub-folder')
+    in_channels = _read_json(unet_config_path).get('in_channels', 4)
+    if in_channels != 8:
         raise CheckpointError(
-            f'{path / "unet" / "config.json"}: conv_in has {unet.config.in_channels} input '
-            'channels, expected 8 ([rgb_latent, depth_latent]); this is not a Marigold-style UNet')
+            f'{unet_config_path}: conv_in has {in_channels} input channels, expected 8 '
+            '([rgb_latent, depth_latent]); this is not a Marigold-style UNet (a plain Stable '
+            'Diffusion UNet must be converted by training/train.py first)')
+    unet = _load_module(UNet2DConditionModel, path / 'unet', allow_pickle)
     vae = _load_module(AutoencoderKL, path / 'vae', allow_pickle)
     if vae.config.latent_channels * 2 != unet.config.in_channels or \
             unet.config.out_channels != vae.config.latent_channels:
