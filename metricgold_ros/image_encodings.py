@@ -97,9 +97,7 @@ def image_to_rgb(encoding: str, height: int, width: int, step: int, is_bigendian
         return rows.reshape(height, width, 3).copy()
     if encoding == 'mono16':
         high = rows.reshape(height, width, 2)[:, :, 0 if is_bigendian else 1]
-        out = np.empty((height, width, 3), np.uint8)
-        out[...] = high[:, :, None]
-        return out
+        return cv2.cvtColor(np.ascontiguousarray(high), cv2.COLOR_GRAY2RGB)
     if bpp in (3, 4):
         src = rows.reshape(height, width, bpp)
     elif bpp == 2:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import List, Optional, Tuple, Union
 
+import cv2
 import numpy as np
 
 from metricgold_ros.camera import Intrinsics
@@ -95,22 +96,21 @@ def depth_to_points(depth_m: np.ndarray, intr: Intrinsics, stride: int = 1,
                              f'[{height},{width},3] matching the depth image')
     ray_x, ray_y = _rays(intr, int(stride))
     depth_s = depth_m[::stride, ::stride]  # [H',W']
-    # One comparison rejects NaN, inf, <= 0 and too far: NaN compares False.
-    limit = min(float(max_depth_m), _FLOAT32_MAX)
-    z = np.where((depth_s > 0) & (depth_s <= limit), depth_s, np.float32(np.nan))
-    z = z.astype(np.float32, copy=False)
     names = ['x', 'y', 'z'] + (['rgb'] if rgb is not None else [])
-    flat = np.empty(z.shape + (len(names),), np.float32)  # [H',W',C] interleaved
-    np.multiply(z, ray_x, out=flat[:, :, 0])
+    # One buffer, filled in place: fresh large allocations cost page faults on every frame.
+    flat = np.empty(depth_s.shape + (len(names),), np.float32)  # [H',W',C] interleaved
+    z = flat[:, :, 2]
+    z[...] = depth_s
+    # One comparison pair rejects NaN, inf, <= 0 and too far: NaN compares False.
+    limit = min(float(max_depth_m), _FLOAT32_MAX)
+    np.copyto(z, np.float32(np.nan), where=~((depth_s > 0) & (depth_s <= limit)))
+    np.multiply(z, ray_x, out=flat[:, :, 0])  # NaN z gives NaN x, y
     np.multiply(z, ray_y, out=flat[:, :, 1])
-    flat[:, :, 2] = z
     if rgb is not None:
-        rgb_s = rgb[::stride, ::stride]
-        packed = flat.view(np.uint8).reshape(z.shape + (4 * len(names),))[:, :, 12:16]
-        packed[:, :, 0] = rgb_s[:, :, 2]  # little-endian 0x00RRGGBB: bytes B, G, R, 0
-        packed[:, :, 1] = rgb_s[:, :, 1]
-        packed[:, :, 2] = rgb_s[:, :, 0]
-        packed[:, :, 3] = 0
+        bgra = cv2.cvtColor(np.ascontiguousarray(rgb[::stride, ::stride]), cv2.COLOR_RGB2BGRA)
+        # little-endian uint32 0x00RRGGBB = bytes B, G, R, 0; written as bits, not as floats
+        np.bitwise_and(bgra.view('<u4')[:, :, 0], np.uint32(0x00FFFFFF),
+                       out=flat[:, :, 3].view(np.uint32))
     dtype = _point_dtype(names)
     points = flat.view(dtype).reshape(z.shape)
     fields = tuple((name, 4 * i, FLOAT32, 1) for i, name in enumerate(names))
