@@ -24,7 +24,6 @@ setup(
     maintainer_email='maintainers@example.com',
     description='Metric depth and point clouds from one camera with MetricGold, for ROS 2.',
     license='Apache-2.0',
-    tests_require=['pytest'],
     entry_points={
         'console_scripts': [
             'depth_node = metricgold_ros.depth_node:main',

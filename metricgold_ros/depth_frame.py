@@ -151,7 +151,7 @@ def frame_messages(types: Any, header: Any, result: FrameResult,
     if result.colored_bgr is not None:
         out['depth/colored'] = messages.bgr8_image_msg(types, header, result.colored_bgr)
     if result.uncertainty is not None:
-        out['depth/uncertainty'] = messages.depth_image_msg(types, header, result.uncertainty)
+        out['depth/uncertainty'] = messages.float_image_msg(types, header, result.uncertainty)
     if result.cloud is not None:
         out['points'] = messages.pointcloud_msg(types, header, result.cloud)
     return out
