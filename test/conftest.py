@@ -1,39 +1,18 @@
 """Shared pytest fixtures: loopback-only DDS, real data folder, tiny real models."""
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
+
+from metricgold_ros.ros_env import free_domain_id, use_loopback
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / 'shared' / 'data'
 
 
-def _free_domain_id() -> int:
-    """A ROS_DOMAIN_ID whose discovery ports nobody on this machine holds.
-
-    Fast DDS's well-known ports for domain d start at 7400 + 250 * d; a bound port means another
-    test run (or a leftover process) uses that domain, so parallel runs never cross-talk.
-    """
-    start = os.getpid() % 100
-    for offset in range(100):
-        domain = (start + offset) % 100 + 1
-        port = 7400 + 250 * domain
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-            try:
-                sock.bind(('127.0.0.1', port))
-            except OSError:
-                continue
-        return domain
-    return 0
-
-
 # Set before any test imports rclpy: discovery never leaves loopback, runs never mix.
-os.environ['ROS_AUTOMATIC_DISCOVERY_RANGE'] = 'LOCALHOST'
-if os.environ.get('ROS_DISTRO') in ('humble', 'iron'):
-    os.environ['ROS_LOCALHOST_ONLY'] = '1'  # the same setting's name before Jazzy
-os.environ.setdefault('ROS_DOMAIN_ID', str(_free_domain_id()))
+use_loopback(domain_id=free_domain_id())
 os.environ.setdefault('OMP_NUM_THREADS', '2')
 
 

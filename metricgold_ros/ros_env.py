@@ -1,0 +1,52 @@
+"""Environment for processes that start rclpy: DDS discovery on loopback, a domain of their own.
+
+Fast DDS multicasts discovery on every interface by default; ``ROS_AUTOMATIC_DISCOVERY_RANGE=
+LOCALHOST`` (Jazzy and newer) and ``ROS_LOCALHOST_ONLY=1`` (Humble, Iron) keep every packet on
+``lo``. A free ``ROS_DOMAIN_ID`` keeps parallel runs and leftovers from talking to each other.
+"""
+
+import os
+import socket
+from typing import Dict, Mapping, Optional
+
+_PRE_JAZZY = ('humble', 'iron')
+
+
+def free_domain_id(start: Optional[int] = None) -> int:
+    """A ROS_DOMAIN_ID (1..100) whose Fast DDS discovery port nobody on this machine holds.
+
+    The well-known discovery port of domain d is 7400 + 250 * d; a bound port means another
+    run uses that domain.
+    """
+    start = os.getpid() % 100 if start is None else start
+    for offset in range(100):
+        domain = (start + offset) % 100 + 1
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            try:
+                sock.bind(('127.0.0.1', 7400 + 250 * domain))
+            except OSError:
+                continue
+        return domain
+    return 0
+
+
+def loopback_env(base: Optional[Mapping[str, str]] = None,
+                 domain_id: Optional[int] = None) -> Dict[str, str]:
+    """``base`` (default ``os.environ``) with loopback-only discovery and a domain id set.
+
+    An existing ``ROS_DOMAIN_ID`` is kept unless ``domain_id`` is given.
+    """
+    env = dict(os.environ if base is None else base)
+    env['ROS_AUTOMATIC_DISCOVERY_RANGE'] = 'LOCALHOST'
+    if env.get('ROS_DISTRO') in _PRE_JAZZY:
+        env['ROS_LOCALHOST_ONLY'] = '1'
+    if domain_id is not None:
+        env['ROS_DOMAIN_ID'] = str(domain_id)
+    elif 'ROS_DOMAIN_ID' not in env:
+        env['ROS_DOMAIN_ID'] = str(free_domain_id())
+    return env
+
+
+def use_loopback(domain_id: Optional[int] = None) -> None:
+    """Apply :func:`loopback_env` to this process; call before ``rclpy.init``."""
+    os.environ.update(loopback_env(domain_id=domain_id))
