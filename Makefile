@@ -6,6 +6,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 FRAMES ?= 40
+OUT ?= demo_out
 # DDS discovery stays on this machine; tests pick their own free ROS_DOMAIN_ID.
 export ROS_AUTOMATIC_DISCOVERY_RANGE := LOCALHOST
 
@@ -29,7 +30,7 @@ $(STAMP): requirements.txt requirements-ros.txt requirements-dev.txt setup.py
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VPY) -m metricgold_ros.demo --frames $(FRAMES) --out demo_out
+	$(VPY) -m metricgold_ros.demo --frames $(FRAMES) --out $(OUT)
 
 test: $(STAMP)
 	$(VPY) -m pytest -q -p no:cacheprovider test

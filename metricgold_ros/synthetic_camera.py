@@ -1,0 +1,102 @@
+"""A camera process that plays a synthetic sequence over DDS: Image + CameraInfo at a fixed rate.
+
+The sequence walks through a generated room, then drives down a generated street
+(``metricgold_ros.synthetic``), so whoever receives the node's depth can regenerate the exact
+ground truth of every frame from its index. Used by the demo and the soak test::
+
+    python -m metricgold_ros.synthetic_camera --rate 5 --frames 40 --stamps-out stamps.json
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+from metricgold_ros.ros_env import use_loopback
+from metricgold_ros.synthetic import Sample, camera_sequence
+
+SCENES = (('indoor', 1), ('outdoor', 2))  # (kind, scene seed): a room, then a street
+
+
+def demo_frames(n_frames: int, width: int, height: int, fps: float) -> List[Sample]:
+    """The demo's frames: the first half in a room, the rest in a street (deterministic)."""
+    indoor = (n_frames + 1) // 2
+    frames: List[Sample] = []
+    for (kind, seed), count in zip(SCENES, (indoor, n_frames - indoor)):
+        frames.extend(camera_sequence(seed, kind, count, width, height, fps))
+    return frames
+
+
+def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--rate', type=float, default=5.0, help='frames per second (Hz)')
+    parser.add_argument('--frames', type=int, default=40, help='frames to send; 0: loop forever')
+    parser.add_argument('--size', default='640x480', help='WIDTHxHEIGHT (default 640x480)')
+    parser.add_argument('--image-topic', default='camera/image_raw')
+    parser.add_argument('--info-topic', default='camera/camera_info')
+    parser.add_argument('--frame-id', default='camera_optical_frame')
+    parser.add_argument('--wait-subscribers', type=float, default=60.0,
+                        help='seconds to wait for a subscriber before sending (default 60)')
+    parser.add_argument('--stamps-out', type=Path,
+                        help='write {stamp_ns: frame index} of every sent frame as JSON here')
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _parse_args(argv)
+    width, height = (int(v) for v in args.size.lower().split('x'))
+    loop = args.frames == 0
+    frames = demo_frames(args.frames or 100, width, height, args.rate)
+    use_loopback()
+    import rclpy
+    from rclpy.qos import qos_profile_sensor_data
+    from sensor_msgs.msg import CameraInfo, Image
+
+    from metricgold_ros import messages
+    from metricgold_ros.camera import Intrinsics
+
+    types = messages.rclpy_types()
+    rclpy.init()
+    sent: dict = {}
+    try:
+        node = rclpy.create_node('synthetic_camera')
+        image_pub = node.create_publisher(Image, args.image_topic, qos_profile_sensor_data)
+        info_pub = node.create_publisher(CameraInfo, args.info_topic, qos_profile_sensor_data)
+        deadline = time.monotonic() + args.wait_subscribers
+        while image_pub.get_subscription_count() == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # let the subscriber's other endpoints match too
+        period_s = 1.0 / args.rate
+        next_s = time.monotonic()
+        index = 0
+        while loop or index < len(frames):
+            sample = frames[index % len(frames)]
+            stamp_ns = time.time_ns()
+            header = types.Header(
+                stamp=types.Time(sec=stamp_ns // 10**9, nanosec=stamp_ns % 10**9),
+                frame_id=args.frame_id)
+            intr = Intrinsics(sample.fx_px, sample.fy_px, sample.cx_px, sample.cy_px,
+                              width, height)
+            info_pub.publish(messages.camera_info_msg(types, header, intr))
+            image_pub.publish(messages.rgb_image_msg(types, header, sample.rgb))
+            sent[str(stamp_ns)] = index % len(frames)
+            index += 1
+            next_s += period_s
+            time.sleep(max(0.0, next_s - time.monotonic()))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        rclpy.try_shutdown()
+        if args.stamps_out is not None:
+            tmp = args.stamps_out.with_name(args.stamps_out.name + '.tmp')
+            tmp.write_text(json.dumps(sent))
+            os.replace(tmp, args.stamps_out)
+    print(f'synthetic_camera: sent {len(sent)} frames', flush=True)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
