@@ -1,0 +1,500 @@
+"""Procedural synthetic RGB-D: rooms and streets with exact planar metric depth (numpy only).
+
+Scenes are axis-aligned boxes (a room is a box seen from inside; a street is a ground slab,
+sidewalks, buildings, poles and parked cars) ray-cast analytically with the slab method, one
+vectorised pass per box over the pixels its projection can cover. Textures are functions of the
+world-space hit point, so they stay put while the camera moves.
+
+Conventions:
+    * World axes: x right, y up (floor / road at y = 0), z forward along the street.
+    * Camera: pinhole, optical frame x right, y down, z forward; pixel (u, v) is the centre of
+      column u, row v, so a ray's direction is ``((u - cx) / fx, (v - cy) / fy, 1)``. The ray
+      parameter is then exactly the planar depth z that ``depth_m`` holds.
+    * ``depth_m`` is float32 metres, **0 where invalid**; ``valid`` says the same as a mask.
+      Invalid: no hit (sky, outdoors) or farther than ``MAX_DEPTH_M`` (80 m, the cap that
+      Virtual KITTI 2 training uses).
+    * A scene is a function of (seed, kind); so are the intrinsics (horizontal field of view
+      45-90 deg, square pixels, principal point within 2 % of the centre).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from metricgold_ros.errors import InputError
+
+KINDS = ('indoor', 'outdoor')
+MAX_DEPTH_M = 80.0
+NEAR_M = 0.05
+VKITTI2_SCENES = {'indoor': 'Scene01', 'outdoor': 'Scene02'}
+VKITTI2_VARIATION = 'clone'
+PLAIN, CHECKER, STRIPES, NOISE, WINDOWS, ROAD = range(6)  # texture patterns
+_EDGES = [(i, i | b) for b in (1, 2, 4) for i in range(8) if not i & b]  # box corner pairs
+_FURNITURE = [((0.8, 0.6, 0.7), (1.8, 1.0, 0.8)), ((0.5, 0.3, 1.0), (1.5, 0.6, 2.2)),  # table,
+              ((1.4, 0.8, 0.4), (2.0, 1.6, 0.6)), ((0.3, 0.3, 0.3), (0.6, 0.6, 0.6))]  # shelf..
+
+
+@dataclass(frozen=True)
+class Sample:
+    """A frame: ``rgb`` [H,W,3] uint8, ``depth_m`` [H,W] float32 planar metres (0 = invalid),
+    ``valid`` [H,W] bool, pinhole intrinsics in pixels, ``kind``, scene ``seed`` and
+    ``frame_index`` within a ``camera_sequence`` (0 for ``render_sample``)."""
+
+    rgb: np.ndarray
+    depth_m: np.ndarray
+    valid: np.ndarray
+    fx_px: float
+    fy_px: float
+    cx_px: float
+    cy_px: float
+    kind: str
+    seed: int
+    frame_index: int = 0
+
+
+@dataclass(frozen=True)
+class Material:
+    """Albedo ``color_a`` blended towards ``color_b`` by a pattern of period ``scale_m``
+    (ROAD: ``scale_m`` is the road width, ``param`` the number of lanes)."""
+
+    color_a: tuple[float, float, float]
+    color_b: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    pattern: int = PLAIN
+    scale_m: float = 1.0
+    param: float = 0.0
+
+
+@dataclass
+class Scene:
+    """Boxes ``box_lo_m``/``box_hi_m`` [N,3] with a material index per face [N,3,2] (axis,
+    lo/hi side); ``inside[i]``: the camera is inside box i (a room). Light: ``ambient``, point
+    lights ``lights_m`` [L,3] of ``light_power`` [L], a sun (unit vector towards it) or none."""
+
+    kind: str
+    box_lo_m: np.ndarray
+    box_hi_m: np.ndarray
+    face_material: np.ndarray
+    materials: list[Material]
+    inside: np.ndarray
+    ambient: float = 0.35
+    lights_m: np.ndarray = field(default_factory=lambda: np.zeros((0, 3)))
+    light_power: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    sun_dir: tuple[float, float, float] | None = None
+    noise: np.ndarray = field(default_factory=lambda: np.full((256, 256), 0.5, np.float32))
+    path: tuple[float, ...] = ()  # camera path parameters (see _path_pose)
+
+
+@dataclass(frozen=True)
+class CameraPose:
+    """Camera centre in world metres; yaw turns from +z towards +x, positive pitch looks up."""
+
+    position_m: tuple[float, float, float]
+    yaw_rad: float = 0.0
+    pitch_rad: float = 0.0
+    roll_rad: float = 0.0
+
+    def axes(self) -> np.ndarray:
+        """[3,3] world directions of the camera's x (right), y (down), z (forward): columns."""
+        cy, sy = math.cos(self.yaw_rad), math.sin(self.yaw_rad)
+        cp, sp = math.cos(self.pitch_rad), math.sin(self.pitch_rad)
+        fwd, right = np.array([sy * cp, sp, cy * cp]), np.array([cy, 0.0, -sy])
+        up, cr, sr = np.cross(fwd, right), math.cos(self.roll_rad), math.sin(self.roll_rad)
+        return np.stack([cr * right + sr * up, sr * right - cr * up, fwd], axis=1)
+
+
+def _check(kind: str, width: int = 8, height: int = 8) -> int:
+    """Index of ``kind`` in ``KINDS``, once it and the image size are validated."""
+    if kind not in KINDS:
+        raise InputError(f'kind={kind!r} is not one of {KINDS}')
+    if not (8 <= width <= 8192 and 8 <= height <= 8192):
+        raise InputError(f'image size {width}x{height} px is outside 8..8192 px per side')
+    return KINDS.index(kind)
+
+
+def make_scene(seed: int, kind: str = 'indoor') -> Scene:
+    """The scene (boxes, materials, lights, camera path) that ``seed`` and ``kind`` define."""
+    rng = np.random.default_rng([seed, _check(kind), 0])
+    boxes: list[tuple] = []  # (lo, hi, material index per face [3,2], inside)
+    mats: list[Material] = []
+
+    def add_box(lo, hi, mat: Material | int | list, inside: bool = False) -> None:
+        if isinstance(mat, Material):
+            mats.append(mat)
+            mat = len(mats) - 1
+        boxes.append((lo, hi, np.broadcast_to(mat, (3, 2)), inside))
+
+    def slab(x_m: float, dx_m: float, top_m: float, z0_m: float, z1_m: float, mat) -> None:
+        add_box((min(x_m, x_m + dx_m), 0.0, z0_m), (max(x_m, x_m + dx_m), top_m, z1_m), mat)
+
+    def color(low: float = 0.15, high: float = 0.9) -> tuple[float, float, float]:
+        return tuple(rng.uniform(low, high, 3).tolist())
+
+    noise = rng.random((256, 256), dtype=np.float32)
+    if kind == 'indoor':
+        size = rng.uniform([3.5, 2.4, 4.0], [8.0, 3.4, 10.0])  # room width, height, depth
+        mats += [Material(color(0.3, 0.8), color(0.1, 0.6), int(rng.choice([CHECKER, STRIPES,
+                          NOISE])), rng.uniform(0.15, 0.8)),  # floor
+                 Material(color(0.5, 0.95), color(0.3, 0.9), int(rng.choice([PLAIN, STRIPES,
+                          NOISE, CHECKER])), rng.uniform(0.1, 0.6)),  # walls
+                 Material(color(0.8, 0.97), color(0.6, 0.8), NOISE, 2.0)]  # ceiling
+        add_box((0.0, 0.0, 0.0), tuple(size), [[1, 1], [0, 2], [1, 1]], inside=True)
+        centre = size[[0, 2]] / 2
+        radii = rng.uniform(0.3, 1.0, 2) * np.maximum(centre - 1.0, 0.1)  # 1 m from the walls
+        omega = rng.uniform(0.5, 1.0) / max(radii.mean(), 0.5) * rng.choice([-1, 1])  # rad/s
+        path = (0, *centre, *radii, omega, rng.uniform(0, 2 * math.pi), rng.uniform(1.2, 1.7),
+                rng.uniform(-0.25, 0.0))
+        angle = np.linspace(0.0, 2 * math.pi, 64)
+        loop = centre + radii * np.stack([np.cos(angle), np.sin(angle)], 1)  # [64,2] x, z
+        for _ in range(int(rng.integers(8, 25))):  # furniture stays 0.8 m clear of the loop
+            w, d, h = rng.uniform(*_FURNITURE[rng.integers(len(_FURNITURE))])
+            x0, z0 = rng.uniform(0.0, 1.0, 2) * (size[[0, 2]] - [w, d])
+            gap = np.maximum(np.maximum([x0, z0] - loop, loop - [x0 + w, z0 + d]), 0.0)
+            if np.hypot(*gap.T).min() < 0.8:
+                continue
+            mat = Material(color(), color(), int(rng.choice([PLAIN, NOISE, STRIPES])),
+                           rng.uniform(0.05, 0.4))
+            if h < 0.9 and w > 0.75 and rng.random() < 0.7:  # a table: top and four legs
+                add_box((x0, h - 0.04, z0), (x0 + w, h, z0 + d), mat)
+                for lx, lz in itertools.product((x0, x0 + w - 0.05), (z0, z0 + d - 0.05)):
+                    add_box((lx, 0.0, lz), (lx + 0.05, h - 0.04, lz + 0.05), len(mats) - 1)
+            else:
+                add_box((x0, 0.0, z0), (x0 + w, h, z0 + d), mat)
+        for _ in range(int(rng.integers(0, 3))):  # pictures on the x walls
+            x0 = 0.0 if rng.random() < 0.5 else size[0] - 0.03
+            y0, z0, h, w = rng.uniform([0.9, 0.5, 0.3, 0.4], [1.6, size[2] - 1.5, 0.8, 1.2])
+            add_box((x0, y0, z0), (x0 + 0.03, y0 + h, z0 + w), Material(color(), color(),
+                                                                         NOISE, 0.1))
+        n = int(rng.integers(1, 3))
+        light = dict(ambient=rng.uniform(0.25, 0.4), light_power=rng.uniform(0.6, 1.0, n),
+                     lights_m=np.column_stack([rng.uniform(0.5, size[0] - 0.5, n), np.full(
+                         n, size[1] - 0.3), rng.uniform(0.5, size[2] - 0.5, n)]))
+    else:
+        n_lanes, walk_w, length = int(rng.integers(2, 5)), *rng.uniform([2.0, 70.0], [4, 80])
+        road_w, grey = 3.3 * n_lanes + 4.0, rng.uniform(0.22, 0.4)  # lanes, 2 m parking strips
+        add_box((-90.0, -1.0, -60.0), (90.0, 0.0, length + 30), Material(
+            (grey, grey, grey * 1.05), (0.9, 0.9, 0.85), ROAD, road_w, n_lanes))
+        tiles = Material(color(0.5, 0.75), color(0.4, 0.7), CHECKER, rng.uniform(0.4, 1.0))
+        for side in (-1, 1):
+            slab(side * road_w / 2, side * walk_w, 0.15, -60.0, length + 30, tiles)
+            z = -45.0
+            while z < length:  # building blocks, sometimes an alley between two
+                w, h, d, setback = rng.uniform([8.0, 6.0, 8.0, 0.0], [25.0, 30.0, 16.0, 1.5])
+                slab(side * (road_w / 2 + walk_w + setback), side * d, h, z, z + w, Material(
+                    color(0.3, 0.85), color(0.05, 0.3), WINDOWS, rng.uniform(2.5, 4.0)))
+                z += w + (rng.uniform(3.0, 6.0) if rng.random() < 0.3 else 0.0)
+            slab(side * (road_w / 2 + walk_w + 24), side * 10, rng.uniform(15.0, 40.0), -60.0,
+                 length + 30, Material(color(0.3, 0.7), color(0.05, 0.3), WINDOWS, 3.0))
+            for zp in np.arange(rng.uniform(-40.0, -25.0), length, rng.uniform(12.0, 25.0)):
+                xp = side * (road_w / 2 + 0.5)  # poles along the curb
+                add_box((xp - 0.08, 0.0, zp), (xp + 0.08, rng.uniform(4.0, 7.0), zp + 0.16),
+                        Material((0.3, 0.3, 0.32)))
+            for zc in rng.uniform(-10.0, length - 10.0, int(rng.integers(0, 4))):  # parked cars
+                xc, paint = side * (road_w / 2 - 1.0), Material(color(0.05, 0.9))
+                add_box((xc - 0.9, 0.15, zc), (xc + 0.9, 0.95, zc + 4.3), paint)
+                add_box((xc - 0.8, 0.95, zc + 1.0), (xc + 0.8, 1.45, zc + 3.2), len(mats) - 1)
+        for z_end in (length, -58.0):  # blocks closing the street ahead and behind
+            add_box((-60.0, 0.0, z_end), (60.0, rng.uniform(10.0, 30.0), z_end + 12.0),
+                    Material(color(0.3, 0.85), color(0.05, 0.3), WINDOWS, 3.0))
+        lane_x = -road_w / 2 + 2.0 + 3.3 * (int(rng.integers(n_lanes)) + 0.5)
+        path = (1, lane_x, 0.0, 0.3, length - 30, rng.uniform(4.0, 10.0) * 2 / (length - 30),
+                0.0, rng.uniform(1.3, 2.0), rng.uniform(-0.1, 0.02))  # 4-10 m/s at most
+        elevation, azimuth = rng.uniform(0.3, 1.1), rng.uniform(0.0, 2 * math.pi)
+        light = dict(ambient=rng.uniform(0.35, 0.5), sun_dir=(
+            math.cos(elevation) * math.sin(azimuth), math.sin(elevation),
+            math.cos(elevation) * math.cos(azimuth)))
+    lo, hi, face, inside = zip(*boxes)
+    return Scene(kind, np.array(lo, float), np.array(hi, float), np.array(face, int), mats,
+                 np.array(inside, bool), noise=noise, path=tuple(float(v) for v in path),
+                 **light)
+
+
+def _path_pose(path: tuple[float, ...], time_s: float) -> CameraPose:
+    """Smooth periodic camera path: an indoor walking loop or an outdoor street dolly."""
+    outdoor, cx, cz, rx, rz, omega, phase, eye_m, pitch = path
+    t = time_s
+    if outdoor:  # drive along the lane and back: z eases with a cosine, so velocity is smooth
+        return CameraPose((cx + rx * math.sin(0.9 * t), eye_m + 0.02 * math.sin(3 * t),
+                           rz * (1 - math.cos(omega * t)) / 2), 0.08 * math.sin(0.4 * t),
+                          pitch + 0.01 * math.sin(t))
+    a = omega * t + phase  # look along the loop, turned towards its centre
+    ox, oz, turn = rx * math.cos(a), rz * math.sin(a), math.copysign(1.0, omega)
+    vx, vz = -turn * rx * math.sin(a), turn * rz * math.cos(a)  # along the walking direction
+    speed, off = math.hypot(vx, vz) + 1e-9, math.hypot(ox, oz) + 1e-9
+    yaw = math.atan2(vx / speed - 0.8 * ox / off, vz / speed - 0.8 * oz / off)
+    return CameraPose((cx + ox, eye_m + 0.03 * math.sin(11 * t), cz + oz),
+                      yaw + 0.35 * math.sin(0.4 * t), pitch + 0.05 * math.sin(0.3 * t),
+                      0.02 * math.sin(5.6 * t))
+
+
+def _intrinsics(seed: int, kind: str, width: int, height: int) -> tuple[float, ...]:
+    """(fx, fy, cx, cy) px: horizontal field of view 45-90 deg, centre within 2 % of the middle."""
+    rng = np.random.default_rng([seed, _check(kind), 1])
+    f_px = width / 2 / math.tan(math.radians(rng.uniform(45.0, 90.0)) / 2)
+    du, dv = rng.uniform(-0.02, 0.02, 2).tolist()
+    return (f_px, f_px, (width - 1) / 2 + du * width, (height - 1) / 2 + dv * height)
+
+
+def render_sample(seed: int, kind: str = 'indoor', width: int = 640,
+                  height: int = 480) -> Sample:
+    """One frame of scene ``seed`` from a random point of its camera path, random orientation."""
+    scene, intrinsics = make_scene(seed, kind), _intrinsics(seed, kind, width, height)
+    rng = np.random.default_rng([seed, _check(kind, width, height), 2])
+    x_m, _, z_m = _path_pose(scene.path, rng.uniform(0, 7 / abs(scene.path[5]))).position_m
+    towards = math.atan2(scene.path[1] - x_m, scene.path[2] - z_m)  # indoors, face the room
+    yaw, pitch, eye_m = ((towards + rng.uniform(-1.3, 1.3), rng.uniform(-0.4, 0.15),
+                          rng.uniform(0.6, 1.9)) if kind == 'indoor' else
+                         (rng.uniform(-0.5, 0.5), rng.uniform(-0.15, 0.05), rng.uniform(1.2, 2)))
+    pose = CameraPose((x_m, eye_m, z_m), yaw, pitch, rng.uniform(-0.05, 0.05))
+    return render_view(scene, pose, intrinsics, width, height, seed=seed)
+
+
+def camera_sequence(seed: int, kind: str = 'indoor', n_frames: int = 100, width: int = 640,
+                    height: int = 480, fps: float = 10.0) -> Iterator[Sample]:
+    """``n_frames`` frames at ``fps`` along the smooth camera path of scene ``seed``.
+
+    Indoors the camera walks a loop at 0.5-1 m/s looking around; outdoors it drives its lane at
+    up to 4-10 m/s and eases back near the street's end. Frame k is the pose at time k / fps;
+    the scene and intrinsics depend on neither ``n_frames`` nor ``fps``.
+    """
+    if n_frames < 0 or fps <= 0:
+        raise InputError(f'n_frames={n_frames} must be >= 0 and fps={fps} > 0')
+    scene, intrinsics = make_scene(seed, kind), _intrinsics(seed, kind, width, height)
+    _check(kind, width, height)
+    for k in range(n_frames):
+        yield render_view(scene, _path_pose(scene.path, k / fps), intrinsics, width, height,
+                          seed=seed, frame_index=k)
+
+
+def render_view(scene: Scene, pose: CameraPose, intrinsics: Sequence[float], width: int,
+                height: int, *, seed: int = 0, frame_index: int = 0) -> Sample:
+    """Ray-cast ``scene`` from ``pose`` with pinhole ``intrinsics`` (fx, fy, cx, cy) in pixels."""
+    fx, fy, cx, cy = (float(v) for v in intrinsics)
+    origin, axes = [float(v) for v in pose.position_m], pose.axes()
+    col = ((np.arange(width, dtype=np.float32) - cx) / fx)[None, :]  # [1,W]
+    row = ((np.arange(height, dtype=np.float32) - cy) / fy)[:, None]  # [H,1]
+    ray = [ax_x * col + ax_y * row + ax_z for ax_x, ax_y, ax_z in axes.tolist()]  # 3x [H,W]
+    inv = [1.0 / np.where(r == 0, np.float32(1e-30), r) for r in ray]
+    depth = np.full((height, width), np.inf, np.float32)  # ray parameter = planar depth z
+    prim, axis = np.full((height, width), -1, np.int64), np.zeros((height, width), np.int64)
+    for i in range(len(scene.box_lo_m)):
+        lo, hi = scene.box_lo_m[i].tolist(), scene.box_hi_m[i].tolist()
+        rect = (np.s_[:, :] if scene.inside[i] else
+                _screen_rect(lo, hi, origin, axes, (fx, fy, cx, cy), width, height))
+        if rect is None:
+            continue
+        near, far = zip(*[(np.minimum(t1, t2), np.maximum(t1, t2)) for t1, t2 in (
+            ((lo[k] - origin[k]) * inv[k][rect], (hi[k] - origin[k]) * inv[k][rect])
+            for k in range(3))])  # slab method: per axis, where the ray enters and leaves
+        if scene.inside[i]:  # the ray leaves the room through the first far face
+            t = np.minimum(np.minimum(far[0], far[1]), far[2])
+            ax = np.where(far[0] <= np.minimum(far[1], far[2]), 0, 2 - (far[1] <= far[2]))
+        else:
+            t = np.maximum(np.maximum(near[0], near[1]), near[2])
+            t[(t > np.minimum(np.minimum(far[0], far[1]), far[2])) | (t < NEAR_M)] = np.inf
+            ax = np.where(near[0] >= np.maximum(near[1], near[2]), 0, 2 - (near[1] >= near[2]))
+        closer = t < depth[rect]
+        np.copyto(depth[rect], t, where=closer)
+        np.copyto(prim[rect], i, where=closer)
+        np.copyto(axis[rect], ax, where=closer)
+    valid = depth <= MAX_DEPTH_M
+    return Sample(_shade(scene, origin, ray, depth, prim, axis), np.where(
+        valid, depth, np.float32(0)), valid, fx, fy, cx, cy, scene.kind, seed, frame_index)
+
+
+def _screen_rect(lo: list, hi: list, origin: list, axes: np.ndarray, intrinsics: tuple,
+                 width: int, height: int) -> tuple[slice, slice] | None:
+    """Pixel rectangle covering the box's part in front of the near plane, or None."""
+    corners = np.array(list(itertools.product(*zip(lo, hi)))) - origin  # [8,3]
+    cam = corners @ axes  # [8,3] camera coordinates
+    front = cam[:, 2] >= NEAR_M
+    if not front.any():
+        return None
+    points = [cam[front]]
+    for i, j in _EDGES:  # where an edge crosses the near plane
+        if front[i] != front[j]:
+            s = (NEAR_M - cam[i, 2]) / (cam[j, 2] - cam[i, 2])
+            points.append((cam[i] + s * (cam[j] - cam[i]))[None])
+    pts = np.concatenate(points)
+    fx, fy, cx, cy = intrinsics
+    u, v = fx * pts[:, 0] / pts[:, 2] + cx, fy * pts[:, 1] / pts[:, 2] + cy
+    u0, u1 = max(int(math.floor(u.min())), 0), min(int(math.ceil(u.max())) + 1, width)
+    v0, v1 = max(int(math.floor(v.min())), 0), min(int(math.ceil(v.max())) + 1, height)
+    return (slice(v0, v1), slice(u0, u1)) if u0 < u1 and v0 < v1 else None
+
+
+def _value_noise(table: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Smooth value noise in [0, 1], unit lattice spacing; ``table`` is [257*257] wrap-padded."""
+    x0, y0 = np.floor(x), np.floor(y)
+    fx, fy = x - x0, y - y0
+    fx *= fx * (3 - 2 * fx)
+    fy *= fy * (3 - 2 * fy)
+    base = (y0.astype(np.int32) & 255) * 257 + (x0.astype(np.int32) & 255)
+    top, bottom = table.take(base), table.take(base + 257)
+    top += fx * (table.take(base + 1) - top)
+    bottom += fx * (table.take(base + 258) - bottom)
+    return top + fy * (bottom - top)
+
+
+def _pattern(pattern: int, a: np.ndarray, b: np.ndarray, height_m: np.ndarray,
+             axis: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """Blend weight in [0, 1] at face coordinates (a, b) in units of the material's scale."""
+    if pattern == CHECKER:
+        return (np.floor(a) + np.floor(b)) % 2
+    if pattern == STRIPES:
+        return np.floor(a) % 2 * 0.8
+    if pattern == NOISE:
+        return _value_noise(table, a, b)
+    storey = height_m / 3.2 - np.floor(height_m / 3.2)  # WINDOWS: 3.2 m storeys, none at street
+    return ((a - np.floor(a) > 0.2) & (a - np.floor(a) < 0.8) & (storey > 0.3) &
+            (storey < 0.85) & (height_m > 3.2) & (axis != 1)).astype(np.float32)
+
+
+def _road_paint(mat: Material, x_m: np.ndarray, z_m: np.ndarray) -> np.ndarray:
+    """1 on lane markings of a road centred on x = 0: solid edge lines, dashed lane lines."""
+    edge = mat.scale_m / 2 - 2.0
+    paint = np.abs(np.abs(x_m) - edge) < 0.08
+    dash = (z_m / 9.0 - np.floor(z_m / 9.0)) < 0.4
+    for k in range(1, int(mat.param)):
+        paint |= (np.abs(x_m + edge - 3.3 * k) < 0.06) & dash
+    return paint.astype(np.float32)
+
+
+def _shade(scene: Scene, origin: list, ray: list, depth: np.ndarray, prim: np.ndarray,
+           axis: np.ndarray) -> np.ndarray:
+    """[H,W,3] uint8: textured albedo x (ambient + Lambert) for hits, a sky gradient elsewhere."""
+    table = np.pad(scene.noise, ((0, 1), (0, 1)), mode='wrap').reshape(-1)
+    hit = np.isfinite(depth)
+    t = np.where(hit, depth, np.float32(0))  # [H,W]
+    p = [origin[k] + t * ray[k] for k in range(3)]  # hit points, 3x [H,W]
+    d_axis = np.where(axis == 0, ray[0], np.where(axis == 1, ray[1], ray[2]))
+    normal_sign = np.where(d_axis > 0, np.float32(-1), np.float32(1))  # visible face's normal
+    pr = np.maximum(prim, 0)
+    side = (d_axis > 0) == scene.inside[pr]  # 1: the box's hi face along the axis
+    mat = scene.face_material.reshape(-1).take(pr * 6 + axis * 2 + side)  # [H,W]
+    s, tt = np.where(axis == 0, p[2], p[0]), np.where(axis == 1, p[2], p[1])
+    mat_flat, weight = mat.reshape(-1), np.zeros(depth.size, np.float32)
+    patterns = np.array([m.pattern for m in scene.materials]).take(mat_flat)
+    scales = np.array([m.scale_m for m in scene.materials], np.float32)
+    for pattern in (CHECKER, STRIPES, NOISE, WINDOWS, ROAD):
+        sel = np.flatnonzero(patterns == pattern)
+        if pattern == ROAD:
+            for m in np.unique(mat_flat[sel]):
+                on = sel[mat_flat[sel] == m]
+                weight[on] = _road_paint(scene.materials[m], p[0].reshape(-1)[on],
+                                         p[2].reshape(-1)[on])
+        elif sel.size:
+            scale = scales[mat_flat[sel]]
+            weight[sel] = _pattern(pattern, s.reshape(-1)[sel] / scale,
+                                   tt.reshape(-1)[sel] / scale, tt.reshape(-1)[sel],
+                                   axis.reshape(-1)[sel], table)
+    color_a = np.array([m.color_a for m in scene.materials], np.float32)
+    color = color_a.take(mat, axis=0)  # [H,W,3] albedo: color_a + pattern * (color_b - color_a)
+    paint = (np.array([m.color_b for m in scene.materials], np.float32) - color_a).take(mat, 0)
+    light = np.full(depth.shape, scene.ambient, np.float32)
+    if scene.sun_dir is not None:
+        light += 0.7 * np.maximum(normal_sign * np.array(scene.sun_dir, np.float32)[axis], 0)
+    for pos, power in zip(scene.lights_m.tolist(), scene.light_power.tolist()):
+        to_light = [pos[k] - p[k] for k in range(3)]
+        dist2 = to_light[0] ** 2 + to_light[1] ** 2 + to_light[2] ** 2
+        facing = np.where(axis == 0, to_light[0], np.where(axis == 1, to_light[1], to_light[2]))
+        light += power * np.maximum(normal_sign * facing / np.sqrt(dist2), 0) * 6 / (6 + dist2)
+    light *= _value_noise(table, s * 3.1, tt * 3.1) * 36 + 199 + 20 * _value_noise(
+        table, s * 23 + 97, tt * 23 + 31)  # x 255 with a world-space grain of 0.78-1
+    sky_ground = np.array([0.72, 0.8, 0.9], np.float32)
+    paint *= weight.reshape(depth.shape)[..., None]
+    color += paint
+    if scene.kind == 'outdoor':  # aerial perspective: far surfaces fade towards the horizon
+        haze = t / np.float32(400)
+        light *= 1 - haze
+        color *= light[..., None]
+        color += haze[..., None] * (sky_ground * 255) + 0.5
+    else:
+        color *= light[..., None]
+        color += 0.5
+    out, miss = color.reshape(-1, 3), np.flatnonzero(~hit)
+    if miss.size:
+        dm = [r.reshape(-1)[miss] for r in ray]
+        up = dm[1] / np.sqrt(dm[0] ** 2 + dm[1] ** 2 + dm[2] ** 2)
+        lift = np.maximum(up, 0.02)
+        cloud = _value_noise(table, dm[0] / lift * 1.5, dm[2] / lift * 1.5)
+        zenith = np.array([0.3, 0.5, 0.85], np.float32)
+        sky = sky_ground + (zenith - sky_ground) * np.sqrt(np.clip(up, 0, 1))[:, None]
+        out[miss] = (sky + (0.95 - sky) * (np.clip(cloud - 0.55, 0, 1) * 1.8)[:, None]) * 255
+    return np.clip(color, 0, 255, out=color).astype(np.uint8)
+
+
+def write_vkitti2(root: str | Path, n_per_kind: int, seed: int = 0, width: int = 640,
+                  height: int = 480, *, kinds: Sequence[str] = KINDS,
+                  overwrite: bool = False) -> int:
+    """Write ``n_per_kind`` frames per kind in the Virtual KITTI 2 layout; return the count.
+
+    Indoor goes to Scene01, outdoor to Scene02; frame i is ``render_sample(seed + i, kind)``::
+
+        root/SceneXX/domain.txt                 'indoor' | 'outdoor' (our extension)
+        root/SceneXX/clone/intrinsic.txt        'frame cameraID K[0,0] K[1,1] K[0,2] K[1,2]'
+        root/SceneXX/clone/frames/rgb/Camera_0/rgb_00000.jpg      JPEG, quality 95, 4:4:4
+        root/SceneXX/clone/frames/depth/Camera_0/depth_00000.png  uint16 cm, 65535 = invalid
+    """
+    import cv2  # only the writer needs it: the renderer stays numpy-only
+
+    root = Path(root)
+    if not 0 <= n_per_kind <= 99999:
+        raise InputError(f'n_per_kind={n_per_kind} must be in 0..99999 (5-digit frame ids)')
+    for kind in kinds:
+        if (root / VKITTI2_SCENES.get(kind, '')).exists() and _check(kind) >= 0 and not overwrite:
+            raise InputError(f'{root / VKITTI2_SCENES[kind]} exists; choose another folder')
+    jpeg = [cv2.IMWRITE_JPEG_QUALITY, 95, cv2.IMWRITE_JPEG_SAMPLING_FACTOR,
+            cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444]  # full-resolution colour: textures are fine
+    for kind in kinds:
+        frames = root / VKITTI2_SCENES[kind] / VKITTI2_VARIATION / 'frames'
+        for name in ('rgb', 'depth'):
+            (frames / name / 'Camera_0').mkdir(parents=True, exist_ok=True)
+        (root / VKITTI2_SCENES[kind] / 'domain.txt').write_text(kind + '\n')
+        rows = ['frame cameraID K[0,0] K[1,1] K[0,2] K[1,2]']
+        for i in range(n_per_kind):
+            smp = render_sample(seed + i, kind, width, height)
+            depth_cm = np.where(smp.valid, np.clip(np.round(smp.depth_m * 100), 1, 65534), 65535)
+            rgb_path = frames / 'rgb' / 'Camera_0' / f'rgb_{i:05d}.jpg'
+            depth_path = frames / 'depth' / 'Camera_0' / f'depth_{i:05d}.png'
+            if not (cv2.imwrite(str(rgb_path), smp.rgb[..., ::-1], jpeg) and
+                    cv2.imwrite(str(depth_path), depth_cm.astype(np.uint16))):
+                raise InputError(f'could not write {rgb_path} or {depth_path}; is the disk full?')
+            rows.append(f'{i} 0 {smp.fx_px!r} {smp.fy_px!r} {smp.cx_px!r} {smp.cy_px!r}')
+        (frames.parent / 'intrinsic.txt').write_text('\n'.join(rows) + '\n')
+    return n_per_kind * len(kinds)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m metricgold_ros.synthetic --out DIR --n 100 --seed 0 --size 320x240``."""
+    parser = argparse.ArgumentParser(description='Write synthetic RGB-D in the VKITTI2 layout.')
+    parser.add_argument('--out', required=True, help='output folder (Scene01, Scene02 inside)')
+    parser.add_argument('--n', type=int, default=100, help='frames per kind (default 100)')
+    parser.add_argument('--seed', type=int, default=0, help='seed of the first frame')
+    parser.add_argument('--size', default='640x480', help='WIDTHxHEIGHT in pixels')
+    parser.add_argument('--kinds', default='indoor,outdoor', help='comma-separated kinds')
+    parser.add_argument('--overwrite', action='store_true', help='write into existing scenes')
+    args = parser.parse_args(argv)
+    try:
+        width, height = (int(v) for v in args.size.lower().split('x'))
+        count = write_vkitti2(args.out, args.n, args.seed, width, height,
+                              kinds=args.kinds.split(','), overwrite=args.overwrite)
+    except ValueError:
+        print(f'ERROR: --size {args.size!r} is not WIDTHxHEIGHT, e.g. 320x240', file=sys.stderr)
+        return 2
+    except (InputError, OSError) as err:
+        print(f'ERROR: {err}', file=sys.stderr)
+        return 1
+    print(f'wrote {count} frames to {args.out}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
