@@ -6,7 +6,8 @@ vectorised pass per box over the pixels its projection can cover. Textures are f
 world-space hit point, so they stay put while the camera moves.
 
 Conventions:
-    * World axes: x right, y up (floor / road at y = 0), z forward along the street.
+    * World axes: x right, y up (floor / road at y = 0), z forward along the street (a
+      left-handed frame, as in Unity, so that yaw 0 looks along +z with +x on the right).
     * Camera: pinhole, optical frame x right, y down, z forward; pixel (u, v) is the centre of
       column u, row v, so a ray's direction is ``((u - cx) / fx, (v - cy) / fy, 1)``. The ray
       parameter is then exactly the planar depth z that ``depth_m`` holds.
@@ -15,6 +16,7 @@ Conventions:
       Virtual KITTI 2 training uses).
     * A scene is a function of (seed, kind); so are the intrinsics (horizontal field of view
       45-90 deg, square pixels, principal point within 2 % of the centre).
+    * Valid depth spans about 0.6-8 m indoors (rooms up to 8 x 10 m) and 1.4-80 m outdoors.
 """
 
 from __future__ import annotations
@@ -38,8 +40,9 @@ VKITTI2_SCENES = {'indoor': 'Scene01', 'outdoor': 'Scene02'}
 VKITTI2_VARIATION = 'clone'
 PLAIN, CHECKER, STRIPES, NOISE, WINDOWS, ROAD = range(6)  # texture patterns
 _EDGES = [(i, i | b) for b in (1, 2, 4) for i in range(8) if not i & b]  # box corner pairs
-_FURNITURE = [((0.8, 0.6, 0.7), (1.8, 1.0, 0.8)), ((0.5, 0.3, 1.0), (1.5, 0.6, 2.2)),  # table,
-              ((1.4, 0.8, 0.4), (2.0, 1.6, 0.6)), ((0.3, 0.3, 0.3), (0.6, 0.6, 0.6))]  # shelf..
+# Furniture (low, high) of (width, depth, height) in metres: table, shelf, bed or sofa, box.
+_FURNITURE = [((0.8, 0.6, 0.7), (1.8, 1.0, 0.8)), ((0.5, 0.3, 1.0), (1.5, 0.6, 2.2)),
+              ((1.4, 0.8, 0.4), (2.0, 1.6, 0.6)), ((0.3, 0.3, 0.3), (0.6, 0.6, 0.6))]
 
 
 @dataclass(frozen=True)
@@ -110,8 +113,10 @@ class CameraPose:
         return np.stack([cr * right + sr * up, sr * right - cr * up, fwd], axis=1)
 
 
-def _check(kind: str, width: int = 8, height: int = 8) -> int:
-    """Index of ``kind`` in ``KINDS``, once it and the image size are validated."""
+def _check(kind: str, width: int = 8, height: int = 8, seed: int = 0) -> int:
+    """Index of ``kind`` in ``KINDS``, once it, the image size and the seed are validated."""
+    if not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise InputError(f'seed={seed!r} must be an integer >= 0')
     if kind not in KINDS:
         raise InputError(f'kind={kind!r} is not one of {KINDS}')
     if not (8 <= width <= 8192 and 8 <= height <= 8192):
@@ -121,7 +126,7 @@ def _check(kind: str, width: int = 8, height: int = 8) -> int:
 
 def make_scene(seed: int, kind: str = 'indoor') -> Scene:
     """The scene (boxes, materials, lights, camera path) that ``seed`` and ``kind`` define."""
-    rng = np.random.default_rng([seed, _check(kind), 0])
+    rng = np.random.default_rng([seed, _check(kind, seed=seed), 0])
     boxes: list[tuple] = []  # (lo, hi, material index per face [3,2], inside)
     mats: list[Material] = []
 
@@ -246,7 +251,7 @@ def render_sample(seed: int, kind: str = 'indoor', width: int = 640,
                   height: int = 480) -> Sample:
     """One frame of scene ``seed`` from a random point of its camera path, random orientation."""
     scene, intrinsics = make_scene(seed, kind), _intrinsics(seed, kind, width, height)
-    rng = np.random.default_rng([seed, _check(kind, width, height), 2])
+    rng = np.random.default_rng([seed, _check(kind, width, height, seed), 2])
     x_m, _, z_m = _path_pose(scene.path, rng.uniform(0, 7 / abs(scene.path[5]))).position_m
     towards = math.atan2(scene.path[1] - x_m, scene.path[2] - z_m)  # indoors, face the room
     yaw, pitch, eye_m = ((towards + rng.uniform(-1.3, 1.3), rng.uniform(-0.4, 0.15),
@@ -277,6 +282,8 @@ def render_view(scene: Scene, pose: CameraPose, intrinsics: Sequence[float], wid
                 height: int, *, seed: int = 0, frame_index: int = 0) -> Sample:
     """Ray-cast ``scene`` from ``pose`` with pinhole ``intrinsics`` (fx, fy, cx, cy) in pixels."""
     fx, fy, cx, cy = (float(v) for v in intrinsics)
+    if not (fx > 0 and fy > 0 and width > 0 and height > 0):
+        raise InputError(f'fx={fx}, fy={fy} px and size {width}x{height} px must be positive')
     origin, axes = [float(v) for v in pose.position_m], pose.axes()
     col = ((np.arange(width, dtype=np.float32) - cx) / fx)[None, :]  # [1,W]
     row = ((np.arange(height, dtype=np.float32) - cy) / fy)[:, None]  # [H,1]
@@ -449,7 +456,8 @@ def write_vkitti2(root: str | Path, n_per_kind: int, seed: int = 0, width: int =
     if not 0 <= n_per_kind <= 99999:
         raise InputError(f'n_per_kind={n_per_kind} must be in 0..99999 (5-digit frame ids)')
     for kind in kinds:
-        if (root / VKITTI2_SCENES.get(kind, '')).exists() and _check(kind) >= 0 and not overwrite:
+        _check(kind, width, height)
+        if (root / VKITTI2_SCENES[kind]).exists() and not overwrite:
             raise InputError(f'{root / VKITTI2_SCENES[kind]} exists; choose another folder')
     jpeg = [cv2.IMWRITE_JPEG_QUALITY, 95, cv2.IMWRITE_JPEG_SAMPLING_FACTOR,
             cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444]  # full-resolution colour: textures are fine

@@ -221,7 +221,8 @@ def test_build_mixed_dataset_feeds_a_dataloader(tmp_path):
         _write_rgb(traj / 'image_left' / f'{frame:06d}_left.png', _rgb(frame))
         (traj / 'depth_left').mkdir(exist_ok=True)
         np.save(traj / 'depth_left' / f'{frame:06d}_left_depth.npy', np.ones((H, W), np.float32))
-    datasets = [VirtualKitti2Dataset(tmp_path / 'synthetic'), TartanAirDataset(tmp_path / 'tartan')]
+    datasets = [VirtualKitti2Dataset(tmp_path / 'synthetic'),
+                TartanAirDataset(tmp_path / 'tartan')]
     concat, sampler = build_mixed_dataset(datasets, [0.5, 0.5], 2, seed=3, num_batches=6)
     loader = DataLoader(concat, batch_sampler=sampler, collate_fn=list)
     batches = list(loader)

@@ -130,6 +130,8 @@ def test_bad_arguments_raise_input_error():
         render_sample(0, 'underwater', W, H)
     with pytest.raises(InputError, match='image size'):
         render_sample(0, 'indoor', 4, 4)
+    with pytest.raises(InputError, match='seed'):
+        render_sample(-1, 'indoor', W, H)
     with pytest.raises(InputError, match='n_frames'):
         list(camera_sequence(0, 'indoor', -1, W, H))
 
@@ -144,4 +146,6 @@ def test_command_line_writes_vkitti2_and_refuses_to_overwrite(tmp_path, capsys):
     assert (out / 'Scene01' / 'domain.txt').read_text().strip() == 'indoor'
     assert main(['--out', str(out), '--n', '1', '--size', '32x24']) == 1
     assert main(['--out', str(tmp_path / 'x'), '--size', 'big']) == 2
-    assert capsys.readouterr().err.count('ERROR: ') == 2
+    assert main(['--out', str(tmp_path / 'y'), '--kinds', 'moon']) == 1
+    assert capsys.readouterr().err.count('ERROR: ') == 3
+    assert not (tmp_path / 'y').exists()

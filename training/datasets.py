@@ -126,6 +126,8 @@ class HypersimDataset(_DepthDataset):
             pairs = [(p, p.with_name('depth_plane_' + p.name[len('rgb_'):]))
                      for p in sorted(root.glob('*/rgb_*.png'))]
         else:
+            if not Path(split_file).is_file():
+                raise DatasetError(f'split file {split_file} does not exist')
             pairs = []
             for number, line in enumerate(Path(split_file).read_text().splitlines(), 1):
                 if line.strip():
@@ -328,8 +330,8 @@ def _existing_dir(root: Path, layout: str) -> Path:
 
 def _check_domain(domain: str, source: Path | None = None) -> None:
     if domain not in DOMAINS:
-        raise DatasetError(f'domain {domain!r}{f" in {source}" if source else ""} is not one '
-                           f'of {DOMAINS}')
+        where = f' in {source}' if source else ''
+        raise DatasetError(f'domain {domain!r}{where} is not one of {DOMAINS}')
 
 
 def _require_files(pairs: list[tuple[Path, Path]], root: Path, layout: str) -> None:
