@@ -458,7 +458,8 @@ def write_vkitti2(root: str | Path, n_per_kind: int, seed: int = 0, width: int =
     for kind in kinds:
         _check(kind, width, height)
         if (root / VKITTI2_SCENES[kind]).exists() and not overwrite:
-            raise InputError(f'{root / VKITTI2_SCENES[kind]} exists; choose another folder')
+            raise InputError(f'{root / VKITTI2_SCENES[kind]} exists; choose another folder or '
+                             'overwrite (--overwrite)')
     jpeg = [cv2.IMWRITE_JPEG_QUALITY, 95, cv2.IMWRITE_JPEG_SAMPLING_FACTOR,
             cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444]  # full-resolution colour: textures are fine
     for kind in kinds:
