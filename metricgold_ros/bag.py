@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
 
-from metricgold_ros import bag_io, messages
+from metricgold_ros import bag_io, bag_output, messages
 from metricgold_ros.cli_options import (
     add_inference_arguments, add_output_arguments, load_pipeline, non_negative_int,
     options_from_args, positive_int)
@@ -46,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="namespace of the output topics (default: the image's, e.g. "
                              '/camera for /camera/image_raw)')
     out = parser.add_argument_group('output bag')
-    out.add_argument('--storage', choices=bag_io.STORAGES, default='mcap',
+    out.add_argument('--storage', choices=bag_output.STORAGES, default='mcap',
                      help='storage of the new bag (default mcap)')
     out.add_argument('--no-copy', dest='copy', action='store_false',
                      help='write only the new topics, not the input ones')
@@ -118,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
     input_path, output = Path(args.input), Path(args.output)
     if not input_path.exists():
         raise BagError(f'INPUT {input_path}: no such file or folder')
-    bag_io.check_output(output, input_path, args.overwrite)
+    bag_output.check_output(output, input_path, args.overwrite)
     options = options_from_args(args)
     stats = _Run(quiet=args.quiet, skip_bad=args.skip_bad_frames)
     with _sigterm_as_interrupt(), bag_io.open_bag(input_path) as reader:
@@ -127,12 +127,14 @@ def run(args: argparse.Namespace) -> int:
         pipeline = load_pipeline(args)
         load_s = time.perf_counter() - start
         start = time.perf_counter()
-        with bag_io.OutputBag(output, storage=args.storage, overwrite=args.overwrite) as out:
+        with bag_output.OutputBag(output, storage=args.storage,
+                                  overwrite=args.overwrite) as out:
             _process(reader, input_path, out, plan, DepthFrameProcessor(pipeline), options,
                      args, stats)
             finish = time.perf_counter()
             out.commit()
             stats.add('finalize', time.perf_counter() - finish)
+            stats.add('writer_thread', out.writer_busy_s)  # overlaps the model
         seconds = time.perf_counter() - start
     _report(args, output, plan, out.counts, stats, seconds, load_s)
     return 0
@@ -189,7 +191,7 @@ def _plan(reader: Any, path: Path, args: argparse.Namespace, stats: _Run) -> _Pl
                  total)
 
 
-def _process(reader: Any, path: Path, out: bag_io.OutputBag, plan: _Plan,
+def _process(reader: Any, path: Path, out: bag_output.OutputBag, plan: _Plan,
              processor: DepthFrameProcessor, options: Any, args: argparse.Namespace,
              stats: _Run) -> None:
     """Copy the input topics and add each image's outputs, in log-time order."""
@@ -226,7 +228,7 @@ def _process(reader: Any, path: Path, out: bag_io.OutputBag, plan: _Plan,
                        'skipped); nothing written')
 
 
-def _frame(reader: Any, path: Path, out: bag_io.OutputBag, plan: _Plan,
+def _frame(reader: Any, path: Path, out: bag_output.OutputBag, plan: _Plan,
            processor: DepthFrameProcessor, options: Any, types: Any, stats: _Run,
            connection: Any, log_ns: int, raw: bytes) -> None:
     """One image: decode, pair CameraInfo, run the shared per-frame code, write outputs."""
@@ -268,7 +270,7 @@ def _frame(reader: Any, path: Path, out: bag_io.OutputBag, plan: _Plan,
                              calibration.d if camera else None)
     for suffix, out_msg in outputs.items():
         out.write_message(f'{plan.prefix}/{suffix}', log_ns, out_msg)
-    stats.add('serialize_write', time.perf_counter() - start)
+    stats.add('outputs', time.perf_counter() - start)
     stats.frames += 1
 
 

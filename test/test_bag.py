@@ -27,8 +27,13 @@ Conn = namedtuple('Conn', 'topic msgtype')
 @pytest.fixture
 def fast_model(monkeypatch, tiny_pipeline):
     """The session's tiny pipeline instead of loading --model again for every run."""
+    import torch
+
     monkeypatch.setattr('metricgold_ros.bag.load_pipeline', lambda args: tiny_pipeline)
-    return tiny_pipeline
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny inputs; one thread stays fast on a busy shared machine
+    yield tiny_pipeline
+    torch.set_num_threads(threads)
 
 
 def run_bag(capsys, *argv):
@@ -262,7 +267,7 @@ def test_interrupt_leaves_no_output(tmp_path, tiny_model_dir):
     bag = write_camera_bag(tmp_path / 'in', count=40, width=320, height=240,
                            extra_topic=False)
     out = tmp_path / 'out'
-    env = dict(os.environ, OMP_NUM_THREADS='2', PYTHONPATH=str(REPO_ROOT))
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=str(REPO_ROOT))
     proc = subprocess.Popen(
         [sys.executable, '-m', 'metricgold_ros.cli', 'bag', str(bag.path), str(out),
          '--model', str(tiny_model_dir), '--processing-resolution', '320', '--quiet'],
