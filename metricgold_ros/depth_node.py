@@ -1,0 +1,360 @@
+"""``depth_node``: camera images in, metric depth, its colour view and a point cloud out.
+
+The image callback only drops the newest frame into a one-slot mailbox; a worker thread turns
+it into RGB, runs :class:`~metricgold_ros.depth_frame.DepthFrameProcessor` (the per-frame code
+shared with the bag tool) and publishes every output with the input frame's header. Frames
+that arrive while the model runs replace the waiting one and are counted as dropped, so the
+latency stays bounded when the camera is faster than the model.
+
+Topics (relative, remap them): in ``image``, ``camera_info``; out ``depth/image``,
+``depth/camera_info``, ``depth/colored``, ``depth/uncertainty``, ``points``; and
+``/diagnostics``. Parameters: :data:`metricgold_ros.node_support.PARAMETERS`.
+"""
+
+import dataclasses
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import rclpy
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from rcl_interfaces.msg import (FloatingPointRange, IntegerRange, ParameterDescriptor,
+                                SetParametersResult)
+from rclpy.exceptions import ParameterException
+from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
+from rclpy.logging import LoggingSeverity
+from rclpy.node import Node
+from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
+from sensor_msgs.msg import CameraInfo, Image, PointCloud2
+
+from metricgold_ros import messages
+from metricgold_ros.camera import Intrinsics
+from metricgold_ros.depth_frame import DepthFrameProcessor, camera_for_image, frame_messages
+from metricgold_ros.errors import CheckpointError, InputError, MetricGoldError
+from metricgold_ros.model_paths import bundled_model_path, missing_model_message
+from metricgold_ros.node_support import (
+    PARAMETERS, FrameStats, Mailbox, ParamSpec, RateLimiter, StampCache, StatsSnapshot,
+    check_parameter, frame_options, stamp_ns)
+
+NODE_NAME = 'depth_node'
+OUTPUTS = {'depth/image': Image, 'depth/camera_info': CameraInfo, 'depth/colored': Image,
+           'depth/uncertainty': Image, 'points': PointCloud2}
+ERROR_PERIOD_S = 5.0  # each distinct input problem is logged at most this often
+JOIN_TIMEOUT_S = 1.0  # shutdown waits this long for the worker; inference may outlive it
+
+
+def _qos(choice: str) -> QoSProfile:
+    """'sensor_data' (best effort, keep last 5) or 'reliable' (keep last 5)."""
+    if choice == 'reliable':
+        return QoSProfile(depth=5, reliability=ReliabilityPolicy.RELIABLE)
+    return qos_profile_sensor_data
+
+
+def _descriptor(spec: ParamSpec) -> ParameterDescriptor:
+    """The ROS descriptor of one parameter: doc, read-only, range, choices."""
+    descriptor = ParameterDescriptor(name=spec.name, description=spec.description,
+                                     read_only=not spec.runtime)
+    if spec.int_range is not None:
+        descriptor.integer_range = [IntegerRange(
+            from_value=spec.int_range[0], to_value=spec.int_range[1], step=1)]
+    if spec.float_range is not None:
+        descriptor.floating_point_range = [FloatingPointRange(
+            from_value=spec.float_range[0], to_value=spec.float_range[1], step=0.0)]
+    if spec.choices is not None:
+        descriptor.additional_constraints = 'one of: ' + ', '.join(spec.choices)
+    return descriptor
+
+
+@dataclasses.dataclass
+class _Frame:
+    """A received image waiting in the mailbox."""
+
+    msg: Image
+    received_s: float
+
+
+class DepthNode(Node):
+    """Metric depth from one camera stream (see the module docstring)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(NODE_NAME, **kwargs)
+        try:
+            for spec in PARAMETERS:
+                self.declare_parameter(spec.name, spec.default, _descriptor(spec))
+            self._values: Dict[str, Any] = {
+                spec.name: self.get_parameter(spec.name).value for spec in PARAMETERS}
+            for name, value in self._values.items():
+                reason = check_parameter(name, value, self._values)
+                if reason is not None:
+                    raise InputError(reason)
+            self.pipeline = self._load_model()
+        except BaseException:
+            self.destroy_node()
+            raise
+        self._options = frame_options(self._values)
+        self._processor = DepthFrameProcessor(self.pipeline)
+        self._types = messages.rclpy_types()
+        self._stats = FrameStats()
+        self._limiter = RateLimiter(ERROR_PERIOD_S)
+        self._mailbox: Mailbox[_Frame] = Mailbox()
+        self._infos: StampCache[CameraInfo] = StampCache()
+        self._stop = threading.Event()
+
+        out_qos = _qos(self._values['output_qos'])
+        self._pubs = {name: self.create_publisher(msg_type, name, out_qos)
+                      for name, msg_type in OUTPUTS.items()}
+        self._diagnostics = None
+        if self._values['publish_diagnostics'] and self._values['stats_period'] > 0:
+            self._diagnostics = self.create_publisher(DiagnosticArray, '/diagnostics', 10)
+        in_qos = _qos(self._values['qos'])
+        self._image_sub = self.create_subscription(Image, 'image', self._on_image, in_qos)
+        self._info_sub = self.create_subscription(
+            CameraInfo, 'camera_info', self._on_camera_info, in_qos)
+        self.add_on_set_parameters_callback(self._on_set_parameters)
+        if self._values['stats_period'] > 0:
+            self._stats_timer = self.create_timer(self._values['stats_period'], self._on_stats)
+        self._worker = threading.Thread(target=self._work, name='depth_worker', daemon=True)
+        self._worker.start()
+        self.get_logger().info(
+            f'listening on {self._image_sub.topic_name} + {self._info_sub.topic_name} '
+            f'({self._values["qos"]} QoS); publishing {", ".join(OUTPUTS)} under '
+            f'{self.get_namespace()}')
+
+    # -- start-up ----------------------------------------------------------------------------
+
+    def _load_model(self) -> Any:
+        """The pipeline of ``model_path`` (or the bundled model); CheckpointError names it."""
+        text = self._values['model_path']
+        if text:
+            path = Path(text).expanduser()
+            if not path.is_dir():
+                raise CheckpointError(
+                    f'model_path={text!r} is not a folder: pass a local MetricGold checkpoint '
+                    '(`metricgold init-model DIR --tiny` writes one; see README.md, section '
+                    '"Model")')
+        else:
+            path = bundled_model_path()
+            if path is None:
+                raise CheckpointError(missing_model_message('model_path'))
+        from metricgold_ros.model import MetricGoldPipeline  # torch: imported once needed
+
+        start = time.perf_counter()
+        try:
+            pipeline = MetricGoldPipeline.from_pretrained(
+                path, device=self._values['device'], dtype=self._values['dtype'])
+        except CheckpointError as err:
+            raise CheckpointError(f'model_path={str(path)!r}: {err}') from err
+        meta = pipeline.metadata
+        kind = 'RELATIVE depth (no metric scale, no points)' if pipeline.relative else \
+            f'metric depth {meta.d_min_m:g}..{meta.d_max_m:g} m'
+        self.get_logger().info(
+            f'loaded {path} on {pipeline.device} ({str(pipeline.dtype).replace("torch.", "")}) '
+            f'in {time.perf_counter() - start:.1f} s: {kind}')
+        return pipeline
+
+    # -- callbacks (never block, never raise) ------------------------------------------------
+
+    def _on_image(self, msg: Image) -> None:
+        self._stats.count('received')
+        if not self._has_subscribers():
+            self._stats.count('idle')
+            return
+        if self._mailbox.put(_Frame(msg, time.monotonic())):
+            self._stats.count('dropped')
+
+    def _on_camera_info(self, msg: CameraInfo) -> None:
+        self._infos.add(stamp_ns(msg.header.stamp), msg)
+
+    def _on_set_parameters(self, params: List[Any]) -> SetParametersResult:
+        values = dict(self._values)
+        for param in params:
+            reason = check_parameter(param.name, param.value, values)
+            if reason is not None:
+                return SetParametersResult(successful=False, reason=reason)
+            if param.name in values:
+                values[param.name] = param.value
+        self._options = frame_options(values)  # one reference swap: the worker sees it whole
+        self._values = values
+        return SetParametersResult(successful=True)
+
+    def _on_stats(self) -> None:
+        snap = self._stats.snapshot()
+        self.get_logger().info(snap.summary())
+        if self._diagnostics is None:
+            return
+        status = DiagnosticStatus(
+            level=DiagnosticStatus.WARN if snap.period_errors else DiagnosticStatus.OK,
+            name=f'{self.get_fully_qualified_name()}: depth',
+            hardware_id=str(self.pipeline.device),
+            message=(f'{snap.period_errors} input errors' if snap.period_errors else
+                     f'{snap.period_published} frames in {snap.period_s:.0f} s'),
+            values=[KeyValue(key=key, value=value) for key, value in snap.key_values()])
+        self._diagnostics.publish(DiagnosticArray(
+            header=self._types.Header(stamp=self.get_clock().now().to_msg()), status=[status]))
+
+    # -- worker ------------------------------------------------------------------------------
+
+    def _has_subscribers(self, name: Optional[str] = None) -> bool:
+        pubs = [self._pubs[name]] if name else self._pubs.values()
+        return any(pub.get_subscription_count() > 0 for pub in pubs)
+
+    def _work(self) -> None:
+        while not self._stop.is_set():
+            frame = self._mailbox.take(timeout_s=0.2)
+            if frame is None:
+                continue
+            try:
+                self._process(frame)
+            except MetricGoldError as err:
+                self._report(self._image_sub.topic_name, str(err))
+            except Exception as err:  # noqa: B902 - one bad frame must not end the worker
+                if self._stop.is_set():
+                    return  # shutting down: publishers may already be gone
+                self._report(self._image_sub.topic_name,
+                             f'unexpected {type(err).__name__}: {err} (please report this with '
+                             'the debug log)')
+                self.get_logger().debug(traceback.format_exc())
+
+    def _process(self, frame: _Frame) -> None:
+        if not self._has_subscribers():
+            self._stats.count('idle')
+            return
+        msg = frame.msg
+        values = self._values
+        rgb = messages.rgb_from_msg(msg, pixel_budget=values['max_pixels'])  # [H,W,3]
+        info = self._infos.match(stamp_ns(msg.header.stamp))
+        camera = self._camera(info, rgb.shape[1], rgb.shape[0])
+        options = dataclasses.replace(
+            self._options,
+            colored=self._options.colored and self._has_subscribers('depth/colored'),
+            points=self._options.points and self._has_subscribers('points'))
+        result = self._processor.process(rgb, camera, options)
+        if camera is not None:
+            out = frame_messages(self._types, msg.header, result, info.distortion_model,
+                                 list(info.d) or None)
+        else:
+            out = frame_messages(self._types, msg.header, result)
+        if self._stop.is_set():
+            return
+        for name, message in out.items():
+            if name == 'depth/uncertainty' and not values['publish_uncertainty']:
+                continue
+            self._pubs[name].publish(message)
+        latency_s = (self.get_clock().now().nanoseconds - stamp_ns(msg.header.stamp)) * 1e-9
+        self._stats.record(latency_s, result.timings_s)
+        if self.get_logger().is_enabled_for(LoggingSeverity.DEBUG):
+            self.get_logger().debug(
+                'frame ' + ', '.join(f'{k} {v * 1e3:.1f} ms' for k, v in result.timings_s.items())
+                + f'; stamp->publish {latency_s * 1e3:.0f} ms, '
+                f'{(time.monotonic() - frame.received_s) * 1e3:.0f} ms since receipt')
+
+    def _camera(self, info: Optional[CameraInfo], width: int, height: int
+                ) -> Optional[Intrinsics]:
+        """Intrinsics for an image of this size, or None (logged) when there are none."""
+        if info is None:
+            self.get_logger().warning(
+                f'no CameraInfo on {self._info_sub.topic_name} yet: publishing depth without '
+                'depth/camera_info and points; remap camera_info to the camera\'s info topic',
+                throttle_duration_sec=ERROR_PERIOD_S)
+            return None
+        try:
+            camera = messages.intrinsics_from_camera_info(info)
+            camera_for_image(camera, width, height)  # validated now: depth goes out either way
+            return camera
+        except InputError as err:
+            self._report(self._info_sub.topic_name,
+                         f'{err} (publishing depth without depth/camera_info and points)')
+            return None
+
+    def _report(self, topic: str, text: str) -> None:
+        """Count an input error and log it, each distinct one at most every few seconds."""
+        self._stats.count('errors')
+        held = self._limiter.check((topic, text))
+        if held is not None:
+            more = f' [and {held} more like this since the last report]' if held else ''
+            self.get_logger().error(f'{topic}: {text}{more}')
+
+    # -- shutdown ----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop the worker; an inference in progress finishes in the background (daemon)."""
+        self._stop.set()
+        self._mailbox.close()
+        if self._worker.is_alive() and self._worker is not threading.current_thread():
+            self._worker.join(JOIN_TIMEOUT_S)
+
+    def stats(self) -> StatsSnapshot:
+        """Counters and period figures so far (does not start a new period)."""
+        return self._stats.snapshot(reset=False)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _run(args: Optional[List[str]]) -> int:
+    """Spin the node until SIGINT/SIGTERM; 1 when the configuration cannot work."""
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        # rclpy's handler (installed by init) shuts the context down and then calls this one,
+        # which also ends a model load in progress: SIGTERM stops the node at any stage.
+        signal.signal(signal.SIGTERM, _interrupt)
+    rclpy.init(args=args)
+    node = None
+    try:
+        node = DepthNode()
+        executor = SingleThreadedExecutor()
+        executor.add_node(node)
+        executor.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    except (MetricGoldError, ParameterException) as err:
+        rclpy.logging.get_logger(NODE_NAME).fatal(f'cannot start: {err}')
+        return 1
+    finally:
+        if node is not None:
+            node.close()
+            node.destroy_node()
+        rclpy.try_shutdown()
+    return 0
+
+
+def _exit_process(code: int) -> None:
+    """End the process now that the node and rclpy are shut down.
+
+    What remains of a normal exit is Python tearing down the torch/diffusers modules, 1-3 s
+    that a SIGINT/SIGTERM should not wait for. Logs are flushed first (rcl's spdlog file sink
+    buffers; finalising it twice is harmless).
+    """
+    try:
+        from rclpy.impl.implementation_singleton import rclpy_implementation
+        rclpy_implementation.rclpy_logging_fini()
+    except Exception:  # noqa: B902 - best effort: a log flush must not change the exit code
+        pass
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def main(args: Optional[List[str]] = None, *, exit_process: Optional[bool] = None) -> int:
+    """The ``depth_node`` program: run the node; the exit code (1: unusable configuration).
+
+    ``exit_process`` (default: when this process is the ``depth_node`` executable) ends the
+    process at once after the shutdown instead of returning.
+    """
+    code = _run(args)
+    if exit_process is None:
+        exit_process = Path(sys.argv[0]).name == NODE_NAME
+    if exit_process:
+        _exit_process(code)
+    return code
+
+
+if __name__ == '__main__':
+    sys.exit(main())

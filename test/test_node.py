@@ -1,0 +1,359 @@
+"""depth_node in-process over real DDS (loopback) with the tiny real model: outputs, geometry,
+live parameters, bad input, laziness, diagnostics."""
+
+import math
+
+import numpy as np
+import pytest
+
+pytest.importorskip('rclpy')
+pytest.importorskip('sensor_msgs.msg')
+
+from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
+from rcl_interfaces.msg import Log, Parameter as ParameterMsg, ParameterType  # noqa: E402
+from rcl_interfaces.msg import ParameterValue  # noqa: E402
+from rcl_interfaces.srv import SetParameters  # noqa: E402
+from rclpy.logging import LoggingSeverity  # noqa: E402
+from rclpy.parameter import Parameter  # noqa: E402
+from sensor_msgs.msg import CameraInfo, Image, PointCloud2  # noqa: E402
+
+from metricgold_ros.depth_node import DepthNode  # noqa: E402
+from metricgold_ros.node_support import PARAMETER_NAMES  # noqa: E402
+from ros_helpers import (RosHarness, camera_info_msg, cloud_array, image_array,  # noqa: E402
+                         image_msg, raw_image_msg, reliable_qos, stamp_of, synthetic_frame,
+                         wait_for_publishers, wait_for_subscribers, wait_until)
+
+pytestmark = pytest.mark.timeout(120)
+
+W, H = 160, 120
+NS = '/cam'
+OUT_TIMEOUT_S = 20.0
+BASE_PARAMS = {'processing_resolution': 64, 'denoising_steps': 1, 'ensemble_size': 1,
+               'points_stride': 1, 'output_scale': 1.0, 'max_depth': 0.0,
+               'max_pixels': 4096 * 4096, 'publish_points': True, 'points_rgb': False}
+
+
+class Rig:
+    """The node under test, a camera publisher pair and a parameter client."""
+
+    def __init__(self, ros: RosHarness, node: DepthNode) -> None:
+        self.ros, self.node = ros, node
+        self.image_pub = ros.publisher(Image, f'{NS}/image_raw')
+        self.info_pub = ros.publisher(CameraInfo, f'{NS}/camera_info')
+        self.rgb, self.k = synthetic_frame(3, W, H)
+        self.param_client = ros.node.create_client(SetParameters,
+                                                   f'{NS}/depth_node/set_parameters')
+        self.rosout = ros.collector(Log, '/rosout', reliable_qos(200))
+        self._stamp = 1_700_000_000_000_000_000
+        self._subs = []
+
+    def next_stamp(self) -> int:
+        self._stamp += 10_000_000
+        return self._stamp
+
+    def collect(self, msg_type, topic: str):
+        collector = self.ros.collector(msg_type, f'{NS}/{topic}')
+        self._subs.append(collector.subscription)
+        return collector
+
+    def drop_collectors(self) -> None:
+        for sub in self._subs:
+            self.ros.node.destroy_subscription(sub)
+        self._subs = []
+
+    def send(self, rgb=None, info_k=None, info_size=(W, H), encoding='bgr8', padding=0,
+             image=None) -> int:
+        """Publish CameraInfo (unless ``info_k`` is False) and an Image with a fresh stamp."""
+        stamp = self.next_stamp()
+        if info_k is not False:
+            self.info_pub.publish(camera_info_msg(stamp, *info_size, info_k or self.k))
+        self.image_pub.publish(image(stamp) if image is not None else
+                               image_msg(self.rgb if rgb is None else rgb, stamp, encoding,
+                                         row_padding=padding))
+        return stamp
+
+    def set_params(self, **values) -> list:
+        """Set parameters through the node's SetParameters service (as `ros2 param set`)."""
+        assert self.param_client.wait_for_service(timeout_sec=10.0)
+        types = {bool: ParameterType.PARAMETER_BOOL, int: ParameterType.PARAMETER_INTEGER,
+                 float: ParameterType.PARAMETER_DOUBLE, str: ParameterType.PARAMETER_STRING}
+        fields = {bool: 'bool_value', int: 'integer_value', float: 'double_value',
+                  str: 'string_value'}
+        request = SetParameters.Request(parameters=[
+            ParameterMsg(name=name, value=ParameterValue(type=types[type(value)],
+                                                         **{fields[type(value)]: value}))
+            for name, value in values.items()])
+        future = self.param_client.call_async(request)
+        assert wait_until(future.done, 10.0), 'set_parameters timed out'
+        return future.result().results
+
+    def errors_naming(self, *words: str):
+        return [log.msg for log in self.rosout.messages()
+                if log.level >= 40 and all(word in log.msg for word in words)]
+
+
+@pytest.fixture(scope='module')
+def rig(tiny_model_dir):
+    with RosHarness('node_test') as ros:
+        node = ros.add_node(DepthNode(
+            context=ros.context, namespace=NS,
+            cli_args=['--ros-args', '-r', 'image:=image_raw'],
+            parameter_overrides=[Parameter('model_path', value=str(tiny_model_dir)),
+                                 Parameter('device', value='cpu'),
+                                 Parameter('stats_period', value=1.0)]
+            + [Parameter(k, value=v) for k, v in BASE_PARAMS.items()]))
+        rig = Rig(ros, node)
+        assert wait_for_subscribers(rig.image_pub) and wait_for_subscribers(rig.info_pub)
+        assert wait_for_publishers(rig.rosout.subscription)
+        yield rig
+
+
+@pytest.fixture
+def fresh(rig):
+    """The rig with base parameters, output collectors removed afterwards."""
+    assert all(r.successful for r in rig.set_params(**BASE_PARAMS))
+    yield rig
+    rig.drop_collectors()
+
+
+def _outputs(rig, *topics):
+    kinds = {'depth/image': Image, 'depth/camera_info': CameraInfo, 'depth/colored': Image,
+             'depth/uncertainty': Image, 'points': PointCloud2}
+    collectors = {t: rig.collect(kinds[t], t) for t in topics}
+    for collector in collectors.values():
+        assert wait_for_publishers(collector.subscription)
+    return collectors
+
+
+def _wait_stamp(collector, stamp, timeout_s=OUT_TIMEOUT_S):
+    return collector.wait_for(lambda m: stamp_of(m) == stamp, timeout_s)
+
+
+def _expected_xyz(depth, k, stride, max_depth=math.inf):
+    """Independent pinhole projection (depth_image_proc): x=(u-cx)z/fx, y=(v-cy)z/fy."""
+    fx, fy, cx, cy = k
+    z = depth[::stride, ::stride].astype(np.float64)
+    v, u = np.mgrid[0:depth.shape[0]:stride, 0:depth.shape[1]:stride]
+    z = np.where((z > 0) & (z <= max_depth), z, np.nan)
+    return (u - cx) * z / fx, (v - cy) * z / fy, z
+
+
+def test_declares_exactly_the_parameter_table(rig):
+    names = set(rig.node._parameters)
+    assert set(PARAMETER_NAMES) <= names
+    assert names - set(PARAMETER_NAMES) <= {'use_sim_time', 'start_type_description_service'}
+    model_path = rig.node.describe_parameter('model_path')
+    assert model_path.read_only and 'checkpoint' in model_path.description
+    assert not rig.node.describe_parameter('denoising_steps').read_only
+
+
+@pytest.mark.parametrize('stride', [1, 3])
+def test_outputs_headers_sizes_and_cloud_geometry(fresh, stride):
+    rig = fresh
+    out = _outputs(rig, 'depth/image', 'depth/camera_info', 'depth/colored', 'points')
+    assert all(r.successful for r in rig.set_params(points_stride=stride, max_depth=5.0))
+    stamp = rig.send(padding=7)  # bgr8 with padded rows
+    depth_msg = _wait_stamp(out['depth/image'], stamp)
+    assert depth_msg is not None, 'no depth/image for the frame'
+    info = _wait_stamp(out['depth/camera_info'], stamp, 5.0)
+    colored = _wait_stamp(out['depth/colored'], stamp, 5.0)
+    cloud = _wait_stamp(out['points'], stamp, 5.0)
+    for msg in (depth_msg, info, colored, cloud):
+        assert msg is not None
+        assert msg.header.frame_id == 'camera_optical_frame' and stamp_of(msg) == stamp
+    assert (depth_msg.encoding, depth_msg.width, depth_msg.height) == ('32FC1', W, H)
+    assert (colored.encoding, colored.width, colored.height) == ('bgr8', W, H)
+    assert (info.width, info.height) == (W, H)
+    np.testing.assert_allclose(np.reshape(info.k, (3, 3))[[0, 1, 0, 1], [0, 1, 2, 2]],
+                               rig.k, rtol=1e-9)
+    depth = image_array(depth_msg)
+    assert np.all(np.isfinite(depth) & (depth > 0))  # the model's range: nothing invalid here
+    assert (cloud.height, cloud.width) == (math.ceil(H / stride), math.ceil(W / stride))
+    assert not cloud.is_dense and not cloud.is_bigendian
+    assert [f.name for f in cloud.fields] == ['x', 'y', 'z']
+    got = cloud_array(cloud)
+    expected = _expected_xyz(depth, rig.k, stride, max_depth=5.0)
+    for name, want in zip('xyz', expected):
+        assert np.array_equal(np.isnan(got[name]), np.isnan(want)), f'NaN placement of {name}'
+        np.testing.assert_allclose(got[name], want, rtol=1e-5, atol=1e-6, equal_nan=True)
+    far = depth[::stride, ::stride] > 5.0
+    assert far.any() and (~far).any(), 'test frame should straddle max_depth'
+
+
+def test_resized_camera_info_and_output_scale(fresh):
+    """CameraInfo for 2x the image size (e.g. 1280x720 info, 640x360 image), depth at 1/2."""
+    rig = fresh
+    out = _outputs(rig, 'depth/image', 'depth/camera_info', 'points')
+    assert all(r.successful for r in rig.set_params(output_scale=0.5, points_rgb=True))
+    fx, fy, cx, cy = rig.k
+    big_k = (2 * fx, 2 * fy, 2 * cx + 0.5, 2 * cy + 0.5)  # the same camera at 2W x 2H
+    stamp = rig.send(info_k=big_k, info_size=(2 * W, 2 * H), encoding='rgba8')
+    depth_msg = _wait_stamp(out['depth/image'], stamp)
+    info = _wait_stamp(out['depth/camera_info'], stamp, 5.0)
+    cloud = _wait_stamp(out['points'], stamp, 5.0)
+    assert depth_msg is not None and info is not None and cloud is not None
+    assert (depth_msg.width, depth_msg.height) == (W // 2, H // 2) == (info.width, info.height)
+    s = 0.25  # from 2W to W/2; pixel centres stay aligned: c' = (c + 0.5) s - 0.5
+    want_k = (big_k[0] * s, big_k[1] * s, (big_k[2] + 0.5) * s - 0.5, (big_k[3] + 0.5) * s - 0.5)
+    k = np.reshape(info.k, (3, 3))
+    np.testing.assert_allclose([k[0, 0], k[1, 1], k[0, 2], k[1, 2]], want_k, rtol=1e-9)
+    got = cloud_array(cloud)
+    assert [f.name for f in cloud.fields] == ['x', 'y', 'z', 'rgb']
+    for name, want in zip('xyz', _expected_xyz(image_array(depth_msg), want_k, 1)):
+        np.testing.assert_allclose(got[name], want, rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
+def test_uncertainty_only_when_ensembling(fresh):
+    rig = fresh
+    out = _outputs(rig, 'depth/image', 'depth/uncertainty')
+    first = rig.send()
+    assert _wait_stamp(out['depth/image'], first) is not None
+    assert all(r.successful for r in rig.set_params(ensemble_size=2))
+    second = rig.send()
+    unc = _wait_stamp(out['depth/uncertainty'], second)
+    assert unc is not None and (unc.encoding, unc.width, unc.height) == ('32FC1', W, H)
+    spread = image_array(unc)
+    assert np.all(np.isfinite(spread) & (spread >= 0))
+    assert not any(stamp_of(m) == first for m in out['depth/uncertainty'].messages())
+
+
+def test_live_parameter_change_takes_effect_on_next_frame(fresh):
+    rig = fresh
+    out = _outputs(rig, 'depth/image', 'points')
+    one_step = _wait_stamp(out['depth/image'], rig.send())
+    assert all(r.successful for r in rig.set_params(denoising_steps=3, points_stride=4))
+    stamp = rig.send()
+    three_steps = _wait_stamp(out['depth/image'], stamp)
+    cloud = _wait_stamp(out['points'], stamp, 5.0)
+    assert (cloud.height, cloud.width) == (H // 4, W // 4)
+    assert not np.allclose(image_array(one_step), image_array(three_steps))
+    assert all(r.successful for r in rig.set_params(denoising_steps=1))
+    again = _wait_stamp(out['depth/image'], rig.send())  # same seed, same steps: same depth
+    np.testing.assert_allclose(image_array(again), image_array(one_step), rtol=1e-5)
+
+
+@pytest.mark.parametrize('values, reason', [
+    ({'model_path': '/elsewhere'}, 'read-only'),
+    ({'ensemble_size': 0}, ''),
+    ({'colormap': 'rainbowish'}, 'colormap'),
+    ({'color_min_depth': 5.0, 'color_max_depth': 2.0}, 'color_min_depth'),
+    ({'points_stride': 2.5}, ''),
+])
+def test_bad_parameter_values_are_refused(fresh, values, reason):
+    results = fresh.set_params(**values)
+    assert not all(r.successful for r in results)
+    assert reason.lower() in ' '.join(r.reason.lower() for r in results)
+
+
+def _bad_images(rig):
+    good = image_msg(rig.rgb, 0, 'rgb8')
+    data = bytes(good.data)
+    return {
+        'encoding 32FC1': (lambda s: raw_image_msg(s, '32FC1', H, W, 4 * W, bytes(4 * W * H)),
+                           ["'32FC1'", 'encoding', 'rgb8']),
+        'encoding bayer_rggb16': (lambda s: raw_image_msg(s, 'bayer_rggb16', H, W, 2 * W,
+                                                          bytes(2 * W * H)),
+                                  ["'bayer_rggb16'", 'encoding']),
+        'encoding nv12': (lambda s: raw_image_msg(s, 'nv12', H, W, W, bytes(W * H * 3 // 2)),
+                          ["'nv12'", 'encoding']),
+        'truncated data': (lambda s: raw_image_msg(s, 'rgb8', H, W, 3 * W, data[:len(data) // 2]),
+                           ['data', 'truncated']),
+        'step too small': (lambda s: raw_image_msg(s, 'rgb8', H, W, 3 * W - 3, data),
+                           ['step', 'publisher']),
+        'empty image': (lambda s: raw_image_msg(s, 'rgb8', 0, 0, 0, b''), ['height', 'pixel']),
+        'odd-width yuv422': (lambda s: raw_image_msg(s, 'yuv422', H, W - 1, 2 * (W - 1),
+                                                     bytes(2 * (W - 1) * H)), ['width', 'even']),
+    }
+
+
+def test_bad_images_are_logged_and_the_next_good_frame_served(fresh):
+    rig = fresh
+    out = _outputs(rig, 'depth/image', 'points')
+    image_topic = f'{NS}/image_raw'
+    for case, (make, words) in _bad_images(rig).items():
+        before = rig.node.stats().errors
+        rig.send(image=make)
+        assert wait_until(lambda: rig.errors_naming(image_topic, *words), 10.0), \
+            f'{case}: no error naming {image_topic} and {words} on /rosout'
+        assert rig.node.stats().errors == before + 1
+        stamp = rig.send()
+        assert _wait_stamp(out['depth/image'], stamp) is not None, f'{case}: node stopped'
+
+
+def test_pixel_budget_refuses_large_images(fresh):
+    rig = fresh
+    out = _outputs(rig, 'depth/image')
+    assert all(r.successful for r in rig.set_params(max_pixels=W * H - 1))
+    rig.send()
+    assert wait_until(lambda: rig.errors_naming(f'{NS}/image_raw', 'pixel budget'), 10.0)
+    assert all(r.successful for r in rig.set_params(max_pixels=W * H))
+    assert _wait_stamp(out['depth/image'], rig.send()) is not None
+
+
+@pytest.mark.parametrize('case, info_k, info_size, words', [
+    ('zero fx', (0.0, 0.0, 80.0, 60.0), (W, H), ['fx', 'calibrat']),
+    ('another aspect', None, (W, 2 * H), [f'{W}x{2 * H}', 'aspect', 'camera_info']),
+])
+def test_bad_camera_info_still_gives_depth_without_points(fresh, case, info_k, info_size, words):
+    rig = fresh
+    out = _outputs(rig, 'depth/image', 'points')
+    stamp = rig.send(info_k=info_k, info_size=info_size)
+    assert _wait_stamp(out['depth/image'], stamp) is not None, f'{case}: no depth'
+    assert wait_until(lambda: rig.errors_naming(f'{NS}/camera_info', *words), 10.0), case
+    assert not any(stamp_of(m) == stamp for m in out['points'].messages())
+    good = rig.send()
+    assert _wait_stamp(out['points'], good) is not None, f'{case}: no cloud after good info'
+
+
+def test_no_camera_info_gives_depth_and_a_warning(tiny_model_dir):
+    """A node that never got CameraInfo publishes depth and warns that no cloud can be made."""
+    with RosHarness('no_info_test') as ros:
+        ros.add_node(DepthNode(
+            context=ros.context, namespace='/noinfo',
+            parameter_overrides=[Parameter('model_path', value=str(tiny_model_dir)),
+                                 Parameter('device', value='cpu'),
+                                 Parameter('processing_resolution', value=64)]))
+        rosout = ros.collector(Log, '/rosout', reliable_qos(200))
+        depth = ros.collector(Image, '/noinfo/depth/image')
+        points = ros.collector(PointCloud2, '/noinfo/points')
+        pub = ros.publisher(Image, '/noinfo/image')
+        assert wait_for_subscribers(pub) and wait_for_publishers(depth.subscription)
+        rgb, _ = synthetic_frame(1, W, H)
+        pub.publish(image_msg(rgb, 5_000_000_000, 'mono8'))
+        assert depth.wait_for(lambda m: stamp_of(m) == 5_000_000_000, OUT_TIMEOUT_S)
+        assert wait_until(lambda: [m for m in rosout.messages() if m.level == 30 and
+                                   'no CameraInfo on /noinfo/camera_info' in m.msg], 5.0)
+        assert not points.messages()
+
+
+def test_lazy_without_subscribers(fresh):
+    rig = fresh
+    rig.drop_collectors()
+    assert wait_until(lambda: not rig.node._has_subscribers(), 10.0)
+    before = rig.node.stats()
+    for _ in range(5):
+        rig.send()
+    assert wait_until(lambda: rig.node.stats().received >= before.received + 5, 5.0)
+    after = rig.node.stats()
+    assert after.published == before.published
+    assert after.idle >= before.idle + 5
+
+
+def test_diagnostics_and_stats(fresh):
+    rig = fresh
+    diag = rig.ros.collector(DiagnosticArray, '/diagnostics', reliable_qos())
+    out = _outputs(rig, 'depth/image')
+    rig.node.get_logger().set_level(LoggingSeverity.DEBUG)
+    try:
+        assert _wait_stamp(out['depth/image'], rig.send()) is not None
+        assert wait_until(lambda: [m for m in rig.rosout.messages() if m.level == 10 and
+                                   'unet' in m.msg and 'stamp->publish' in m.msg], 5.0)
+    finally:
+        rig.node.get_logger().set_level(LoggingSeverity.INFO)
+    msg = diag.wait_for(lambda m: any('depth_node' in s.name for s in m.status), 5.0)
+    assert msg is not None
+    keys = {kv.key for kv in msg.status[0].values}
+    assert {'frames received', 'frames dropped', 'latency p50 (ms)'} <= keys
+    rig.ros.node.destroy_subscription(diag.subscription)
+    infos = [m.msg for m in rig.rosout.messages() if m.level == 20 and 'dropped' in m.msg]
+    assert any('stamp->publish p50' in text for text in infos), infos

@@ -1,0 +1,99 @@
+"""depth_node as users start it: the console script with ``--ros-args --params-file``, a camera
+in another process, outputs received here; missing model; clean exit on SIGINT/SIGTERM."""
+
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytest.importorskip('rclpy')
+
+from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
+from sensor_msgs.msg import CameraInfo, Image, PointCloud2  # noqa: E402
+
+from ros_helpers import (REPO_ROOT, RosHarness, console_script, reliable_qos,  # noqa: E402
+                         ros_env, stamp_of, wait_for_publishers, wait_until)
+
+pytestmark = pytest.mark.timeout(120)
+
+PARAMS_FILE = REPO_ROOT / 'config' / 'depth.yaml'
+EXIT_TIMEOUT_S = 2.0
+
+
+def _node_cmd(*ros_args: str) -> list:
+    script = console_script('depth_node')
+    assert script.is_file(), f'{script}: console script not installed (pip install -e .)'
+    return [str(script), '--ros-args', '--params-file', str(PARAMS_FILE), *ros_args]
+
+
+@pytest.mark.parametrize('ros_args, words', [
+    ((), ['model_path is not set', 'metricgold init-model', 'README']),
+    (('-p', 'model_path:=/no/such/model'), ['/no/such/model', 'metricgold init-model',
+                                           'README']),
+])
+def test_missing_model_exits_with_a_clear_message(ros_args, words):
+    done = subprocess.run(_node_cmd(*ros_args), env=ros_env(), capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 1, done.stderr
+    for word in words:
+        assert word in done.stderr, done.stderr
+    assert 'Traceback' not in done.stderr
+
+
+def test_bad_parameter_value_exits_naming_it(tiny_model_dir):
+    done = subprocess.run(_node_cmd('-p', f'model_path:={tiny_model_dir}', '-p',
+                                    'colormap:=sparkly'),
+                          env=ros_env(), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and 'colormap' in done.stderr, done.stderr
+    assert 'Traceback' not in done.stderr
+
+
+@pytest.mark.parametrize('sig', [signal.SIGINT, signal.SIGTERM], ids=['SIGINT', 'SIGTERM'])
+def test_console_script_with_camera_process(tiny_model_dir, sig):
+    ns = f'/xp{int(sig)}'
+    node = subprocess.Popen(
+        _node_cmd('-p', f'model_path:={tiny_model_dir}', '-p', 'device:=cpu', '-p',
+                  'processing_resolution:=64', '-p', 'stats_period:=1.0', '-r', f'__ns:={ns}',
+                  '-r', 'image:=camera/image_raw', '-r', 'camera_info:=camera/camera_info'),
+        env=ros_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    camera = subprocess.Popen(
+        [sys.executable, str(REPO_ROOT / 'test' / 'ros_helpers.py'), 'camera', '--rate', '10',
+         '--image-topic', f'{ns}/camera/image_raw', '--info-topic', f'{ns}/camera/camera_info',
+         '--frame-id', 'cam_optical'], env=ros_env(), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+    try:
+        with RosHarness('process_test') as ros:
+            out = {'depth/image': ros.collector(Image, f'{ns}/depth/image'),
+                   'depth/camera_info': ros.collector(CameraInfo, f'{ns}/depth/camera_info'),
+                   'depth/colored': ros.collector(Image, f'{ns}/depth/colored'),
+                   'points': ros.collector(PointCloud2, f'{ns}/points')}
+            diagnostics = ros.collector(DiagnosticArray, '/diagnostics', reliable_qos())
+            assert all(wait_for_publishers(c.subscription, 1, 60.0) for c in out.values()), \
+                'the node did not come up'
+            assert wait_until(lambda: all(len(c.messages()) >= 2 for c in out.values()), 60.0), \
+                {k: len(c.messages()) for k, c in out.items()}
+            depth = out['depth/image'].messages()[-1]
+            assert (depth.encoding, depth.width, depth.height) == ('32FC1', 160, 120)
+            assert depth.header.frame_id == 'cam_optical'
+            for name in ('depth/camera_info', 'depth/colored', 'points'):
+                same = out[name].wait_for(lambda m: stamp_of(m) == stamp_of(depth), 5.0)
+                assert same is not None and same.header.frame_id == 'cam_optical', name
+            assert diagnostics.wait_for(
+                lambda m: any(s.name.startswith(f'{ns}/depth_node') for s in m.status), 10.0)
+            # Frames keep flowing: the signal arrives while the node is busy.
+            sent_at = time.monotonic()
+            node.send_signal(sig)
+            node.wait(timeout=10)
+            exit_s = time.monotonic() - sent_at
+    finally:
+        for proc in (camera, node):
+            if proc.poll() is None:
+                proc.kill()
+        camera.wait(5)
+    _, stderr = node.communicate(timeout=5)
+    assert exit_s <= EXIT_TIMEOUT_S, f'{sig.name}: took {exit_s:.2f} s to exit'
+    assert node.returncode == 0, stderr
+    assert 'Traceback' not in stderr and 'Exception' not in stderr, stderr
+    assert 'frames in' in stderr  # the periodic info summary

@@ -1,0 +1,162 @@
+"""The node's plain-Python parts without ROS: mailbox, stats, rate limiting, parameter mapping,
+bundled-model lookup."""
+
+import math
+import threading
+import time
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from metricgold_ros import model_paths
+from metricgold_ros.node_support import (
+    PARAMETER_NAMES, FrameStats, Mailbox, RateLimiter, StampCache, check_parameter,
+    default_values, frame_options)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_mailbox_keeps_only_the_newest_and_counts_drops():
+    box = Mailbox()
+    assert box.take(timeout_s=0.0) is None
+    assert box.put(1) is False
+    assert box.put(2) is True and box.put(3) is True
+    assert box.dropped == 2 and len(box) == 1
+    assert box.take(timeout_s=0.0) == 3 and len(box) == 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.booleans(), max_size=40))
+def test_mailbox_accounting(ops):
+    """Any sequence of put (True) / take (False): items come out newest-first, none lost."""
+    box, taken, puts = Mailbox(), [], 0
+    for is_put in ops:
+        if is_put:
+            box.put(puts)
+            puts += 1
+        else:
+            item = box.take(timeout_s=0.0)
+            if item is not None:
+                taken.append(item)
+    assert taken == sorted(taken)
+    assert len(taken) + box.dropped + len(box) == puts
+
+
+def test_mailbox_take_wakes_on_put_and_on_close():
+    box = Mailbox()
+    got = []
+    consumer = threading.Thread(target=lambda: got.append(box.take(timeout_s=5.0)))
+    consumer.start()
+    time.sleep(0.05)
+    box.put('frame')
+    consumer.join(1.0)
+    assert got == ['frame']
+    closer = threading.Thread(target=lambda: got.append(box.take(timeout_s=5.0)))
+    start = time.monotonic()
+    closer.start()
+    box.close()
+    closer.join(1.0)
+    assert got == ['frame', None] and time.monotonic() - start < 1.0
+    box.put('late')
+    assert box.take(timeout_s=0.0) is None  # closed for good
+
+
+def test_rate_limiter_reports_each_key_once_per_period_with_held_count():
+    clock = FakeClock()
+    limiter = RateLimiter(period_s=5.0, max_keys=2, clock=clock)
+    assert limiter.check('a') == 0
+    assert limiter.check('a') is None and limiter.check('a') is None
+    assert limiter.check('b') == 0  # another problem is reported at once
+    clock.now += 5.0
+    assert limiter.check('a') == 2
+    limiter.check('c')  # evicts the oldest key ('b')
+    assert limiter.check('b') == 0
+
+
+def test_frame_stats_snapshot_and_period_reset():
+    clock = FakeClock()
+    stats = FrameStats(window=3, clock=clock)
+    stats.count('received', 5)
+    stats.count('dropped', 2)
+    stats.count('errors')
+    for latency in (0.1, 0.2, 0.3, 0.4):
+        stats.record(latency, {'unet': 0.05, 'vae_decode': 0.01})
+    clock.now += 2.0
+    snap = stats.snapshot()
+    assert (snap.received, snap.published, snap.dropped, snap.errors) == (5, 4, 2, 1)
+    assert snap.latency_p50_ms == pytest.approx(300.0)  # window of the last 3
+    assert snap.stage_ms == pytest.approx({'unet': 50.0, 'vae_decode': 10.0})
+    assert snap.period_s == 2.0 and snap.period_published == 4
+    assert 'dropped 2' in snap.summary() and 'p50 300 ms' in snap.summary()
+    assert ('frames dropped', '2') in snap.key_values()
+    empty = stats.snapshot()
+    assert empty.published == 4 and empty.period_published == 0
+    assert math.isnan(empty.latency_p50_ms) and 'nothing published' in empty.summary()
+
+
+def test_stamp_cache_exact_then_latest():
+    cache = StampCache(size=2)
+    assert cache.match(1) is None
+    cache.add(10, 'a')
+    cache.add(20, 'b')
+    assert cache.match(10) == 'a' and cache.match(15) == 'b'
+    cache.add(30, 'c')
+    assert cache.match(10) == 'c'  # evicted: the latest
+
+
+def test_frame_options_map_parameter_conventions():
+    values = default_values()
+    options = frame_options(values)
+    assert options.denoising_steps is None and options.processing_resolution is None
+    assert options.seed == 0 and options.max_depth_m == math.inf
+    assert options.color_min_m is None and options.color_max_m is None
+    values.update(denoising_steps=3, processing_resolution=0, seed=-1, max_depth=12.5,
+                  color_min_depth=0.5, points_stride=4, publish_points=False)
+    options = frame_options(values)
+    assert (options.denoising_steps, options.processing_resolution, options.seed) == (3, 0, None)
+    assert options.max_depth_m == 12.5 and options.color_min_m == 0.5
+    assert options.points_stride == 4 and options.points is False
+
+
+@pytest.mark.parametrize('name, value, words', [
+    ('ensemble_size', 0, 'outside'),
+    ('ensemble_size', 2.0, 'expected int'),
+    ('colormap', 'sparkly', 'not one of'),
+    ('device', 'gpu0', 'device'),
+    ('dtype', 'float64', 'not one of'),
+    ('color_max_depth', 0.5, 'color_min_depth'),
+])
+def test_check_parameter_refuses_with_reason(name, value, words):
+    values = dict(default_values(), color_min_depth=1.0)
+    reason = check_parameter(name, value, values)
+    assert reason is not None and words in reason and name.split('_')[0] in reason
+
+
+def test_check_parameter_accepts_defaults_and_unknown_names():
+    values = default_values()
+    assert all(check_parameter(n, values[n], values) is None for n in PARAMETER_NAMES)
+    assert check_parameter('use_sim_time', True, values) is None
+    assert check_parameter('device', 'cuda:1', values) is None
+
+
+def test_bundled_model_path(tmp_path, monkeypatch):
+    folder = tmp_path / 'metricgold-tiny'
+    folder.mkdir()
+    monkeypatch.setattr(model_paths, 'bundled_model_candidates', lambda: [folder])
+    assert model_paths.bundled_model_path() is None  # a folder without model_index.json
+    (folder / 'model_index.json').write_text('{}')
+    assert model_paths.bundled_model_path() == folder
+    message = model_paths.missing_model_message()
+    assert 'model_path' in message and 'metricgold init-model' in message
+
+
+def test_bundled_model_candidates_start_beside_the_package():
+    first = model_paths.bundled_model_candidates()[0]
+    assert first.parent.parent.name == 'metricgold_ros' and first.name == 'metricgold-tiny'
