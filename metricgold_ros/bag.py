@@ -257,7 +257,8 @@ def _frame(reader: Any, path: Path, out: bag_output.OutputBag, plan: _Plan,
         try:
             camera = camera_for_image(calibration.camera, rgb.shape[1], rgb.shape[0])
         except InputError as err:
-            stats.warn(f'{plan.info_topic}: {err}; no point cloud for those images')
+            stats.warn(f'{plan.info_topic}: {err}; no point cloud or depth/camera_info for '
+                       'those images')
     result = processor.process(rgb, camera, options)
     for stage, seconds in result.timings_s.items():
         stats.add(stage, seconds)
@@ -308,7 +309,7 @@ def summary(output: Path, plan: _Plan, counts: Dict[str, int], stats: _Run, seco
 def _report(args: argparse.Namespace, output: Path, plan: _Plan, counts: Dict[str, int],
             stats: _Run, seconds: float, load_s: float) -> None:
     """One JSON line with ``--quiet``, else a short human summary on stdout."""
-    data = summary(output, plan, counts, stats, seconds, load_s)
+    data = summary(output.resolve(), plan, counts, stats, seconds, load_s)
     if args.quiet:
         print(json.dumps(data))
         return

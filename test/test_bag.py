@@ -133,10 +133,12 @@ def test_ros1_bag_is_written_as_ros2(tmp_path, capsys, fast_model):
 def test_pairing_without_exact_stamps(tmp_path, capsys, fast_model):
     # CameraInfo stamped 50 ms after each image: the first image has only a later one.
     bag = write_camera_bag(tmp_path / 'in', count=2, info_offset_ns=50_000_000)
-    code, summary, _ = run_bag(capsys, bag.path, tmp_path / 'out', *FAST)
+    code, summary, _ = run_bag(capsys, bag.path, tmp_path / 'out', '--ensemble-size', '2',
+                               *FAST)
     assert code == 0
     assert summary['camera_info_pairing'] == {'after': 1, 'before': 1}
     assert summary['messages']['/camera/points'] == 2
+    assert summary['messages']['/camera/depth/uncertainty'] == 2  # ensembles add their spread
 
 
 def test_no_camera_info_writes_depth_only(tmp_path, capsys, fast_model):
@@ -147,6 +149,18 @@ def test_no_camera_info_writes_depth_only(tmp_path, capsys, fast_model):
     assert '/camera/points' not in summary['messages']
     assert '/camera/depth/camera_info' not in summary['messages']
     assert any('clouds' in w and 'CameraInfo' in w for w in summary['warnings'])
+
+
+@pytest.mark.parametrize('broken, message', [
+    ({'info_k': [0.0] * 9}, 'uncalibrated'),
+    ({'info_size': (100, 100)}, 'another aspect ratio'),
+])
+def test_unusable_camera_info_gives_depth_only(tmp_path, capsys, fast_model, broken, message):
+    bag = write_camera_bag(tmp_path / 'in', count=2, **broken)
+    code, summary, _ = run_bag(capsys, bag.path, tmp_path / 'out', *FAST)
+    assert code == 0 and summary['messages']['/camera/depth/image'] == 2
+    assert '/camera/points' not in summary['messages']
+    assert len(summary['warnings']) == 1 and message in summary['warnings'][0]
 
 
 def test_selection_prefix_and_no_copy(tmp_path, capsys, fast_model):
@@ -314,3 +328,23 @@ def test_real_bags(tmp_path, capsys, fast_model, shared_data, name, pairing):
         for topic, records in ref.items():
             assert [(t, raw) for t, raw, *_ in records] == \
                 [(t, raw) for t, raw, *_ in out[topic]], topic
+
+
+def test_progress_bar_and_summary_on_a_terminal(tmp_path, capsys, fast_model, monkeypatch):
+    bag = write_camera_bag(tmp_path / 'in', count=2)
+    monkeypatch.setattr(sys.stderr, 'isatty', lambda: True)
+    assert main(['bag', str(bag.path), str(tmp_path / 'out'), *FAST]) == 0
+    captured = capsys.readouterr()
+    assert '2/2' in captured.err and 'frame/s' in captured.err  # tqdm: count, rate, ETA
+    assert 'wrote' in captured.out and 'frames/s' in captured.out
+    assert 'outside the model' in captured.out and 'vae_decode' in captured.out
+
+
+def test_sigterm_is_an_interrupt():
+    from metricgold_ros.bag import _sigterm_as_interrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        with _sigterm_as_interrupt():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL

@@ -1,6 +1,7 @@
 """`metricgold infer`: image files to depth .npy / mm PNG / colour PNG / PLY."""
 
 import json
+import sys
 
 import cv2
 import numpy as np
@@ -151,3 +152,14 @@ def test_depth_png_encoding():
     depth = np.array([[np.nan, 0.0, -1.0, np.inf], [0.0001, 1.2344, 65.535, 70.0]], np.float32)
     np.testing.assert_array_equal(depth_to_png_mm(depth),
                                   [[0, 0, 0, 0], [1, 1234, 65535, 65535]])
+
+
+def test_progress_bar_for_many_files(tmp_path, capsys, fast_model, scene, monkeypatch):
+    (tmp_path / 'in').mkdir()
+    for name in ('a', 'b', 'c'):
+        Image.fromarray(scene.rgb).save(tmp_path / 'in' / f'{name}.png')
+    monkeypatch.setattr(sys.stderr, 'isatty', lambda: True)
+    assert main(['infer', str(tmp_path / 'in'), '--out', str(tmp_path / 'out'), *FAST]) == 0
+    captured = capsys.readouterr()
+    assert '3/3' in captured.err and 'image/s' in captured.err
+    assert 'millimetres' in captured.out and '65.535 m' in captured.out
