@@ -22,8 +22,8 @@ from typing import Any, Dict, Iterator, List, Optional
 
 from metricgold_ros import bag_io, bag_output, messages
 from metricgold_ros.cli_options import (
-    add_inference_arguments, add_output_arguments, load_pipeline, non_negative_int,
-    options_from_args, positive_int)
+    add_inference_arguments, add_output_arguments, load_pipeline, options_from_args,
+    positive_int)
 from metricgold_ros.depth_frame import DepthFrameProcessor, camera_for_image, frame_messages
 from metricgold_ros.errors import BagError, InputError
 
@@ -200,7 +200,6 @@ def _process(reader: Any, path: Path, out: bag_output.OutputBag, plan: _Plan,
     if args.copy:
         for connection in wanted:
             out.add_copy(reader, connection)
-    image_ids = {id(c) for c in plan.image_connections}
     stats.progress = _progress_bar(plan.total, args.quiet)
     try:
         tick = time.perf_counter()
@@ -211,7 +210,7 @@ def _process(reader: Any, path: Path, out: bag_output.OutputBag, plan: _Plan,
             if args.copy:
                 out.write_copy(connection, log_ns, raw)
                 stats.add('copy', time.perf_counter() - read_done)
-            if id(connection) in image_ids:
+            if connection.topic == plan.image_topic:
                 _frame(reader, path, out, plan, processor, options, types, stats,
                        connection, log_ns, raw)
                 if stats.progress is not None:
