@@ -50,32 +50,39 @@ def test_bad_parameter_value_exits_naming_it(tiny_model_dir):
     assert 'Traceback' not in done.stderr
 
 
-@pytest.mark.parametrize('sig', [signal.SIGINT, signal.SIGTERM], ids=['SIGINT', 'SIGTERM'])
-def test_console_script_with_camera_process(tiny_model_dir, sig):
+@pytest.mark.parametrize('sig, qos, size', [
+    (signal.SIGINT, 'sensor_data', (160, 120)),
+    (signal.SIGTERM, 'reliable', (320, 240)),
+], ids=['SIGINT-sensor_data', 'SIGTERM-reliable'])
+def test_console_script_with_camera_process(tiny_model_dir, sig, qos, size):
     ns = f'/xp{int(sig)}'
     node = subprocess.Popen(
         _node_cmd('-p', f'model_path:={tiny_model_dir}', '-p', 'device:=cpu', '-p',
-                  'processing_resolution:=64', '-p', 'stats_period:=1.0', '-r', f'__ns:={ns}',
+                  'processing_resolution:=64', '-p', 'stats_period:=1.0', '-p', f'qos:={qos}',
+                  '-p', f'output_qos:={qos}', '-r', f'__ns:={ns}',
                   '-r', 'image:=camera/image_raw', '-r', 'camera_info:=camera/camera_info'),
         env=ros_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     camera = subprocess.Popen(
         [sys.executable, str(REPO_ROOT / 'test' / 'ros_helpers.py'), 'camera', '--rate', '10',
+         '--width', str(size[0]), '--height', str(size[1]),
          '--image-topic', f'{ns}/camera/image_raw', '--info-topic', f'{ns}/camera/camera_info',
          '--frame-id', 'cam_optical'], env=ros_env(), stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True)
+    out_qos = reliable_qos(5) if qos == 'reliable' else None  # None: best effort
     try:
         with RosHarness('process_test') as ros:
-            out = {'depth/image': ros.collector(Image, f'{ns}/depth/image'),
-                   'depth/camera_info': ros.collector(CameraInfo, f'{ns}/depth/camera_info'),
-                   'depth/colored': ros.collector(Image, f'{ns}/depth/colored'),
-                   'points': ros.collector(PointCloud2, f'{ns}/points')}
+            out = {'depth/image': ros.collector(Image, f'{ns}/depth/image', out_qos),
+                   'depth/camera_info': ros.collector(CameraInfo, f'{ns}/depth/camera_info',
+                                                      out_qos),
+                   'depth/colored': ros.collector(Image, f'{ns}/depth/colored', out_qos),
+                   'points': ros.collector(PointCloud2, f'{ns}/points', out_qos)}
             diagnostics = ros.collector(DiagnosticArray, '/diagnostics', reliable_qos())
             assert all(wait_for_publishers(c.subscription, 1, 60.0) for c in out.values()), \
                 'the node did not come up'
             assert wait_until(lambda: all(len(c.messages()) >= 2 for c in out.values()), 60.0), \
                 {k: len(c.messages()) for k, c in out.items()}
             depth = out['depth/image'].messages()[-1]
-            assert (depth.encoding, depth.width, depth.height) == ('32FC1', 160, 120)
+            assert (depth.encoding, depth.width, depth.height) == ('32FC1', *size)
             assert depth.header.frame_id == 'cam_optical'
             for name in ('depth/camera_info', 'depth/colored', 'points'):
                 same = out[name].wait_for(lambda m: stamp_of(m) == stamp_of(depth), 5.0)
