@@ -60,23 +60,23 @@ def _model_path(args: argparse.Namespace) -> Path:
 class Recorder:
     """Subscribes to the node's outputs and keeps what the summary and the pictures need."""
 
-    def __init__(self, node, keep_images: int) -> None:
-        from rclpy.qos import qos_profile_sensor_data
+    def __init__(self, node) -> None:
+        from rclpy.qos import QoSProfile, ReliabilityPolicy
         from sensor_msgs.msg import Image, PointCloud2
+
+        # Reliable end to end: with loopback-only discovery Fast DDS sends over UDP (no shared
+        # memory), where megabyte-sized best-effort frames are lost whenever a reader lags.
+        qos = QoSProfile(depth=5, reliability=ReliabilityPolicy.RELIABLE)
 
         self.lock = threading.Lock()
         self.depth: Dict[int, np.ndarray] = {}  # stamp_ns -> depth [H,W] metres
         self.latency_ms: List[float] = []
         self.colored: Dict[int, np.ndarray] = {}
         self.cloud = None
-        self.keep_images = keep_images
         self.subs = [
-            node.create_subscription(Image, 'depth/image', self._on_depth,
-                                     qos_profile_sensor_data),
-            node.create_subscription(Image, 'depth/colored', self._on_colored,
-                                     qos_profile_sensor_data),
-            node.create_subscription(PointCloud2, 'points', self._on_cloud,
-                                     qos_profile_sensor_data),
+            node.create_subscription(Image, 'depth/image', self._on_depth, qos),
+            node.create_subscription(Image, 'depth/colored', self._on_colored, qos),
+            node.create_subscription(PointCloud2, 'points', self._on_cloud, qos),
         ]
 
     @staticmethod
@@ -178,12 +178,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     bin_dir = Path(sys.executable).parent
     node_cmd = [str(bin_dir / 'depth_node'), '--ros-args', '-p', f'model_path:={model}',
                 '-r', f'image:={CAMERA_NS}/image_raw', '-r', f'camera_info:={CAMERA_NS}/camera_info',
-                '-p', 'stats_period:=5.0']
+                '-p', 'stats_period:=5.0', '-p', 'qos:=reliable', '-p', 'output_qos:=reliable']
     stamps_file = args.out / '.stamps.json'
     camera_cmd = [sys.executable, '-m', 'metricgold_ros.synthetic_camera', '--frames',
                   str(args.frames), '--rate', str(args.rate), '--size', args.size,
                   '--image-topic', f'{CAMERA_NS}/image_raw', '--info-topic',
-                  f'{CAMERA_NS}/camera_info', '--stamps-out', str(stamps_file)]
+                  f'{CAMERA_NS}/camera_info', '--qos', 'reliable', '--stamps-out',
+                  str(stamps_file)]
     print(f'demo: ROS_DOMAIN_ID={env["ROS_DOMAIN_ID"]}, discovery on loopback; model {model}',
           flush=True)
     width, height = (int(v) for v in args.size.lower().split('x'))
@@ -198,7 +199,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     rclpy.init()
     try:
         node = rclpy.create_node('demo_recorder')
-        recorder = Recorder(node, keep_images=4)
+        recorder = Recorder(node)
         executor = SingleThreadedExecutor()
         executor.add_node(node)
         deadline = start + args.timeout

@@ -40,6 +40,9 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument('--frame-id', default='camera_optical_frame')
     parser.add_argument('--wait-subscribers', type=float, default=60.0,
                         help='seconds to wait for a subscriber before sending (default 60)')
+    parser.add_argument('--qos', choices=('sensor_data', 'reliable'), default='sensor_data',
+                        help='publisher QoS: sensor_data (best effort, like camera drivers) or '
+                        'reliable (loopback-only DDS loses large best-effort frames under load)')
     parser.add_argument('--stamps-out', type=Path,
                         help='write {stamp_ns: frame index} of every sent frame as JSON here')
     return parser.parse_args(argv)
@@ -52,7 +55,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     frames = demo_frames(args.frames or 100, width, height, args.rate)
     use_loopback()
     import rclpy
-    from rclpy.qos import qos_profile_sensor_data
+    from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
     from sensor_msgs.msg import CameraInfo, Image
 
     from metricgold_ros import messages
@@ -63,8 +66,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sent: dict = {}
     try:
         node = rclpy.create_node('synthetic_camera')
-        image_pub = node.create_publisher(Image, args.image_topic, qos_profile_sensor_data)
-        info_pub = node.create_publisher(CameraInfo, args.info_topic, qos_profile_sensor_data)
+        qos = qos_profile_sensor_data if args.qos == 'sensor_data' else QoSProfile(
+            depth=5, reliability=ReliabilityPolicy.RELIABLE)
+        image_pub = node.create_publisher(Image, args.image_topic, qos)
+        info_pub = node.create_publisher(CameraInfo, args.info_topic, qos)
         deadline = time.monotonic() + args.wait_subscribers
         while image_pub.get_subscription_count() == 0 and time.monotonic() < deadline:
             time.sleep(0.05)
