@@ -1,0 +1,122 @@
+"""Score a model on a held-out synthetic split next to two model-free baselines.
+
+    python training/evaluate_synthetic.py --model DIR --per-kind 100 --json FILE
+
+Renders held-out rooms and streets (scene seeds from ``--seed``, far from the training seeds),
+predicts depth with the model, and scores three predictions per image with ``metricgold eval``
+(the same code, through its command line): the model; the best constant depth (the median of
+the training split's valid depth, per domain); and an oracle-scaled constant (per image, the
+constant with the lowest AbsRel against that image's ground truth: the 1/depth-weighted median,
+which a model would have to know the scene's scale to match).
+Ground truth is written as 16-bit PNG with 256 units per metre (the KITTI convention: outdoor
+depth reaches 80 m, beyond uint16 millimetres); predictions as ``.npy`` metres.
+"""
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Dict, Optional, Sequence
+
+import cv2
+import numpy as np
+
+try:
+    from metricgold_ros import cli
+except ImportError:  # run from a source checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from metricgold_ros import cli
+from metricgold_ros.model import MetricGoldPipeline
+from metricgold_ros.synthetic import KINDS, render_sample
+
+GT_UNITS_PER_M = 256.0
+METHODS = ('model', 'constant', 'oracle_constant')
+
+
+def training_medians(train_seed: int, count: int, width: int, height: int) -> Dict[str, float]:
+    """Median valid depth (metres) per domain over the first ``count`` training scenes."""
+    medians = {}
+    for kind in KINDS:
+        values = [render_sample(train_seed + i, kind, width, height) for i in range(count)]
+        medians[kind] = float(np.median(np.concatenate([s.depth_m[s.valid] for s in values])))
+    return medians
+
+
+def best_constant_m(depth_m: np.ndarray) -> float:
+    """The constant c minimising mean(|c - g| / g): the median of g weighted by 1 / g."""
+    order = np.sort(depth_m.ravel())
+    weights = np.cumsum(1.0 / order)
+    return float(order[np.searchsorted(weights, weights[-1] / 2)])
+
+
+def evaluate(model: Path, per_kind: int, seed: int, width: int, height: int,
+             medians: Dict[str, float], workdir: Path, steps: Optional[int] = None) -> dict:
+    """``{kind: {method: metrics mean}}`` plus the settings, scored by ``metricgold eval``."""
+    pipeline = MetricGoldPipeline.from_pretrained(model, device='cpu', dtype='float32')
+    results: dict = {}
+    for kind in KINDS:
+        gt_dir = workdir / 'gt' / kind
+        gt_dir.mkdir(parents=True)
+        pred_dirs = {m: workdir / m / kind for m in METHODS}
+        for folder in pred_dirs.values():
+            folder.mkdir(parents=True)
+        for index in range(per_kind):
+            sample = render_sample(seed + index, kind, width, height)
+            name = f'{kind}_{seed + index:07d}'
+            gt_units = np.where(sample.valid, np.round(sample.depth_m * GT_UNITS_PER_M), 0)
+            cv2.imwrite(str(gt_dir / f'{name}.png'), gt_units.astype(np.uint16))
+            depth = pipeline(sample.rgb, denoising_steps=steps).depth_m
+            np.save(pred_dirs['model'] / f'{name}.npy', depth)
+            np.save(pred_dirs['constant'] / f'{name}.npy',
+                    np.full_like(depth, medians[kind]))
+            np.save(pred_dirs['oracle_constant'] / f'{name}.npy',
+                    np.full_like(depth, best_constant_m(sample.depth_m[sample.valid])))
+        results[kind] = {}
+        for method, folder in pred_dirs.items():
+            report = workdir / f'{method}_{kind}.json'
+            code = cli.main(['eval', '--pred', str(folder), '--gt', str(gt_dir), '--gt-scale',
+                             str(GT_UNITS_PER_M), '--max-depth', '80', '--json', str(report)])
+            if code != 0:
+                raise SystemExit(f'metricgold eval failed for {method}/{kind} (exit {code})')
+            mean = json.loads(report.read_text())['mean']
+            results[kind][method] = {k: round(mean[k], 4) for k in ('abs_rel', 'delta1')}
+    return {'results': results, 'per_kind': per_kind, 'seed': seed, 'size': [width, height],
+            'training_median_m': medians, 'denoising_steps': steps or
+            pipeline.metadata.default_denoising_steps, 'model': str(model)}
+
+
+def format_table(summary: dict) -> str:
+    lines = ['| domain | method | AbsRel | delta1 |', '| --- | --- | --- | --- |']
+    for kind, methods in summary['results'].items():
+        for method, metrics in methods.items():
+            lines.append(f'| {kind} | {method} | {metrics["abs_rel"]:.3f} | '
+                         f'{metrics["delta1"]:.3f} |')
+    return '\n'.join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--model', type=Path, required=True, help='model folder')
+    parser.add_argument('--per-kind', type=int, default=100, help='held-out images per domain')
+    parser.add_argument('--seed', type=int, default=900_000, help='first held-out scene seed')
+    parser.add_argument('--size', default='320x240', help='rendered WIDTHxHEIGHT')
+    parser.add_argument('--steps', type=int, help='DDIM steps (default: the model\'s)')
+    parser.add_argument('--train-seed', type=int, default=0, help='first training scene seed')
+    parser.add_argument('--train-count', type=int, default=200,
+                        help='training scenes per domain for the constant baseline')
+    parser.add_argument('--json', type=Path, help='write the summary here')
+    args = parser.parse_args(argv)
+    width, height = (int(v) for v in args.size.lower().split('x'))
+    medians = training_medians(args.train_seed, args.train_count, 128, 96)
+    with tempfile.TemporaryDirectory(prefix='metricgold-eval-') as workdir:
+        summary = evaluate(args.model, args.per_kind, args.seed, width, height, medians,
+                           Path(workdir), args.steps)
+    print(format_table(summary))
+    if args.json is not None:
+        args.json.write_text(json.dumps(summary, indent=2) + '\n')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
