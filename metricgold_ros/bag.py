@@ -184,6 +184,10 @@ def _plan(reader: Any, path: Path, args: argparse.Namespace, stats: _Run) -> _Pl
             reader, path, connections=image_connections, start=start_ns, stop=stop_ns))
     if args.max_frames:
         total = min(total, args.max_frames)
+    if total == 0 and not sum(c.msgcount for c in image_connections):
+        raise BagError(f'{image_topic} has no messages in {path} (the topic was recorded, but '
+                       'no image ever arrived: was the camera publishing?); topics with '
+                       f'messages: {_with_messages(connections)}')
     if total == 0:
         raise BagError(f'no {image_topic} image in the selected part of the bag; check '
                        '--start/--end')
@@ -191,15 +195,38 @@ def _plan(reader: Any, path: Path, args: argparse.Namespace, stats: _Run) -> _Pl
                  total)
 
 
+def _with_messages(connections: List[Any]) -> str:
+    names = sorted({f'{c.topic} ({c.msgcount})' for c in connections if c.msgcount})
+    return ', '.join(names) or 'none (the bag is empty)'
+
+
+def _copied(reader: Any, connections: List[Any], out: bag_output.OutputBag,
+            stats: _Run) -> List[Any]:
+    """Register the input connections for copying; those that cannot be copied are skipped."""
+    copied = []
+    for connection in connections:
+        problem = bag_io.copy_problem(reader, connection)
+        if problem is None:
+            try:
+                out.add_copy(reader, connection)
+            except Exception as err:  # noqa: B902 - rosbags' type conversion raises many kinds
+                problem = f'its type cannot be converted to ROS 2 ({type(err).__name__}: {err})'
+        if problem is not None:
+            stats.warn(f'{connection.topic} ({connection.msgtype}, {connection.msgcount} '
+                       f'messages) is not copied: {problem}')
+            continue
+        copied.append(connection)
+    return copied
+
+
 def _process(reader: Any, path: Path, out: bag_output.OutputBag, plan: _Plan,
              processor: DepthFrameProcessor, options: Any, args: argparse.Namespace,
              stats: _Run) -> None:
     """Copy the input topics and add each image's outputs, in log-time order."""
     types = messages.rosbags_types(out.typestore)
-    wanted = list(reader.connections) if args.copy else list(plan.image_connections)
-    if args.copy:
-        for connection in wanted:
-            out.add_copy(reader, connection)
+    copied = _copied(reader, list(reader.connections), out, stats) if args.copy else []
+    copied_ids = {connection.id for connection in copied}
+    wanted = copied + [c for c in plan.image_connections if c.id not in copied_ids]
     stats.progress = _progress_bar(plan.total, args.quiet)
     try:
         tick = time.perf_counter()
@@ -207,7 +234,7 @@ def _process(reader: Any, path: Path, out: bag_output.OutputBag, plan: _Plan,
                 reader, path, connections=wanted, start=plan.start_ns, stop=plan.stop_ns):
             read_done = time.perf_counter()
             stats.add('read', read_done - tick)
-            if args.copy:
+            if connection.id in copied_ids:
                 out.write_copy(connection, log_ns, raw)
                 stats.add('copy', time.perf_counter() - read_done)
             if connection.topic == plan.image_topic:

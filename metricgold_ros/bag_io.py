@@ -51,6 +51,7 @@ def open_bag(path: Path) -> Iterator[Any]:
     Raises BagError naming the file and the fix when it is missing, not a bag or damaged.
     """
     from rosbags.highlevel import AnyReader
+    from rosbags.typesys import Stores, get_typestore
 
     path = Path(path)
     if not path.exists():
@@ -59,7 +60,8 @@ def open_bag(path: Path) -> Iterator[Any]:
         raise BagError(f'INPUT {path}: a folder without metadata.yaml is not a rosbag2 bag; '
                        'give the bag folder, a .mcap/.db3 file or a ROS 1 .bag file')
     try:
-        reader = AnyReader([path])
+        # Humble's rosbag2 stores no message definitions: read those bags with Humble's types.
+        reader = AnyReader([path], default_typestore=get_typestore(Stores.ROS2_HUMBLE))
         reader.open()
     except Exception as err:  # rosbags raises several unrelated classes for a damaged file
         raise BagError(f'INPUT {path} cannot be read as a rosbag ({err}): give a rosbag2 '
@@ -94,6 +96,25 @@ def deserialize(reader: Any, path: Path, connection: Any, raw: bytes) -> Any:
                        f'cannot be decoded ({err}); {TRUNCATED_HINT}') from err
 
 
+def copy_problem(reader: Any, connection: Any) -> Optional[str]:
+    """Why ``connection`` cannot be copied into the new bag, or None when it can.
+
+    ROS 2 data is copied byte for byte and needs only a definition of its type (from the bag,
+    or a standard type); ROS 1 data is converted, which needs its (always present) definition
+    to translate to ROS 2.
+    """
+    from rosbags.interfaces import ConnectionExtRosbag2
+
+    if isinstance(connection.ext, ConnectionExtRosbag2):
+        if connection.msgdef.data and connection.digest:
+            return None
+        if connection.msgtype in reader.typestore.fielddefs:
+            return None
+        return (f'the bag holds no definition of {connection.msgtype} and it is not a standard '
+                'ROS 2 Humble type')
+    return None
+
+
 def _listing(connections: Sequence[Any]) -> str:
     names = sorted({f'{c.topic} ({c.msgtype})' for c in connections})
     return ', '.join(names) if names else 'none'
@@ -114,6 +135,10 @@ def select_image_topic(connections: Sequence[Any], requested: Optional[str]) -> 
         return found[0].topic
     cameras = sorted({c.topic for c in images
                       if not norm_topic(c.topic).endswith(OUTPUT_SUFFIXES)})
+    recorded = sorted({c.topic for c in images if c.topic in cameras
+                       and getattr(c, 'msgcount', 1) > 0})
+    if len(cameras) > 1 and len(recorded) == 1:
+        return recorded[0]  # the others were declared but never received a message
     if len(cameras) == 1:
         return cameras[0]
     if not cameras:

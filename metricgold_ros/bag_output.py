@@ -7,6 +7,7 @@ failures surface at the next call or at :meth:`OutputBag.commit`. Times are inte
 """
 
 import contextlib
+import errno
 import io
 import os
 import queue
@@ -174,7 +175,16 @@ class OutputBag:
         from rosbags.rosbag2 import WriterError
 
         if isinstance(err, (OSError, WriterError, sqlite3.Error)):
-            wrapped = BagError(f'OUTPUT {self.path}: writing failed ({err}); nothing was kept')
+            hint = ''
+            if getattr(err, 'errno', None) in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) or \
+                    'disk is full' in str(err):
+                hint = (f' - the disk holding {self.path.parent} is full (or a file-size limit '
+                        'was hit): free space or write OUTPUT elsewhere')
+            elif 'disk I/O error' in str(err):
+                hint = (f' - the disk holding {self.path.parent} may be full (or a file-size '
+                        'limit was hit): free space or write OUTPUT elsewhere')
+            wrapped = BagError(f'OUTPUT {self.path}: writing failed ({err}); nothing was '
+                               f'kept{hint}')
             wrapped.__cause__ = err
             return wrapped
         return err
@@ -252,7 +262,6 @@ class OutputBag:
             if self._temp_dir is not None:
                 _remove(self._temp_dir)
             self._temp_dir = None
-
 
     def _abort_storage(self) -> None:
         if self._writer is not None and self._writer.storage is not None:

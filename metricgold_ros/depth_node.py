@@ -9,10 +9,21 @@ latency stays bounded when the camera is faster than the model.
 Topics (relative, remap them): in ``image``, ``camera_info``; out ``depth/image``,
 ``depth/camera_info``, ``depth/colored``, ``depth/uncertainty``, ``points``; and
 ``/diagnostics``. Parameters: :data:`metricgold_ros.node_support.PARAMETERS`.
+
+Faults: bad input is logged (rate-limited, naming the topic and the fix) and the frame
+skipped. An inference that raises (CUDA out of memory, ...) is logged with the exception type
+and stage; memory is freed and, for out-of-memory with ``fallback_processing_resolution`` set,
+the frame is retried once at that resolution, else skipped. When the image size changes (a
+camera restarted in another mode) the warm-start latent and the CameraInfo history are reset.
+Debug only: ``METRICGOLD_FAULT=STAGE:KIND[:every=N][:times=N]`` (e.g. ``vae_decode:oom:every=3``)
+injects real faults through the pipeline's stage hook, see
+:class:`~metricgold_ros.node_support.FaultInjector`.
 """
 
 import dataclasses
+import gc
 import logging
+import math
 import os
 import signal
 import sys
@@ -20,7 +31,7 @@ import threading
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
@@ -35,12 +46,13 @@ from sensor_msgs.msg import CameraInfo, Image, PointCloud2
 
 from metricgold_ros import messages
 from metricgold_ros.camera import Intrinsics
-from metricgold_ros.depth_frame import DepthFrameProcessor, camera_for_image, frame_messages
+from metricgold_ros.depth_frame import (DepthFrameProcessor, FrameOptions, FrameResult,
+                                        camera_for_image, frame_messages)
 from metricgold_ros.errors import CheckpointError, InputError, MetricGoldError
 from metricgold_ros.model_paths import bundled_model_path, missing_model_message
 from metricgold_ros.node_support import (
-    PARAMETERS, FrameStats, Mailbox, ParamSpec, RateLimiter, StampCache, StatsSnapshot,
-    check_parameter, frame_options, stamp_ns)
+    FAULT_ENV, PARAMETERS, FaultInjector, FrameStats, Mailbox, ParamSpec, RateLimiter,
+    StampCache, StatsSnapshot, check_parameter, frame_options, stamp_ns)
 
 NODE_NAME = 'depth_node'
 OUTPUTS = {'depth/image': Image, 'depth/camera_info': CameraInfo, 'depth/colored': Image,
@@ -79,6 +91,26 @@ class _Frame:
     received_s: float
 
 
+@dataclasses.dataclass(frozen=True)
+class _Failure:
+    """What an inference that raised left behind (the exception itself is not kept)."""
+
+    stage: str
+    kind: str  # the exception's class name
+    text: str  # its message's first line
+    out_of_memory: bool
+
+    def describe(self) -> str:
+        return f'{self.kind} in {self.stage}: {self.text}'
+
+
+def _is_out_of_memory(err: BaseException) -> bool:
+    """torch.OutOfMemoryError (CUDA), a CPU allocator failure or a MemoryError."""
+    text = str(err).lower()
+    return (isinstance(err, MemoryError) or type(err).__name__ == 'OutOfMemoryError'
+            or 'out of memory' in text or "can't allocate memory" in text)
+
+
 class DepthNode(Node):
     """Metric depth from one camera stream (see the module docstring)."""
 
@@ -93,6 +125,8 @@ class DepthNode(Node):
                 reason = check_parameter(name, value, self._values)
                 if reason is not None:
                     raise InputError(reason)
+            fault_spec = os.environ.get(FAULT_ENV, '')
+            self._faults = FaultInjector(fault_spec) if fault_spec.strip() else None
             self.pipeline = self._load_model()
         except BaseException:
             self.destroy_node()
@@ -105,6 +139,13 @@ class DepthNode(Node):
         self._mailbox: Mailbox[_Frame] = Mailbox()
         self._infos: StampCache[CameraInfo] = StampCache()
         self._stop = threading.Event()
+        self._stage = ''  # the pipeline stage running now (worker thread)
+        self._image_size: Optional[Tuple[int, int]] = None  # (width, height) of the last frame
+        self.pipeline.stage_hook = self._on_stage
+        if self._faults is not None:
+            self.get_logger().warning(
+                f'{FAULT_ENV}={self._faults.spec!r}: injecting faults into the pipeline (debug '
+                'only: unset it outside tests and fault drills)')
 
         out_qos = _qos(self._values['output_qos'])
         self._pubs = {name: self.create_publisher(msg_type, name, out_qos)
@@ -150,6 +191,10 @@ class DepthNode(Node):
                 path, device=self._values['device'], dtype=self._values['dtype'])
         except CheckpointError as err:
             raise CheckpointError(f'model_path={str(path)!r}: {err}') from err
+        except (OSError, ValueError, RuntimeError, KeyError, TypeError, ImportError) as err:
+            # A damaged checkpoint must end the start-up with its path, never a traceback.
+            raise CheckpointError(f'model_path={str(path)!r} cannot be loaded: '
+                                  f'{type(err).__name__}: {err}') from err
         meta = pipeline.metadata
         kind = 'RELATIVE depth (no metric scale, no points)' if pipeline.relative else \
             f'metric depth {meta.d_min_m:g}..{meta.d_max_m:g} m'
@@ -228,13 +273,16 @@ class DepthNode(Node):
         msg = frame.msg
         values = self._values
         rgb = messages.rgb_from_msg(msg, pixel_budget=values['max_pixels'])  # [H,W,3]
+        self._follow_size(rgb.shape[1], rgb.shape[0], stamp_ns(msg.header.stamp))
         info = self._infos.match(stamp_ns(msg.header.stamp))
         camera = self._camera(info, rgb.shape[1], rgb.shape[0])
         options = dataclasses.replace(
             self._options,
             colored=self._options.colored and self._has_subscribers('depth/colored'),
             points=self._options.points and self._has_subscribers('points'))
-        result = self._processor.process(rgb, camera, options)
+        result = self._infer(rgb, camera, options)
+        if result is None:
+            return
         if camera is not None:
             out = frame_messages(self._types, msg.header, result, info.distortion_model,
                                  list(info.d) or None)
@@ -254,6 +302,114 @@ class DepthNode(Node):
                 + f'; stamp->publish {latency_s * 1e3:.0f} ms, '
                 f'{(time.monotonic() - frame.received_s) * 1e3:.0f} ms since receipt')
 
+    def _follow_size(self, width: int, height: int, stamp: int) -> None:
+        """A new image size (camera restarted in another mode): forget what belonged to the old.
+
+        The warm-start latent has the old shape, and the CameraInfo kept as "latest" may
+        describe the old mode; only the CameraInfo of this very frame's stamp is kept.
+        """
+        size = (width, height)
+        if self._image_size is not None and size != self._image_size:
+            self._processor.reset()
+            self._infos.forget_all_but(stamp)
+            old = self._image_size
+            self.get_logger().info(
+                f'{self._image_sub.topic_name}: image size changed from {old[0]}x{old[1]} to '
+                f'{width}x{height}: warm start and CameraInfo history reset',
+                throttle_duration_sec=ERROR_PERIOD_S)
+        self._image_size = size
+
+    # -- inference faults ------------------------------------------------------------------
+
+    def _on_stage(self, stage: str) -> None:
+        """The pipeline's stage hook: remember the stage (for fault reports), inject faults."""
+        self._stage = stage
+        if self._faults is not None:
+            self._faults(stage)
+
+    def _infer(self, rgb: Any, camera: Optional[Intrinsics], options: FrameOptions
+               ) -> Optional[FrameResult]:
+        """The frame's result; None when inference failed (logged) and the frame is skipped.
+
+        Out of memory with ``fallback_processing_resolution`` below the resolution in use:
+        one retry at the fallback resolution.
+        """
+        result, failure = self._attempt(rgb, camera, options)
+        if failure is None:
+            return result
+        self._stats.count('failed')
+        fallback = self._values['fallback_processing_resolution']
+        resolution = self._resolution(options, rgb.shape[1], rgb.shape[0])
+        if failure.out_of_memory and 0 < fallback < resolution:
+            retry = dataclasses.replace(options, processing_resolution=fallback,
+                                        warm_start=False)
+            result, second = self._attempt(rgb, camera, retry)
+            if second is None:
+                self._stats.count('retried')
+                self._report_failure(failure, f'retried once at fallback_processing_resolution='
+                                     f'{fallback} px instead of {resolution} px: published')
+                return result
+            self._report_failure(failure, f'the retry at {fallback} px failed too '
+                                 f'({second.describe()}): frame skipped')
+            return None
+        if not failure.out_of_memory:
+            action = 'frame skipped (the node goes on with the next frame)'
+        elif fallback == 0:
+            action = (f'frame skipped; set fallback_processing_resolution (e.g. '
+                      f'{max(8, resolution // 2)}) to retry such frames at a lower resolution, '
+                      'or lower processing_resolution')
+        else:
+            action = (f'frame skipped: fallback_processing_resolution={fallback} is not below '
+                      f'the {resolution} px in use')
+        self._report_failure(failure, action)
+        return None
+
+    def _attempt(self, rgb: Any, camera: Optional[Intrinsics], options: FrameOptions
+                 ) -> Tuple[Optional[FrameResult], Optional[_Failure]]:
+        """Run the model once: ``(result, None)``, or ``(None, failure)`` after freeing memory."""
+        self._stage = 'setup'
+        try:
+            return self._processor.process(rgb, camera, options), None
+        except MetricGoldError:
+            raise  # bad input or options: reported by the worker loop
+        except Exception as err:  # noqa: B902 - any inference fault: logged, frame skipped
+            if self._stop.is_set():
+                raise  # shutting down: the worker loop ends quietly
+            failure = _Failure(self._stage, type(err).__name__,
+                               (str(err).splitlines() or [''])[0][:300], _is_out_of_memory(err))
+            if self.get_logger().is_enabled_for(LoggingSeverity.DEBUG):
+                self.get_logger().debug(traceback.format_exc())
+        # Out of the except block: the traceback no longer pins the failed stage's tensors.
+        self._free_memory(failure.out_of_memory)
+        return None, failure
+
+    def _free_memory(self, out_of_memory: bool) -> None:
+        """Drop the warm-start latent and return cached GPU memory after a failed inference."""
+        self._processor.reset()
+        if out_of_memory:
+            gc.collect()
+        if self.pipeline.device.type == 'cuda':
+            import torch
+
+            torch.cuda.empty_cache()
+
+    def _resolution(self, options: FrameOptions, width: int, height: int) -> int:
+        """The longer side (px) the model works at for ``options`` and this image."""
+        if options.processing_resolution is None:
+            return int(self.pipeline.metadata.default_processing_resolution)
+        return options.processing_resolution or max(width, height)
+
+    def _report_failure(self, failure: _Failure, action: str) -> None:
+        """Log an inference failure, each kind (stage, type, outcome) at most every few s."""
+        key = ('inference', failure.stage, failure.kind, action.split(':')[0][:40])
+        held = self._limiter.check(key)
+        if held is not None:
+            more = f' [and {held} more like this since the last report]' if held else ''
+            self.get_logger().error(f'{self._image_sub.topic_name}: inference failed with '
+                                    f'{failure.describe()}; {action}{more}')
+
+    # -- camera info -------------------------------------------------------------------------
+
     def _camera(self, info: Optional[CameraInfo], width: int, height: int
                 ) -> Optional[Intrinsics]:
         """Intrinsics for an image of this size, or None (logged) when there are none."""
@@ -266,6 +422,9 @@ class DepthNode(Node):
         try:
             camera = messages.intrinsics_from_camera_info(info)
             camera_for_image(camera, width, height)  # validated now: depth goes out either way
+            if not all(math.isfinite(value) for value in info.d):
+                raise InputError(f'D: {list(info.d)[:8]} holds NaN/inf; fix the camera '
+                                 'calibration (distortion coefficients)')
             return camera
         except InputError as err:
             self._report(self._info_sub.topic_name,

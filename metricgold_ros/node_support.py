@@ -18,6 +18,7 @@ import numpy as np
 
 from metricgold_ros.colorize import COLORMAPS
 from metricgold_ros.depth_frame import FrameOptions
+from metricgold_ros.errors import InputError
 
 ParamValue = Union[bool, int, float, str]
 T = TypeVar('T')
@@ -25,6 +26,8 @@ T = TypeVar('T')
 QOS_CHOICES = ('sensor_data', 'reliable')
 DTYPE_CHOICES = ('auto', 'float32', 'float16', 'bfloat16')
 _DEVICE_RE = re.compile(r'^(auto|cpu|cuda(:\d+)?)$')
+LATENT_FACTOR = 8  # the VAE's downsampling: the smallest processing resolution
+FAULT_ENV = 'METRICGOLD_FAULT'  # debug only: see FaultInjector
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,9 @@ PARAMETERS: Tuple[ParamSpec, ...] = (
               'depth/uncertainty', int_range=(1, 32)),
     ParamSpec('processing_resolution', -1, 'Longer side (px) fed to the model; -1: the '
               'checkpoint default, 0: the input size', int_range=(-1, 4096)),
+    ParamSpec('fallback_processing_resolution', 0, 'On out-of-memory, retry the frame once '
+              'at this longer side (px, below processing_resolution); 0: skip the frame',
+              int_range=(0, 4096)),
     ParamSpec('seed', 0, 'Seed of the initial noise (same frame, same depth); -1: fresh noise '
               'every frame', int_range=(-1, 2 ** 31 - 1)),
     ParamSpec('warm_start', False, 'Start each frame from the previous frame\'s latent'),
@@ -116,6 +122,9 @@ def check_parameter(name: str, value: Any, values: Mapping[str, Any]) -> Optiona
         return f'{name}: {value!r} is not one of {", ".join(spec.choices)}'
     if name == 'device' and not _DEVICE_RE.match(value):
         return f"device: {value!r} is not valid; use auto, cpu, cuda or cuda:N"
+    if name == 'fallback_processing_resolution' and 0 < value < LATENT_FACTOR:
+        return (f'fallback_processing_resolution: {value} px is too small; use 0 (skip the '
+                f'frame) or >= {LATENT_FACTOR}')
     if name in ('color_min_depth', 'color_max_depth'):
         low = value if name == 'color_min_depth' else values['color_min_depth']
         high = value if name == 'color_max_depth' else values['color_max_depth']
@@ -203,16 +212,21 @@ class StatsSnapshot:
     errors: int
     period_s: float
     period_published: int
-    period_errors: int
+    period_errors: int  # input errors and inference failures
     latency_p50_ms: float  # stamp -> publish, NaN when nothing was published in the period
     latency_p95_ms: float
     stage_ms: Dict[str, float]  # mean wall time of each stage over the period
+    failed: int = 0  # frames whose inference raised (out of memory, ...)
+    retried: int = 0  # of those, frames published after a retry at the fallback resolution
 
     def summary(self) -> str:
         """One log line."""
         rate = self.period_published / self.period_s if self.period_s > 0 else 0.0
         text = (f'frames in {self.received}, out {self.published} ({rate:.2f} Hz), dropped '
                 f'{self.dropped}, idle {self.idle} (no subscribers), errors {self.errors}')
+        if self.failed:
+            text += (f', inference failures {self.failed} ({self.retried} retried at the '
+                     'fallback resolution)')
         if self.period_published == 0:
             return text + '; nothing published in this period'
         stages = ', '.join(f'{name} {ms:.1f}' for name, ms in self.stage_ms.items())
@@ -225,6 +239,8 @@ class StatsSnapshot:
                   str(self.published)), ('frames dropped', str(self.dropped)),
                  ('frames skipped (no subscribers)', str(self.idle)),
                  ('errors', str(self.errors)),
+                 ('inference failures', str(self.failed)),
+                 ('retried at fallback resolution', str(self.retried)),
                  ('publish rate (Hz)', f'{self.period_published / max(self.period_s, 1e-9):.2f}'),
                  ('latency p50 (ms)', f'{self.latency_p50_ms:.1f}'),
                  ('latency p95 (ms)', f'{self.latency_p95_ms:.1f}')]
@@ -234,7 +250,7 @@ class StatsSnapshot:
 class FrameStats:
     """Thread-safe counters and a bounded window of latencies and stage times."""
 
-    COUNTERS = ('received', 'published', 'dropped', 'idle', 'errors')
+    COUNTERS = ('received', 'published', 'dropped', 'idle', 'errors', 'failed', 'retried')
 
     def __init__(self, window: int = 1000, clock: Callable[[], float] = time.monotonic) -> None:
         self._lock = threading.Lock()
@@ -251,7 +267,7 @@ class FrameStats:
         """Add ``n`` to counter ``name`` (one of ``COUNTERS``)."""
         with self._lock:
             self._counts[name] += n
-            if name == 'errors':
+            if name in ('errors', 'failed'):
                 self._period_errors += n
 
     def record(self, latency_s: float, timings_s: Mapping[str, float]) -> None:
@@ -339,7 +355,87 @@ class StampCache(Generic[T]):
         with self._lock:
             return self._items.get(stamp_ns, self._latest)
 
+    def forget_all_but(self, stamp_ns: int) -> None:
+        """Keep only the item of exactly ``stamp_ns`` (if any): the stream restarted."""
+        with self._lock:
+            kept = self._items.get(stamp_ns)
+            self._items.clear()
+            self._latest = kept
+            if kept is not None:
+                self._items[stamp_ns] = kept
+
 
 def stamp_ns(stamp: Any) -> int:
     """Integer nanoseconds of a ``builtin_interfaces/Time``."""
     return int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
+
+
+PIPELINE_STAGES = ('preprocess', 'vae_encode', 'unet', 'vae_decode', 'postprocess')
+
+
+class FaultInjector:
+    """DEBUG ONLY: real faults before pipeline stages, for tests and fault drills.
+
+    Built from the ``METRICGOLD_FAULT`` environment variable and installed through the
+    pipeline's ``stage_hook``. A spec is ``STAGE:KIND[:every=N][:times=N]``, several joined by
+    ``,``; e.g. ``vae_decode:oom:every=3`` raises ``torch.OutOfMemoryError`` (what CUDA raises)
+    before every third VAE decode. STAGE is one of :data:`PIPELINE_STAGES`; KIND is ``oom``,
+    ``error`` (a RuntimeError) or ``sleep=S`` (the stage takes S more seconds). ``every=N``
+    counts the calls of that stage (default 1: every call), ``times=N`` stops after N faults.
+    """
+
+    def __init__(self, spec: str) -> None:
+        self.spec = spec
+        self._rules: List[Dict[str, Any]] = [self._parse(part.strip())
+                                             for part in spec.split(',') if part.strip()]
+        if not self._rules:
+            raise InputError(f'{FAULT_ENV}={spec!r} is empty; unset it, or see '
+                             'node_support.FaultInjector for the syntax')
+        self._calls: Dict[str, int] = {}
+        self._lock = threading.Lock()
+        self.injected = 0
+
+    def _parse(self, part: str) -> Dict[str, Any]:
+        fields = part.split(':')
+        usage = (f'{FAULT_ENV}: {part!r} is not STAGE:KIND[:every=N][:times=N] with STAGE one '
+                 f'of {", ".join(PIPELINE_STAGES)} and KIND oom, error or sleep=SECONDS')
+        if len(fields) < 2 or fields[0] not in PIPELINE_STAGES:
+            raise InputError(usage)
+        rule: Dict[str, Any] = {'stage': fields[0], 'kind': fields[1], 'every': 1,
+                                'times': None, 'sleep_s': 0.0, 'done': 0}
+        try:
+            if fields[1].startswith('sleep='):
+                rule['kind'], rule['sleep_s'] = 'sleep', float(fields[1][len('sleep='):])
+                if not 0.0 <= rule['sleep_s'] <= 3600.0:
+                    raise ValueError(fields[1])
+            elif fields[1] not in ('oom', 'error'):
+                raise ValueError(fields[1])
+            for option in fields[2:]:
+                key, value = option.split('=', 1)
+                if key not in ('every', 'times') or int(value) < 1:
+                    raise ValueError(option)
+                rule[key] = int(value)
+        except ValueError as err:
+            raise InputError(usage) from err
+        return rule
+
+    def __call__(self, stage: str) -> None:
+        """The stage hook: count the call, and fail (or stall) when a rule says so."""
+        with self._lock:
+            calls = self._calls[stage] = self._calls.get(stage, 0) + 1
+            due = [rule for rule in self._rules if rule['stage'] == stage
+                   and calls % rule['every'] == 0
+                   and (rule['times'] is None or rule['done'] < rule['times'])]
+            for rule in due:
+                rule['done'] += 1
+                self.injected += 1
+        for rule in due:
+            if rule['kind'] == 'sleep':
+                time.sleep(rule['sleep_s'])
+                continue
+            text = (f'injected by {FAULT_ENV}={self.spec!r} before {stage} (call {calls})')
+            if rule['kind'] == 'oom':
+                import torch
+
+                raise torch.OutOfMemoryError(f'CUDA out of memory (simulated): {text}')
+            raise RuntimeError(f'simulated failure: {text}')
