@@ -88,13 +88,29 @@ class MetricGoldPipeline:
     def __init__(self, checkpoint: Checkpoint, device: Union[str, torch.device] = 'cpu',
                  dtype: Union[str, torch.dtype] = 'float32', channels_last: bool = False,
                  compile_unet: bool = False) -> None:
+        """Place the checkpoint's networks on ``device`` in ``dtype``.
+
+        Args:
+            channels_last: NHWC weights (and activations), the layout tensor-core
+                convolutions use natively. Opt-in because it converts the checkpoint's modules
+                in place (training validates with its live networks); on the CPU activations
+                are channels-last either way.
+            compile_unet: ``torch.compile`` the UNet (opt-in: the first frame of each input
+                size then takes seconds to minutes to compile).
+        """
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.metadata = checkpoint.metadata
         self.scheduler = checkpoint.scheduler
-        memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.vae = _place(checkpoint.vae, self.device, self.dtype, memory_format)
-        self.unet = _place(checkpoint.unet, self.device, self.dtype, memory_format)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.vae = _place(checkpoint.vae, self.device, self.dtype, self.memory_format)
+        self.unet = _place(checkpoint.unet, self.device, self.dtype, self.memory_format)
+        # Layout of the activations fed to the networks. On the CPU always channels-last:
+        # oneDNN then runs NHWC convolutions whatever the weights' layout, 12-14 % faster for
+        # the tiny VAE and neutral for SD2-size networks (BENCHMARKS.md), with no change to
+        # the (shared) modules.
+        self.activation_format = torch.channels_last if channels_last or \
+            self.device.type == 'cpu' else torch.contiguous_format
         if compile_unet:
             self.unet = torch.compile(self.unet)
         self.empty_text_embedding = checkpoint.empty_text_embedding.to(self.device, self.dtype)
@@ -157,10 +173,9 @@ class MetricGoldPipeline:
 
         # 1. Image -> [1,3,PH,PW] in [-1, 1], padded to multiples of 8.
         with self._stage('preprocess', timings):
-            image = image_ops.rgb_to_tensor(rgb, self.device, self.dtype)  # [1,3,H,W]
-            input_size = tuple(image.shape[-2:])
-            size = image_ops.processing_size(*input_size, resolution)
-            image, padding = image_ops.pad_to_multiple(image_ops.resize(image, size))
+            image, padding, input_size = image_ops.prepare_image(
+                rgb, resolution, self.device, self.dtype)
+            image = image.contiguous(memory_format=self.activation_format)
         # 2. One RGB latent for all ensemble members and all steps.
         with self._stage('vae_encode', timings):
             rgb_latent = self.vae.encode(image).latent_dist.mode() * self.latent_scale  # [1,4,h,w]
@@ -172,20 +187,28 @@ class MetricGoldPipeline:
             rgb_batch = rgb_latent.expand(ensemble_size, -1, -1, -1)
             text = self.empty_text_embedding.expand(ensemble_size, -1, -1)  # [E,T,C]
             for t in timesteps:
-                model_input = torch.cat([rgb_batch, depth_latent], dim=1)  # [E,8,h,w]
+                model_input = torch.cat([rgb_batch, depth_latent], dim=1).contiguous(
+                    memory_format=self.activation_format)  # [E,8,h,w]
                 model_output = self.unet(model_input, t, encoder_hidden_states=text,
                                          return_dict=False)[0]  # [E,4,h,w]
                 depth_latent = self.scheduler.step(model_output, t, depth_latent).prev_sample
+            # Returned in the networks' layout: decoding it again gives the same numbers.
+            depth_latent = depth_latent.contiguous(memory_format=self.activation_format)
         # 5. Decode; the 3 output channels are one value replicated: average them.
         with self._stage('vae_decode', timings):
-            decoded = self.vae.decode(depth_latent / self.latent_scale, return_dict=False)[0]
-            x = decoded.mean(dim=1, keepdim=True).clamp(-1.0, 1.0)  # [E,1,PH,PW]
+            x = self._decode(depth_latent)  # [E,1,PH,PW]
         # 6. Ensemble in log space, resize once (still in log space), map to metres.
         with self._stage('postprocess', timings):
             depth, uncertainty = self._finish(
                 image_ops.unpad(x, padding).float(), output_size or input_size)
         return DepthPrediction(depth, self.relative, uncertainty, rgb_latent, depth_latent,
                                timings)
+
+    def _decode(self, latent: torch.Tensor) -> torch.Tensor:
+        """Depth latents ``[n,4,h,w]`` -> values ``[n,1,PH,PW]`` in [-1, 1]."""
+        latent = (latent / self.latent_scale).contiguous(memory_format=self.activation_format)
+        decoded = self.vae.decode(latent, return_dict=False)[0]
+        return decoded.mean(dim=1, keepdim=True).clamp(-1.0, 1.0)
 
     def _prepare_latents(self, rgb_latent: torch.Tensor, ensemble_size: int, steps: int,
                          seed: Optional[int], init_latent: Optional[torch.Tensor],
@@ -213,21 +236,27 @@ class MetricGoldPipeline:
     def _finish(self, x: torch.Tensor, output_size: Tuple[int, int]
                 ) -> Tuple[np.ndarray, Optional[np.ndarray]]:
         """Members ``[E,1,h,w]`` in [-1, 1] -> depth and uncertainty at ``output_size``."""
-        meta = self.metadata
-        median = x.median(dim=0, keepdim=True).values if x.shape[0] > 1 else x  # [1,1,h,w]
-        value = image_ops.resize(median, output_size)[0, 0]
-        if meta.relative:
-            depth = (value + 1.0) * 0.5
-            spread_scale = 0.5
-        else:
-            depth = decode_depth(value, meta.d_min_m, meta.d_max_m)
-            spread_scale = 0.5 * float(np.log(meta.d_max_m / meta.d_min_m))  # d(log d)/dx
+        median, spread = ensemble_members(x)  # [1,1,h,w] each (spread None for one member)
+        depth = self.to_depth(image_ops.resize(median, output_size)[0, 0])
         uncertainty = None
-        if x.shape[0] > 1:
-            spread = image_ops.resize(x.std(dim=0, keepdim=True), output_size)[0, 0]
-            uncertainty = spread * spread_scale if meta.relative else depth * spread * spread_scale
-            uncertainty = uncertainty.cpu().numpy().astype(np.float32)
-        return depth.cpu().numpy().astype(np.float32), uncertainty
+        if spread is not None:
+            spread = image_ops.resize(spread, output_size)[0, 0]
+            uncertainty = _to_numpy(self.to_uncertainty(depth, spread))
+        return _to_numpy(depth), uncertainty
+
+    def to_depth(self, value: torch.Tensor) -> torch.Tensor:
+        """Network value in [-1, 1] -> metres (MetricGold) or [0, 1] (relative Marigold)."""
+        meta = self.metadata
+        if meta.relative:
+            return (value + 1.0) * 0.5
+        return decode_depth(value, meta.d_min_m, meta.d_max_m)
+
+    def to_uncertainty(self, depth: torch.Tensor, spread: torch.Tensor) -> torch.Tensor:
+        """Std of the members' values -> std in the units of ``depth`` (first-order)."""
+        meta = self.metadata
+        if meta.relative:
+            return spread * 0.5
+        return depth * spread * (0.5 * float(np.log(meta.d_max_m / meta.d_min_m)))  # d(log d)/dx
 
     @contextmanager
     def _stage(self, name: str, timings: Dict[str, float]) -> Iterator[None]:
@@ -238,6 +267,22 @@ class MetricGoldPipeline:
         if self.device.type == 'cuda':
             torch.cuda.synchronize(self.device)
         timings[name] = time.perf_counter() - start
+
+
+def ensemble_members(x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Members ``[E,1,h,w]`` (log-depth values) -> their median and std ``[1,1,h,w]``.
+
+    The median of log depth is the log of the median depth: ensembling in log space needs no
+    scale/shift alignment, so metric output stays metric. Std is ``None`` for one member.
+    """
+    if x.shape[0] == 1:
+        return x, None
+    return x.median(dim=0, keepdim=True).values, x.std(dim=0, keepdim=True)
+
+
+def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    """float32 C-contiguous numpy, copied only when needed (a 640x480 copy is ~0.05 ms)."""
+    return np.ascontiguousarray(tensor.cpu().numpy(), dtype=np.float32)
 
 
 def _place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype,
