@@ -1,0 +1,343 @@
+"""Training: the recipe's pieces, SD2 conversion, resume == uninterrupted, and the CI smoke run."""
+
+import copy
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from metricgold_ros.model import MetricGoldPipeline, compute_empty_text_embedding  # noqa: E402
+from metricgold_ros.model.tiny import (  # noqa: E402
+    tiny_scheduler_config, tiny_unet_config, tiny_vae_config)
+from training import recipe  # noqa: E402
+from training.config import ConfigError, load_config  # noqa: E402
+from training.data import augment  # noqa: E402
+from training.train import main as train_main  # noqa: E402
+from training.vae_stage import depth_as_image  # noqa: E402
+
+SMOKE_CONFIG = REPO_ROOT / 'training' / 'configs' / 'smoke.yaml'
+
+
+# -- fixtures ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def synthetic_root(tmp_path_factory) -> Path:
+    """A few synthetic frames of each kind in the Virtual KITTI 2 layout, 64x48 px."""
+    from metricgold_ros.synthetic import write_vkitti2
+
+    root = tmp_path_factory.mktemp('synthetic')
+    write_vkitti2(root / 'train', 4, seed=0, width=64, height=48)
+    write_vkitti2(root / 'val', 1, seed=1000, width=64, height=48)
+    return root
+
+
+def _write_config(path: Path, data_root: Path, model: str, *, steps: int = 4,
+                  extra_train: str = '') -> Path:
+    path.write_text(f"""
+seed: 3
+cpu_threads: 1
+model:
+{model}
+  d_min_m: 0.5
+  d_max_m: 80.0
+  processing_resolution: 64
+vae_stage: {{steps: 2, batch_size: 2, crop_px: 16, scale_batches: 1, val_images: 1}}
+data:
+  train:
+    - {{type: vkitti2, root: '{data_root}/train', probability: 0.5}}
+    - {{type: vkitti2, root: '{data_root}/train', probability: 0.5}}
+  val: [{{type: vkitti2, root: '{data_root}/val'}}]
+  resolution: [48, 64]
+  cache: true
+train:
+  steps: {steps}
+  batch_size: 2
+  lr: 1.0e-3
+  warmup_steps: 2
+  checkpoint_every: 2
+  log_every: 1
+{extra_train}
+validation: {{every: 2, log_images: 1}}
+""")
+    return path
+
+
+def _fake_sd2_folder(path: Path) -> Path:
+    """A Stable Diffusion 2 layout with tiny networks: 4-channel UNet, CLIP text encoder."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(0)
+    UNet2DConditionModel(**{**tiny_unet_config(), 'in_channels': 4}).save_pretrained(
+        path / 'unet', safe_serialization=True)
+    AutoencoderKL(**tiny_vae_config()).save_pretrained(path / 'vae', safe_serialization=True)
+    DDIMScheduler(**{**tiny_scheduler_config(), 'timestep_spacing': 'leading'}).save_pretrained(
+        path / 'scheduler')
+    vocab = {'<|startoftext|>': 0, '<|endoftext|>': 1, 'a</w>': 2, 'b</w>': 3, 'c</w>': 4}
+    (path / 'tok_src').mkdir()
+    (path / 'tok_src' / 'vocab.json').write_text(json.dumps(vocab))
+    (path / 'tok_src' / 'merges.txt').write_text('#version: 0.2\n')
+    CLIPTokenizer(str(path / 'tok_src' / 'vocab.json'),
+                  str(path / 'tok_src' / 'merges.txt')).save_pretrained(path / 'tokenizer')
+    CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, max_position_embeddings=8, bos_token_id=0, eos_token_id=1,
+        pad_token_id=1)).save_pretrained(path / 'text_encoder', safe_serialization=True)
+    return path
+
+
+# -- recipe -----------------------------------------------------------------------------------
+
+def test_widen_conv_in_halves_both_halves_and_keeps_the_function():
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    original = UNet2DConditionModel(**{**tiny_unet_config(), 'in_channels': 4}).eval()
+    converted = recipe.widen_conv_in(copy.deepcopy(original))
+    weight, old = converted.conv_in.weight, original.conv_in.weight
+    assert weight.shape == (old.shape[0], 8, *old.shape[2:])
+    assert converted.config.in_channels == 8
+    assert torch.equal(weight[:, :4], old / 2) and torch.equal(weight[:, 4:], old / 2)
+    assert torch.equal(converted.conv_in.bias, original.conv_in.bias)
+    # W [a, b] / 2 + bias: for b = 0 the old layer at a / 2, for b = a the old layer at a.
+    z, text = torch.randn(1, 4, 8, 8), torch.randn(1, 2, 64)
+    with torch.no_grad():
+        def run(model, latent):
+            return model(latent, 500, encoder_hidden_states=text).sample
+
+        torch.testing.assert_close(run(converted, torch.cat([z, torch.zeros_like(z)], 1)),
+                                   run(original, z / 2), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(run(converted, torch.cat([z, z], 1)), run(original, z),
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_multi_res_noise_shape_statistics_and_annealing():
+    x = torch.zeros(4, 4, 48, 64)
+    noise = recipe.multi_res_noise_like(x, 0.9, torch.Generator().manual_seed(0))
+    assert noise.shape == x.shape and noise.dtype == x.dtype
+    assert abs(float(noise.std()) - 1.0) < 1e-5 and abs(float(noise.mean())) < 0.2
+    again = recipe.multi_res_noise_like(x, 0.9, torch.Generator().manual_seed(0))
+    assert torch.equal(noise, again)
+
+    def neighbour_correlation(n):
+        return float(torch.corrcoef(torch.stack([n[..., :-1].flatten(),
+                                                 n[..., 1:].flatten()]))[0, 1])
+
+    # Annealed: t = 0 gives white noise, t near T strongly correlated (low-frequency) noise.
+    timesteps = torch.tensor([0, 0, 999, 999])
+    strength = recipe.annealed_strength(timesteps, 1000, 0.9)
+    assert torch.allclose(strength, torch.tensor([0.0, 0.0, 0.8991, 0.8991]))
+    mixed = recipe.multi_res_noise_like(x, strength, torch.Generator().manual_seed(1))
+    assert abs(neighbour_correlation(mixed[:2])) < 0.05
+    assert neighbour_correlation(mixed[2:]) > 0.3
+
+
+def test_latent_mask_needs_every_pixel_of_the_block():
+    valid = torch.ones(1, 1, 16, 24, dtype=torch.bool)
+    valid[0, 0, 9, 17] = False  # one pixel in latent block (1, 2)
+    mask = recipe.latent_valid_mask(valid, 8)
+    assert mask.shape == (1, 1, 2, 3)
+    assert mask.sum() == 5 and not mask[0, 0, 1, 2]
+
+
+def test_masked_loss_ignores_invalid_pixels():
+    generator = torch.Generator().manual_seed(0)
+    prediction = torch.randn(2, 4, 6, 8, generator=generator)
+    target = torch.randn(2, 4, 6, 8, generator=generator)
+    valid = torch.ones(2, 1, 48, 64, dtype=torch.bool)
+    valid[0, :, :20, :30] = False
+    valid[1, :, 40:, :] = False
+    mask = recipe.latent_valid_mask(valid, 8)
+    loss = recipe.masked_mse(prediction, target, mask)
+    changed_p, changed_t = prediction.clone(), target.clone()
+    hidden = ~mask.expand_as(prediction)
+    changed_p[hidden] = 1e3
+    changed_t[hidden] = -7.0
+    assert torch.equal(recipe.masked_mse(changed_p, changed_t, mask), loss)
+    expected = ((prediction - target) ** 2)[mask.expand_as(prediction)].mean()
+    assert torch.allclose(loss, expected)
+    nothing = recipe.masked_mse(prediction.requires_grad_(), target, torch.zeros_like(mask))
+    nothing.backward()
+    assert float(nothing.detach()) == 0.0 and prediction.grad is not None
+
+
+def test_velocity_target_is_the_v_parameterisation():
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler(**{k: v for k, v in tiny_scheduler_config().items()
+                                 if k not in ('set_alpha_to_one', 'steps_offset')})
+    x0, noise = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2)
+    t = torch.tensor([0, 500, 999])
+    alpha = scheduler.alphas_cumprod[t].reshape(-1, 1, 1, 1)
+    expected = alpha.sqrt() * noise - (1 - alpha).sqrt() * x0
+    torch.testing.assert_close(recipe.velocity_target(scheduler, x0, noise, t), expected)
+
+
+def test_warmup_exponential_decay():
+    schedule = recipe.WarmupExponentialDecay(warmup_steps=10, decay_steps=110, final_ratio=0.01)
+    assert schedule(0) == pytest.approx(0.1) and schedule(9) == pytest.approx(1.0)
+    assert schedule(10) == pytest.approx(1.0) and schedule(60) == pytest.approx(0.1)
+    assert schedule(110) == pytest.approx(0.01) and schedule(10 ** 6) == pytest.approx(0.01)
+
+
+def test_depth_image_fills_invalid_as_far_and_masks_out_of_range():
+    depth = torch.tensor([[[[0.0, 0.2, 5.0, 100.0, float('nan')]]]])
+    valid = torch.tensor([[[[False, True, True, True, True]]]])
+    image, mask = depth_as_image(depth, valid, 0.5, 80.0)
+    assert image.shape == (1, 3, 1, 5)
+    expected_mid = 2 * math.log(5.0 / 0.5) / math.log(160.0) - 1
+    torch.testing.assert_close(image[0, 0, 0], torch.tensor([1.0, -1.0, expected_mid, 1.0, 1.0]))
+    assert mask[0, 0, 0].tolist() == [False, False, True, False, False]
+
+
+def test_augment_flips_and_crops_rgb_and_depth_together():
+    depth = np.tile(np.arange(1, 65, dtype=np.float32), (48, 1))
+    rgb = np.repeat(np.arange(64, dtype=np.uint8)[None, :, None], 48, 0).repeat(3, 2)
+    item = {'rgb': rgb, 'depth_m': depth, 'valid': depth > 2}
+    out = augment(item, (48, 64), (1.0, 1.0), 1.0, np.random.default_rng(0))
+    assert out['rgb'].shape == (3, 48, 64) and out['depth_m'].shape == (1, 48, 64)
+    assert out['depth_m'][0, 0, 0] == 64 and out['depth_m'][0, 0, -1] == 1
+    assert out['rgb'][0, 0, 0] == pytest.approx(63 / 127.5 - 1)
+    assert not out['valid'][0, 0, -1] and out['valid'][0, 0, 0]
+    small = augment(item, (24, 24), (1.0, 1.5), 0.0, np.random.default_rng(1))
+    assert small['depth_m'].shape == (1, 24, 24)
+    assert set(small['depth_m'].unique().tolist()) <= set(range(1, 65))  # nearest: no blends
+
+
+@pytest.mark.parametrize('name', ['smoke', 'tiny_bundled', 'metricgold_sd2'])
+def test_shipped_configs_are_valid(tmp_path, name):
+    config = load_config(REPO_ROOT / 'training' / 'configs' / f'{name}.yaml', tmp_path)
+    assert config.model.d_min_m == 0.5 and config.model.d_max_m == 80.0
+    if name == 'metricgold_sd2':
+        assert config.train.batch_size * config.train.gradient_accumulation_steps == 32
+        assert config.train.lr == 3e-5 and config.train.steps == 30000
+        assert [s.type for s in config.data.train] == ['hypersim', 'vkitti2', 'tartanair']
+    else:
+        assert config.model.tiny and config.data.generate
+
+
+def test_config_rejects_unknown_keys_and_reads_yaml_floats(tmp_path):
+    path = tmp_path / 'bad.yaml'
+    path.write_text('model: {tiny: true, d_min_m: 1, d_max_m: 10}\n'
+                    'data: {train: [{type: vkitti2, root: x}]}\ntrain: {stesp: 3}\n')
+    with pytest.raises(ConfigError, match=r'train: unknown key\(s\) \[.stesp.\]'):
+        load_config(path, tmp_path)
+    path.write_text('model: {pretrained: P, d_min_m: 1, d_max_m: 10}\n'
+                    "data: {train: [{type: vkitti2, root: '{output}/d'}]}\ntrain: {lr: 3e-5}\n")
+    config = load_config(path, tmp_path)
+    assert config.train.lr == 3e-5 and config.data.train[0].root == f'{tmp_path}/d'
+    path.write_text('model: {tiny: true}\ndata: {train: [{type: vkitti2, root: x}]}\n')
+    with pytest.raises(ConfigError, match='needs its depth range'):
+        load_config(path, tmp_path)
+
+
+# -- whole runs -------------------------------------------------------------------------------
+
+def test_stable_diffusion_start_converts_and_trains(tmp_path, synthetic_root):
+    sd2 = _fake_sd2_folder(tmp_path / 'sd2')
+    config = _write_config(tmp_path / 'sd2.yaml', synthetic_root,
+                           f"  pretrained: '{sd2}'", steps=2)
+    assert train_main(['--config', str(config), '--output', str(tmp_path / 'run')]) == 0
+    final = tmp_path / 'run' / 'final'
+    pipeline = MetricGoldPipeline.from_pretrained(final, device='cpu', dtype='float32')
+    assert pipeline.unet.config.in_channels == 8
+    assert torch.equal(pipeline.empty_text_embedding, compute_empty_text_embedding(sd2))
+    assert pipeline.metadata.d_min_m == 0.5 and pipeline.metadata.d_max_m == 80.0
+    assert pipeline.scheduler.config.timestep_spacing == 'trailing'
+    rgb = np.zeros((48, 64, 3), np.uint8)
+    assert pipeline(rgb).depth.shape == (48, 64)
+    # Fine-tuning continues from a MetricGold checkpoint (starting point b).
+    again = _write_config(tmp_path / 'mg.yaml', synthetic_root, f"  pretrained: '{final}'",
+                          steps=1)
+    assert train_main(['--config', str(again), '--output', str(tmp_path / 'run2')]) == 0
+    assert (tmp_path / 'run2' / 'final' / 'metricgold.json').is_file()
+
+
+@pytest.mark.parametrize('precision', ['bf16', 'fp16'])
+def test_mixed_precision_trains_on_the_cpu(tmp_path, synthetic_root, tiny_model_dir, precision):
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)  # accelerate keeps one precision per process
+    try:
+        config = _write_config(tmp_path / 'mp.yaml', synthetic_root,
+                               f"  pretrained: '{tiny_model_dir}'", steps=2,
+                               extra_train=f'  mixed_precision: {precision}')
+        assert train_main(['--config', str(config), '--output', str(tmp_path / 'run')]) == 0
+    finally:
+        AcceleratorState._reset_state(True)
+    metrics = json.loads((tmp_path / 'run' / 'metrics.json').read_text())
+    assert metrics['config']['train']['mixed_precision'] == precision
+    assert all(math.isfinite(loss) for loss in metrics['loss'])
+    pipeline = MetricGoldPipeline.from_pretrained(tmp_path / 'run' / 'final', device='cpu')
+    assert next(pipeline.unet.parameters()).dtype == torch.float32  # fp32 master weights
+
+
+def test_resume_matches_an_uninterrupted_run(tmp_path, synthetic_root):
+    from safetensors.torch import load_file
+
+    config = _write_config(tmp_path / 'tiny.yaml', synthetic_root, '  tiny: true', extra_train=(
+        '  gradient_accumulation_steps: 2\n  ema: true\n  ema_decay: 0.9'))
+    straight, broken = tmp_path / 'straight', tmp_path / 'broken'
+    assert train_main(['--config', str(config), '--output', str(straight)]) == 0
+    # Killed after step 3: the step-2 checkpoint is the newest, step 3 is lost and redone.
+    assert train_main(['--config', str(config), '--output', str(broken),
+                       '--stop-at-step', '3']) == 0
+    assert not (broken / 'final').exists()
+    assert sorted(p.name for p in (broken / 'checkpoints').iterdir()) == ['step_000002']
+    assert train_main(['--config', str(config), '--output', str(broken)]) == 1  # no --resume
+    assert train_main(['--config', str(config), '--output', str(broken), '--resume']) == 0
+    for run in (straight, broken):
+        assert MetricGoldPipeline.from_pretrained(run / 'final', device='cpu')
+    # Same batches, noise and optimizer state: the trajectories are the same. Usually bit for
+    # bit; 1e-6 leaves room for oneDNN, whose CPU kernels can sum in another order depending on
+    # where in memory a tensor lands (seen once in many runs, at 1e-7).
+    weights = [load_file(str(run / 'final' / 'unet' / 'diffusion_pytorch_model.safetensors'))
+               for run in (straight, broken)]
+    assert weights[0].keys() == weights[1].keys()
+    for key in weights[0]:
+        torch.testing.assert_close(weights[0][key], weights[1][key], atol=1e-6, rtol=0,
+                                   msg=key)
+    metrics = [json.loads((run / 'metrics.json').read_text()) for run in (straight, broken)]
+    assert len(metrics[0]['loss']) == 4
+    np.testing.assert_allclose(metrics[0]['loss'], metrics[1]['loss'], atol=1e-6, rtol=0)
+    np.testing.assert_allclose(metrics[0]['val_abs_rel'], metrics[1]['val_abs_rel'],
+                               atol=1e-6, rtol=0)
+    assert metrics[0]['val_steps'] == [0, 2, 4]
+    assert metrics[0]['vae']['depth_abs_rel'] > 0
+
+
+def test_smoke_run_learns(tmp_path):
+    """The CI scale proof, run exactly as documented (budget: 5 minutes on 2 CPU cores)."""
+    output = tmp_path / 'smoke'
+    result = subprocess.run(
+        [sys.executable, 'training/train.py', '--config', 'training/configs/smoke.yaml',
+         '--output', str(output)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((output / 'metrics.json').read_text())
+    start, end = metrics['val_abs_rel_start'], metrics['val_abs_rel_end']
+    summary = (f'AbsRel untrained {start:.3f}, after the VAE stage '
+               f'{metrics["val_abs_rel_unet_start"]:.3f}, end {end:.3f}, constant '
+               f'{metrics["val_abs_rel_constant"]:.3f}')
+    assert end < 0.5 * start, summary
+    # Beyond the VAE stage: the UNet must beat its own start and the best constant depth.
+    assert end < 0.9 * metrics['val_abs_rel_unet_start'], summary
+    assert end < 0.9 * metrics['val_abs_rel_constant'], summary
+    assert metrics['val_delta1_end'] > metrics['val_delta1_constant'], summary
+    assert metrics['loss_end'] < 0.6 * metrics['loss_start']
+    assert 0 < metrics['vae_depth_abs_rel'] < 0.25
+    assert metrics['wall_time_s']['total'] < 300
+    pipeline = MetricGoldPipeline.from_pretrained(output / 'final', device='cpu')
+    depth = pipeline(np.full((72, 96, 3), 128, np.uint8)).depth
+    assert depth.shape == (72, 96) and np.isfinite(depth).all()
+    assert sorted(p.name for p in (output / 'checkpoints').iterdir()) == [
+        'step_000150', 'step_000300']
+    assert list((output / 'logs').glob('events.out.tfevents.*'))

@@ -1,0 +1,91 @@
+"""Bookkeeping of a training run: checkpoints on disk, ``metrics.json``, log output.
+
+``progress.json`` (in every ``checkpoints/step_NNNNNN/``) holds what the accelerator state does
+not: the step, the data position (``MixedBatchSampler`` state: seed and batch number), the loss,
+learning-rate and validation curves, the VAE stage report and the constant-depth baseline.
+"""
+
+import logging
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from training.config import Config
+
+PROGRESS_FILE = 'progress.json'
+
+
+def latest_checkpoint(folder: Path) -> Optional[Path]:
+    """The complete ``step_NNNNNN`` folder with the highest step, or None."""
+    done = [p for p in folder.glob('step_*') if (p / PROGRESS_FILE).is_file()]
+    return max(done, key=lambda p: int(p.name[len('step_'):])) if done else None
+
+
+def summarize(progress: dict, config: Config, wall_s: Dict[str, float],
+              total_s: float) -> dict:
+    """``metrics.json``: start/end numbers first, then the curves.
+
+    ``val_abs_rel_start`` is the model before any training: for a from-scratch (tiny) model
+    the random VAE and UNet, before the VAE stage (``val_abs_rel_unet_start`` is the one after
+    it); otherwise the pretrained starting point. ``val_abs_rel_constant`` is the best constant
+    depth (the training median) on the same frames: a model that learnt nothing beats neither.
+    """
+    losses, val = progress['loss'], progress['val']
+    vae = dict(progress.get('vae') or {})
+    untrained = vae.pop('val_untrained', None)
+    first = untrained or (val[0] if val else None)
+    baseline = progress.get('baseline') or {}
+    window = max(1, min(10, len(losses) // 5 or 1))
+    summary = {
+        'val_abs_rel_start': first['abs_rel'] if first else None,
+        'val_abs_rel_end': val[-1]['abs_rel'] if val else None,
+        'val_delta1_start': first['delta1'] if first else None,
+        'val_delta1_end': val[-1]['delta1'] if val else None,
+        'val_abs_rel_unet_start': val[0]['abs_rel'] if val else None,
+        'val_abs_rel_constant': baseline.get('abs_rel'),
+        'val_delta1_constant': baseline.get('delta1'),
+        'constant_depth_m': baseline.get('depth_m'),
+        'loss_start': float(np.mean(losses[:window])) if losses else None,
+        'loss_end': float(np.mean(losses[-window:])) if losses else None,
+        'steps': progress['step'],
+        'vae_depth_abs_rel': vae.get('depth_abs_rel'),
+        'wall_time_s': {'total': total_s, **wall_s},
+        'val_steps': [v['step'] for v in val],
+        'val_abs_rel': [v['abs_rel'] for v in val],
+        'val_delta1': [v['delta1'] for v in val],
+        'loss': losses,
+        'lr': progress['lr'],
+        'val': val,
+    }
+    if untrained:
+        summary['val_untrained'] = untrained
+    if vae:
+        curve = vae.pop('loss', [])
+        vae['loss_start'] = float(np.mean(curve[:10])) if curve else None
+        vae['loss_end'] = float(np.mean(curve[-10:])) if curve else None
+        summary['vae'] = {**vae, 'loss': curve}
+    summary['config'] = config.to_dict()
+    return summary
+
+
+def fmt(value: Optional[float]) -> str:
+    return 'n/a' if value is None else f'{value:.4f}'
+
+
+def setup_logging(output: Path, main_process: bool) -> None:
+    """INFO lines of the trainer's modules to stderr and ``output/train.log`` (main process)."""
+    handlers: List[logging.Handler] = [logging.StreamHandler()]
+    if main_process:
+        handlers.append(logging.FileHandler(output / 'train.log'))
+    for handler in handlers:
+        handler.setFormatter(logging.Formatter('%(asctime)s %(levelname)s %(name)s: %(message)s'))
+        handler._metricgold_train = True
+    for name in ('metricgold', 'training'):
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.INFO if main_process else logging.WARNING)
+        for old in [h for h in logger.handlers if getattr(h, '_metricgold_train', False)]:
+            logger.removeHandler(old)
+            old.close()
+        for handler in handlers:
+            logger.addHandler(handler)

@@ -1,0 +1,418 @@
+"""Train MetricGold: ``python training/train.py --config training/configs/X.yaml --output DIR``.
+
+Stages, each resumable with ``--resume`` (``DIR`` keeps everything):
+
+0. Synthetic data named in ``data.generate`` is rendered into ``DIR/data/<name>/`` (Virtual
+   KITTI 2 layout, read back by the real loader).
+1. ``model.tiny`` only: the tiny VAE learns RGB and log-depth (``training/vae_stage.py``) and
+   is written to ``DIR/vae/``; its depth reconstruction AbsRel goes into ``metrics.json``.
+2. The UNet learns v-prediction of the depth latent with pyramid noise and a valid-pixel mask
+   (``training/recipe.py``); the VAE is frozen. ``accelerate`` does devices, mixed precision
+   and gradient accumulation (``accelerate launch training/train.py ...`` for several GPUs).
+   Every ``train.checkpoint_every`` steps ``DIR/checkpoints/step_NNNNNN/`` receives the
+   accelerator state (UNet, Adam, LR schedule, RNGs, EMA), ``progress.json`` (step, data
+   position, curves) and ``model/``, a checkpoint the node loads; the newest one is resumed.
+
+At the end: ``DIR/final/`` (the model, EMA weights when ``train.ema``), ``DIR/metrics.json``
+(``val_abs_rel_start``/``_end``, loss and validation curves, VAE stage numbers) and
+TensorBoard logs in ``DIR/logs/``.
+"""
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+_ROOT = Path(__file__).resolve().parents[1]
+if sys.path and Path(sys.path[0] or '.').resolve() == _ROOT / 'training':
+    sys.path[0] = str(_ROOT)  # run as a script: import `training.*`, not a bare `datasets`
+elif str(_ROOT) not in sys.path:
+    sys.path.insert(0, str(_ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from metricgold_ros.errors import MetricGoldError  # noqa: E402
+from metricgold_ros.model.checkpoint import ModelMetadata, save_checkpoint  # noqa: E402
+from training import data as train_data  # noqa: E402
+from training.config import Config, load_config  # noqa: E402
+from training.models import Components, load_components, load_trained_vae  # noqa: E402
+from training.progress import (  # noqa: E402
+    PROGRESS_FILE, fmt, latest_checkpoint, setup_logging, summarize)
+from training.recipe import (  # noqa: E402
+    WarmupExponentialDecay, annealed_strength, latent_valid_mask, masked_mse,
+    multi_res_noise_like, sample_timesteps, velocity_target)
+from training.validation import constant_baseline, make_checkpoint, validate  # noqa: E402
+from training.vae_stage import (  # noqa: E402
+    depth_as_image, depth_reconstruction_metrics, fit_scaling_factor, train_vae)
+
+LOGGER = logging.getLogger('metricgold.train')
+
+
+class Run:
+    """One invocation of the trainer on an output folder."""
+
+    def __init__(self, config: Config, output: Path, resume: bool,
+                 stop_at_step: Optional[int] = None) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        self.config, self.output, self.resume = config, output, resume
+        self.stop_at_step = stop_at_step  # tests and drills: return after this step
+        self.accelerator = Accelerator(
+            mixed_precision=config.train.mixed_precision,
+            gradient_accumulation_steps=config.train.gradient_accumulation_steps)
+        self.device = self.accelerator.device
+        if self.device.type == 'cpu' and config.cpu_threads:
+            torch.set_num_threads(config.cpu_threads)
+        set_seed(config.seed)
+        self.wall = {'data': 0.0, 'vae_stage': 0.0, 'unet_stage': 0.0, 'validation': 0.0}
+        self.writer = None
+        if config.tensorboard and self.accelerator.is_main_process:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(output / 'logs'))
+
+    # -- stages ------------------------------------------------------------------------------
+
+    def prepare_data(self) -> None:
+        start = time.perf_counter()
+        with self.accelerator.main_process_first():
+            if self.accelerator.is_main_process:
+                train_data.generate_synthetic(self.config.data, self.output)
+        self.val_items = train_data.load_validation_items(self.config.data.val)
+        self.baseline = None
+        if self.val_items:
+            frames = train_data.make_train_batches(self.config.data, 1, self.config.seed).frames
+            self.baseline = constant_baseline(frames, self.val_items)
+            LOGGER.info('constant baseline (training median %.2f m): AbsRel %.4f',
+                        self.baseline['depth_m'], self.baseline['abs_rel'])
+        self.wall['data'] += time.perf_counter() - start
+
+    def vae_stage(self, parts: Components) -> dict:
+        """Train (or, when resuming, reload) the tiny VAE; returns its metrics."""
+        cfg, folder = self.config.vae_stage, self.output / 'vae'
+        report_path = folder / 'vae_stage.json'
+        if not report_path.is_file():
+            start = time.perf_counter()
+            untrained = self._metrics(make_checkpoint(
+                parts.unet, parts.vae, parts.scheduler_config, parts.empty_text_embedding,
+                self._metadata(parts)))
+            batches = self._batch_stream(cfg.batch_size, self.config.seed + 1)
+            report = train_vae(parts.vae, batches, cfg, parts.d_min_m, parts.d_max_m,
+                               self.config.seed, self.device, self.writer)
+            report['scaling_factor'] = fit_scaling_factor(
+                parts.vae, batches, cfg.scale_batches, parts.d_min_m, parts.d_max_m,
+                self.device)
+            report['val_untrained'] = untrained
+            items = self.val_items[:cfg.val_images]
+            if items:
+                report.update(depth_reconstruction_metrics(
+                    parts.vae, items, parts.d_min_m, parts.d_max_m, self.device))
+            if self.accelerator.is_main_process:
+                if folder.exists():
+                    shutil.rmtree(folder)
+                parts.vae.save_pretrained(str(folder), safe_serialization=True)
+                report_path.write_text(json.dumps(report) + '\n')
+            self.accelerator.wait_for_everyone()
+            self.wall['vae_stage'] += time.perf_counter() - start
+            LOGGER.info('vae stage: depth AbsRel %.4f after encode/decode, scaling factor %.4f',
+                        report.get('depth_abs_rel', float('nan')), report['scaling_factor'])
+        parts.vae = load_trained_vae(folder, self.device)  # one path for fresh and resumed runs
+        return json.loads(report_path.read_text())
+
+    def unet_stage(self, parts: Components, vae_report: Optional[dict]) -> dict:
+        from diffusers import DDIMScheduler
+        from diffusers.training_utils import EMAModel
+        from torch.utils.data import DataLoader
+
+        cfg, acc = self.config.train, self.accelerator
+        unet = parts.unet.to(self.device).train().requires_grad_(True)
+        if self.config.model.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        self.vae = parts.vae.to(self.device).eval().requires_grad_(False)
+        self.parts = parts
+        self.latent_cache = {} if self.config.data.cache_latents else None
+        ddim = DDIMScheduler.from_config(parts.scheduler_config)
+        ddim.set_timesteps(self.config.model.denoising_steps)
+        self.sampling_timesteps = ddim.timesteps.clone()  # what inference will visit
+        optimizer = torch.optim.Adam(unet.parameters(), lr=cfg.lr, betas=cfg.adam_betas,
+                                     eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+        schedule = WarmupExponentialDecay(cfg.warmup_steps, cfg.decay_steps or cfg.steps,
+                                          cfg.final_lr_ratio)
+        lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        self.unet, optimizer = acc.prepare(unet, optimizer)
+        acc.register_for_checkpointing(lr_scheduler)  # stepped by hand, once per optimizer step
+        self.ema = None
+        if cfg.ema:
+            self.ema = EMAModel(acc.unwrap_model(self.unet).parameters(), decay=cfg.ema_decay)
+            self.ema.to(self.device)
+            acc.register_for_checkpointing(self.ema)
+        self.metadata = self._metadata(parts)
+        progress = {'step': 0, 'loss': [], 'lr': [], 'val': [], 'vae': vae_report,
+                    'baseline': self.baseline}
+        latest = latest_checkpoint(self.output / 'checkpoints') if self.resume else None
+        if latest is not None:
+            acc.load_state(str(latest))
+            progress = json.loads((latest / PROGRESS_FILE).read_text())
+            LOGGER.info('resumed from %s at step %d', latest, progress['step'])
+        elif cfg.steps > 0:
+            self._validate(progress)
+        batches = train_data.make_train_batches(self.config.data, cfg.batch_size,
+                                                self.config.seed)
+        loader = DataLoader(batches, batch_size=None, num_workers=self.config.data.num_workers,
+                            sampler=train_data.BatchNumbers(
+                                progress['step'], cfg.steps, cfg.gradient_accumulation_steps,
+                                acc.process_index, acc.num_processes),
+                            pin_memory=self.device.type == 'cuda')
+        data_iter = iter(loader)
+        start = time.perf_counter()
+        for step in range(progress['step'], cfg.steps):
+            step_loss = torch.zeros((), device=self.device)
+            for _ in range(cfg.gradient_accumulation_steps):
+                batch = next(data_iter)
+                with acc.accumulate(self.unet):
+                    loss = self._loss(batch)
+                    acc.backward(loss)
+                    if acc.sync_gradients and cfg.max_grad_norm:
+                        acc.clip_grad_norm_(self.unet.parameters(), cfg.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                step_loss += loss.detach() / cfg.gradient_accumulation_steps
+            progress['lr'].append(lr_scheduler.get_last_lr()[0])
+            lr_scheduler.step()
+            if self.ema is not None:
+                self.ema.step(acc.unwrap_model(self.unet).parameters())
+            progress['loss'].append(float(acc.reduce(step_loss, 'mean')))
+            progress['step'] = done = step + 1
+            progress['data_position'] = {'seed': self.config.seed, 'position': (
+                done * cfg.gradient_accumulation_steps * acc.num_processes)}
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                recent = progress['loss'][-cfg.log_every:]
+                LOGGER.info('step %d/%d: loss %.4f, lr %.2e', done, cfg.steps,
+                            float(np.mean(recent)), progress['lr'][-1])
+                if self.writer is not None:
+                    self.writer.add_scalar('train/loss', float(np.mean(recent)), done)
+                    self.writer.add_scalar('train/lr', progress['lr'][-1], done)
+            if done % self.config.validation.every == 0 or done == cfg.steps:
+                self.wall['unet_stage'] += time.perf_counter() - start
+                self._validate(progress)
+                start = time.perf_counter()
+            if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+                self._save_state(progress)
+            if done == self.stop_at_step:
+                LOGGER.warning('stopping after step %d as asked (--stop-at-step)', done)
+                self.wall['unet_stage'] += time.perf_counter() - start
+                return progress
+        self.wall['unet_stage'] += time.perf_counter() - start
+        if acc.is_main_process:
+            self._with_ema(lambda: save_checkpoint(self.output / 'final', self._checkpoint(),
+                                                   overwrite=True))
+        acc.wait_for_everyone()
+        return progress
+
+    # -- pieces --------------------------------------------------------------------------------
+
+    def _batch_stream(self, batch_size: int, seed: int):
+        batches = train_data.make_train_batches(self.config.data, batch_size, seed)
+        k = 0
+        while True:
+            yield batches[k]
+            k += 1
+
+    def _loss(self, batch: dict) -> torch.Tensor:
+        """Masked v-prediction MSE of one micro-batch (Marigold's training step)."""
+        parts, cfg = self.parts, self.config.train
+        rgb = batch['rgb'].to(self.device)  # [B,3,H,W]
+        depth, valid = depth_as_image(batch['depth_m'], batch['valid'], parts.d_min_m,
+                                      parts.d_max_m)
+        depth, valid = depth.to(self.device), valid.to(self.device)  # [B,3,H,W], [B,1,H,W]
+        rgb_latent, depth_latent = self._encode(rgb, depth, batch['views'])  # [B,4,h,w] each
+        generator = torch.Generator().manual_seed(int(np.random.SeedSequence(
+            [self.config.seed, int(batch['k'])]).generate_state(1)[0]))
+        steps = parts.noise_scheduler.config.num_train_timesteps
+        timesteps = sample_timesteps(len(rgb), steps, generator, self.sampling_timesteps,
+                                     cfg.sampling_timestep_p)
+        if cfg.multi_res_noise > 0:
+            strength = annealed_strength(timesteps, steps, cfg.multi_res_noise) \
+                if cfg.annealed_noise else cfg.multi_res_noise
+            noise = multi_res_noise_like(depth_latent, strength, generator)
+        else:
+            noise = torch.randn(depth_latent.shape, generator=generator).to(depth_latent)
+        timesteps = timesteps.to(self.device)
+        noisy = parts.noise_scheduler.add_noise(depth_latent, noise, timesteps)
+        target = velocity_target(parts.noise_scheduler, depth_latent, noise, timesteps)
+        text = parts.empty_text_embedding.to(self.device).expand(len(rgb), -1, -1)
+        prediction = self.unet(torch.cat([rgb_latent, noisy], dim=1), timesteps,
+                               encoder_hidden_states=text).sample  # [B,4,h,w]
+        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return masked_mse(prediction, target, latent_valid_mask(valid, factor))
+
+    @torch.no_grad()
+    def _encode(self, rgb: torch.Tensor, depth: torch.Tensor,
+                views: list) -> tuple:
+        """RGB and depth latents (frozen VAE, posterior mode, scaled), cached per view.
+
+        With ``data.cache_latents`` every sample is encoded on its own, the first time its
+        view (frame, window, flip) appears, so a resumed run gets the very same numbers.
+        """
+        scale = float(self.vae.config.scaling_factor)
+
+        def encode(images: torch.Tensor) -> torch.Tensor:
+            with self.accelerator.autocast():
+                return (self.vae.encode(images).latent_dist.mode() * scale).float()
+
+        if self.latent_cache is None:
+            return encode(torch.cat([rgb, depth])).chunk(2)
+        pairs = []
+        for i, view in enumerate(views):
+            key = tuple(int(v) for v in view)
+            if key not in self.latent_cache:
+                self.latent_cache[key] = encode(torch.cat([rgb[i:i + 1], depth[i:i + 1]]))
+            pairs.append(self.latent_cache[key])  # [2,4,h,w]: rgb, depth
+        stacked = torch.stack(pairs, dim=1)  # [2,B,4,h,w]
+        return stacked[0], stacked[1]
+
+    def _checkpoint(self):
+        parts = self.parts
+        return make_checkpoint(self.accelerator.unwrap_model(self.unet), self.vae,
+                               parts.scheduler_config, parts.empty_text_embedding,
+                               self.metadata)
+
+    def _with_ema(self, action):
+        """Run ``action`` with the EMA weights swapped into the UNet (if EMA is on)."""
+        if self.ema is None:
+            return action()
+        params = list(self.accelerator.unwrap_model(self.unet).parameters())
+        self.ema.store(params)
+        self.ema.copy_to(params)
+        try:
+            return action()
+        finally:
+            self.ema.restore(params)
+
+    def _metadata(self, parts: Components) -> ModelMetadata:
+        model = self.config.model
+        return ModelMetadata(parts.d_min_m, parts.d_max_m, model.denoising_steps,
+                             model.processing_resolution).validate('model')
+
+    def _metrics(self, checkpoint, image_count: int = 0):
+        """Validation metrics of ``checkpoint`` (main process; others get None)."""
+        if not self.val_items:
+            return None
+        start = time.perf_counter()
+        result = None
+        if self.accelerator.is_main_process:
+            val, model = self.config.validation, self.config.model
+            result = validate(
+                checkpoint, self.val_items, self.device,
+                denoising_steps=val.denoising_steps or model.denoising_steps,
+                ensemble_size=val.ensemble_size,
+                processing_resolution=val.processing_resolution or model.processing_resolution,
+                image_count=image_count)
+        self.accelerator.wait_for_everyone()
+        self.wall['validation'] += time.perf_counter() - start
+        return result if image_count else (result[0] if result else None)
+
+    def _validate(self, progress: dict) -> None:
+        if not self.val_items:
+            return
+        count = self.config.validation.log_images if self.writer is not None else 0
+        result = self._with_ema(lambda: self._metrics(self._checkpoint(), max(count, 1)))
+        if result is None:  # not the main process
+            return
+        metrics, images = result
+        progress['val'].append({'step': progress['step'], **metrics})
+        LOGGER.info('validation at step %d: AbsRel %.4f, delta1 %.4f', progress['step'],
+                    metrics['abs_rel'], metrics['delta1'])
+        if self.writer is not None:
+            for key, value in metrics.items():
+                self.writer.add_scalar(f'val/{key}', value, progress['step'])
+            for index, image in enumerate(images[:count]):
+                self.writer.add_image(f'val/depth_{index}', image, progress['step'],
+                                      dataformats='HWC')
+            self.writer.flush()
+
+    def _save_state(self, progress: dict) -> None:
+        """Accelerator state + progress + a loadable model, renamed into place when complete."""
+        acc, folder = self.accelerator, self.output / 'checkpoints'
+        final = folder / f'step_{progress["step"]:06d}'
+        tmp = folder / f'.{final.name}.tmp'
+        if acc.is_main_process and tmp.exists():
+            shutil.rmtree(tmp)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))
+        if acc.is_main_process:
+            self._with_ema(lambda: save_checkpoint(tmp / 'model', self._checkpoint()))
+            (tmp / PROGRESS_FILE).write_text(json.dumps(progress) + '\n')
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            for old in sorted(folder.glob('step_*'))[:-self.config.train.keep_checkpoints]:
+                shutil.rmtree(old)
+        acc.wait_for_everyone()
+
+
+def train(config_path: Path, output: Path, *, resume: bool = False,
+          stop_at_step: Optional[int] = None) -> Optional[dict]:
+    """Run (or continue) the training ``config_path`` describes into ``output``.
+
+    Returns the ``metrics.json`` content, or None when stopped early by ``stop_at_step``.
+    """
+    started = time.perf_counter()
+    output = Path(output)
+    config = load_config(config_path, output.resolve())
+    if not resume and ((output / 'checkpoints').exists() or (output / 'final').exists()):
+        raise MetricGoldError(f'--output {output} already holds a run; pass --resume to '
+                              'continue it, or choose an empty folder')
+    output.mkdir(parents=True, exist_ok=True)
+    run = Run(config, output, resume, stop_at_step)
+    setup_logging(output, run.accelerator.is_main_process)
+    LOGGER.info('training %s into %s on %s (%s precision)', config_path, output, run.device,
+                config.train.mixed_precision)
+    if run.accelerator.is_main_process:
+        (output / 'config.json').write_text(json.dumps(dataclasses.asdict(config), indent=2))
+    run.prepare_data()
+    parts = load_components(config.model, config.seed)
+    vae_report = run.vae_stage(parts) if config.model.tiny else None
+    progress = run.unet_stage(parts, vae_report)
+    if stop_at_step is not None and progress['step'] < config.train.steps:
+        return None
+    summary = summarize(progress, run.config, run.wall, time.perf_counter() - started)
+    if run.accelerator.is_main_process:
+        (output / 'metrics.json').write_text(json.dumps(summary, indent=1) + '\n')
+        LOGGER.info('done in %.0f s: val AbsRel %s -> %s, loss %.4f -> %.4f; model in %s',
+                    summary['wall_time_s']['total'], fmt(summary['val_abs_rel_start']),
+                    fmt(summary['val_abs_rel_end']), summary['loss_start'] or 0.0,
+                    summary['loss_end'] or 0.0, output / 'final')
+    if run.writer is not None:
+        run.writer.close()
+    run.accelerator.end_training()
+    return summary
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description='Train a MetricGold model (see '
+                                                 'training/configs/*.yaml).')
+    parser.add_argument('--config', required=True, type=Path, help='YAML training config')
+    parser.add_argument('--output', required=True, type=Path, help='run folder')
+    parser.add_argument('--resume', action='store_true',
+                        help='continue the run in --output from its newest checkpoint')
+    parser.add_argument('--stop-at-step', type=int, default=None,
+                        help='for tests and drills: stop after this step as if killed')
+    args = parser.parse_args(argv)
+    try:
+        train(args.config, args.output, resume=args.resume, stop_at_step=args.stop_at_step)
+    except MetricGoldError as err:
+        print(f'ERROR: {err}', file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
