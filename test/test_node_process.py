@@ -1,6 +1,7 @@
 """depth_node as users start it: the console script with ``--ros-args --params-file``, a camera
 in another process, outputs received here; missing model; clean exit on SIGINT/SIGTERM."""
 
+import shutil
 import signal
 import subprocess
 import sys
@@ -28,16 +29,25 @@ def _node_cmd(*ros_args: str) -> list:
     return [str(script), '--ros-args', '--params-file', str(PARAMS_FILE), *ros_args]
 
 
-@pytest.mark.parametrize('ros_args, words', [
-    ((), ['model_path is not set', 'metricgold init-model', 'README']),
-    (('-p', 'model_path:=/no/such/model'), ['/no/such/model', 'metricgold init-model',
-                                           'README']),
-])
-def test_missing_model_exits_with_a_clear_message(ros_args, words):
-    done = subprocess.run(_node_cmd(*ros_args), env=ros_env(), capture_output=True, text=True,
-                          timeout=60)
+def test_no_model_at_all_exits_with_a_clear_message(tmp_path):
+    """model_path unset and no bundled model: the package copied without its models/ folder."""
+    shutil.copytree(REPO_ROOT / 'metricgold_ros', tmp_path / 'metricgold_ros',
+                    ignore=shutil.ignore_patterns('models', '__pycache__'))
+    env = ros_env(PYTHONPATH=str(tmp_path))
+    done = subprocess.run([sys.executable, '-m', 'metricgold_ros.depth_node', '--ros-args',
+                           '--params-file', str(PARAMS_FILE)], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
     assert done.returncode == 1, done.stderr
-    for word in words:
+    for word in ('model_path is not set', str(tmp_path), 'metricgold init-model', 'README'):
+        assert word in done.stderr, done.stderr
+    assert 'Traceback' not in done.stderr
+
+
+def test_missing_model_folder_exits_with_a_clear_message():
+    done = subprocess.run(_node_cmd('-p', 'model_path:=/no/such/model'), env=ros_env(),
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1, done.stderr
+    for word in ('/no/such/model', 'metricgold init-model', 'README'):
         assert word in done.stderr, done.stderr
     assert 'Traceback' not in done.stderr
 
