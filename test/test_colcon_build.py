@@ -3,8 +3,10 @@
 import importlib.util
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -68,14 +70,38 @@ def test_colcon_installs_node_launch_and_config(workspace):
     assert (prefix / 'share' / 'ament_index' / 'resource_index' / 'packages' / PACKAGE).is_file()
 
 
-def test_installed_depth_node_starts_and_explains_the_missing_model(workspace):
+def test_installed_depth_node_starts_with_the_installed_bundled_model(workspace):
     prefix = workspace / 'install' / PACKAGE
-    done = subprocess.run([str(prefix / 'lib' / PACKAGE / 'depth_node')],
-                          env=_installed_env(workspace), capture_output=True, text=True,
-                          timeout=60)
+    node = subprocess.Popen([str(prefix / 'lib' / PACKAGE / 'depth_node')],
+                            env=_installed_env(workspace), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines = []
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            line = node.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if 'listening on' in line:
+                break
+        log = ''.join(lines)
+        # The installed copy ran and loaded the bundled model from inside the install space.
+        assert f'loaded {prefix}' in log and 'metricgold-tiny' in log, log
+        assert 'listening on' in log, log
+    finally:
+        node.send_signal(signal.SIGINT)
+        rest = node.communicate(timeout=30)[0]
+    assert node.returncode == 0, log + rest
+    assert 'Traceback' not in log + rest
+
+
+def test_installed_depth_node_explains_a_missing_model(workspace):
+    prefix = workspace / 'install' / PACKAGE
+    done = subprocess.run([str(prefix / 'lib' / PACKAGE / 'depth_node'), '--ros-args', '-p',
+                           'model_path:=/no/such/model'], env=_installed_env(workspace),
+                          capture_output=True, text=True, timeout=60)
     assert done.returncode == 1, done.stderr
-    # The installed copy ran (it looked for the bundled model inside the install space).
-    assert str(prefix) in done.stderr, done.stderr
-    for word in ('model_path', 'metricgold init-model', 'README'):
+    for word in ('/no/such/model', 'metricgold init-model', 'README'):
         assert word in done.stderr, done.stderr
     assert 'Traceback' not in done.stderr
