@@ -5,14 +5,17 @@ a test can check what ``metricgold bag`` wrote against the K it was given. Times
 nanoseconds.
 """
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import cv2
 import numpy as np
+import pytest
 
 from metricgold_ros.camera import Intrinsics
+from metricgold_ros.cli import main
 from metricgold_ros.image_encodings import rgb_to_buffer
 from metricgold_ros.synthetic import camera_sequence
 
@@ -166,3 +169,23 @@ def read_bag(path: Path) -> Dict[str, List[Any]]:
             msg = reader.deserialize(raw, connection.msgtype)
             out.setdefault(connection.topic, []).append((log_ns, bytes(raw), msg, connection))
     return out
+
+
+@pytest.fixture
+def fast_model(monkeypatch, tiny_pipeline):
+    """The session's tiny pipeline instead of loading --model again for every bag run."""
+    import torch
+
+    monkeypatch.setattr('metricgold_ros.bag.load_pipeline', lambda args: tiny_pipeline)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny inputs; one thread stays fast on a busy shared machine
+    yield tiny_pipeline
+    torch.set_num_threads(threads)
+
+
+def run_bag(capsys, *argv):
+    """``metricgold bag ... --quiet`` in-process: (exit code, JSON summary or None, stderr)."""
+    code = main(['bag', *map(str, argv), '--quiet'])
+    captured = capsys.readouterr()
+    lines = captured.out.strip().splitlines()
+    return code, (json.loads(lines[-1]) if code == 0 else None), captured.err

@@ -1,6 +1,5 @@
 """`metricgold bag`: synthetic and real bags round-tripped through rosbags in tmp_path."""
 
-import json
 import os
 import signal
 import subprocess
@@ -13,7 +12,8 @@ import cv2
 import numpy as np
 import pytest
 
-from bag_helpers import START_NS, read_bag, write_camera_bag
+from bag_helpers import (  # noqa: F401 - fast_model is a fixture
+    START_NS, fast_model, read_bag, run_bag, write_camera_bag)
 from metricgold_ros import bag_io
 from metricgold_ros.cli import main
 from metricgold_ros.errors import BagError
@@ -24,24 +24,7 @@ OUTPUTS = ('depth/image', 'depth/camera_info', 'depth/colored', 'points')
 Conn = namedtuple('Conn', 'topic msgtype')
 
 
-@pytest.fixture
-def fast_model(monkeypatch, tiny_pipeline):
-    """The session's tiny pipeline instead of loading --model again for every run."""
-    import torch
 
-    monkeypatch.setattr('metricgold_ros.bag.load_pipeline', lambda args: tiny_pipeline)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny inputs; one thread stays fast on a busy shared machine
-    yield tiny_pipeline
-    torch.set_num_threads(threads)
-
-
-def run_bag(capsys, *argv):
-    """``metricgold bag ... --quiet``: (exit code, JSON summary or None, stderr)."""
-    code = main(['bag', *map(str, argv), '--quiet'])
-    captured = capsys.readouterr()
-    lines = captured.out.strip().splitlines()
-    return code, (json.loads(lines[-1]) if code == 0 else None), captured.err
 
 
 def expected_rgb(rgb, encoding):

@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bag_helpers import START_NS, read_bag, write_camera_bag
-from metricgold_ros.cli import main
+from bag_helpers import (  # noqa: F401 - fast_model is a fixture
+    START_NS, fast_model, read_bag, run_bag, write_camera_bag)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -56,24 +56,7 @@ DRIVER = textwrap.dedent('''
 ''')
 
 
-@pytest.fixture
-def fast_model(monkeypatch, tiny_pipeline):
-    """The session's tiny pipeline instead of loading --model for every run."""
-    import torch
 
-    monkeypatch.setattr('metricgold_ros.bag.load_pipeline', lambda args: tiny_pipeline)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield tiny_pipeline
-    torch.set_num_threads(threads)
-
-
-def run_bag(capsys, *argv):
-    """``metricgold bag ... --quiet`` in-process: (exit code, JSON summary or None, stderr)."""
-    code = main(['bag', *map(str, argv), '--quiet'])
-    captured = capsys.readouterr()
-    lines = captured.out.strip().splitlines()
-    return code, (json.loads(lines[-1]) if code == 0 else None), captured.err
 
 
 def _child_env():
