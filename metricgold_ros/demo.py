@@ -197,10 +197,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     node_proc = subprocess.Popen(node_cmd, env=env)
     camera_proc = None
     rclpy.init()
+    executor = SingleThreadedExecutor()
     try:
         node = rclpy.create_node('demo_recorder')
         recorder = Recorder(node)
-        executor = SingleThreadedExecutor()
         executor.add_node(node)
         deadline = start + args.timeout
         camera_proc = subprocess.Popen(camera_cmd, env=env)
@@ -221,6 +221,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if camera_proc is not None:
             _stop(camera_proc)
         _stop(node_proc)
+        executor.shutdown(timeout_sec=0)  # before the context: see depth_node._run
         rclpy.try_shutdown()
     stamps = json.loads(stamps_file.read_text()) if stamps_file.exists() else {}
     if not recorder.depth:

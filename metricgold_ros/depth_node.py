@@ -42,6 +42,7 @@ from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.logging import LoggingSeverity
 from rclpy.node import Node
 from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
+from rclpy.signals import SignalHandlerOptions
 from sensor_msgs.msg import CameraInfo, Image, PointCloud2
 
 from metricgold_ros import messages
@@ -59,6 +60,7 @@ OUTPUTS = {'depth/image': Image, 'depth/camera_info': CameraInfo, 'depth/colored
            'depth/uncertainty': Image, 'points': PointCloud2}
 ERROR_PERIOD_S = 5.0  # each distinct input problem is logged at most this often
 JOIN_TIMEOUT_S = 1.0  # shutdown waits this long for the worker; inference may outlive it
+SPIN_PERIOD_S = 0.1  # how often the spin loop looks for a stop request
 
 
 def _qos(choice: str) -> QoSProfile:
@@ -453,29 +455,43 @@ class DepthNode(Node):
         return self._stats.snapshot(reset=False)
 
 
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
-
-
 def _run(args: Optional[List[str]]) -> int:
-    """Spin the node until SIGINT/SIGTERM; 1 when the configuration cannot work."""
-    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-        # rclpy's handler (installed by init) shuts the context down and then calls this one,
-        # which also ends a model load in progress: SIGTERM stops the node at any stage.
-        signal.signal(signal.SIGTERM, _interrupt)
-    rclpy.init(args=args)
+    """Spin the node until SIGINT/SIGTERM; 1 when the configuration cannot work.
+
+    The signals are handled here, not by rclpy: its handler thread triggers the executor's
+    guard condition while this thread may already be destroying it (a segfault in about one
+    shutdown in 30 here). A signal before spinning ends the start-up (a model load in
+    progress) at once; while spinning it ends the loop within SPIN_PERIOD_S.
+    """
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        already_stopping = stop.is_set()
+        stop.set()
+        if not spinning and not already_stopping:
+            raise KeyboardInterrupt
+
+    spinning = False
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGTERM, on_signal)
+    rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
     node = None
+    executor = SingleThreadedExecutor()
     try:
         node = DepthNode()
-        executor = SingleThreadedExecutor()
         executor.add_node(node)
-        executor.spin()
+        spinning = True
+        while not stop.is_set() and rclpy.ok():
+            executor.spin_once(timeout_sec=SPIN_PERIOD_S)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     except (MetricGoldError, ParameterException) as err:
         rclpy.logging.get_logger(NODE_NAME).fatal(f'cannot start: {err}')
         return 1
     finally:
+        stop.set()  # from here a second signal changes nothing
+        executor.shutdown(timeout_sec=0)
         if node is not None:
             node.close()
             node.destroy_node()
