@@ -36,6 +36,7 @@ _WEIGHT_NAME = 'diffusion_pytorch_model'
 ALLOW_PICKLE_HINT = (
     'pickled weights can run code when loaded; convert them to safetensors, or pass '
     '--allow-pickle (Python: allow_pickle=True) if you trust the file')
+PICKLE_SUFFIXES = ('.bin', '.ckpt', '.pt', '.pth')
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,7 @@ def _read_state_dict(folder: Path, allow_pickle: bool) -> Dict[str, torch.Tensor
         for shard in shards:
             state.update(_load_safetensors(folder / shard))
         return state
-    pickled = [p for p in sorted(folder.glob('*')) if p.suffix in ('.bin', '.ckpt', '.pt', '.pth')]
+    pickled = [p for p in sorted(folder.glob('*')) if p.suffix in PICKLE_SUFFIXES]
     if pickled and not allow_pickle:
         raise CheckpointError(f'{pickled[0]} is a pickled weight file: {ALLOW_PICKLE_HINT}')
     if pickled:
@@ -147,6 +148,11 @@ def _load_module(cls, folder: Path, allow_pickle: bool) -> torch.nn.Module:
     except (TypeError, ValueError, KeyError) as err:
         raise CheckpointError(f'{config_path} does not describe a {cls.__name__}: {err}') from err
     state = _read_state_dict(folder, allow_pickle)
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f'weights in {folder}: {name} holds NaN or inf values (a '
+                                  'diverged training run or a damaged file); use another '
+                                  'checkpoint')
     try:
         module.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as err:
@@ -184,7 +190,8 @@ def _load_metadata(path: Path, model_index: dict) -> ModelMetadata:
     return meta.validate(str(meta_path))
 
 
-def _load_embedding(path: Path, unet: torch.nn.Module, cache_embedding: bool) -> torch.Tensor:
+def _load_embedding(path: Path, unet: torch.nn.Module, cache_embedding: bool,
+                    allow_pickle: bool) -> torch.Tensor:
     emb_path = path / EMBEDDING_FILE
     if emb_path.is_file():
         tensors = _load_safetensors(emb_path)
@@ -192,7 +199,7 @@ def _load_embedding(path: Path, unet: torch.nn.Module, cache_embedding: bool) ->
             raise CheckpointError(f'{emb_path} lacks the tensor "embedding"')
         embedding = tensors['embedding'].float()
     elif (path / 'text_encoder').is_dir() and (path / 'tokenizer').is_dir():
-        embedding = compute_empty_text_embedding(path)
+        embedding = compute_empty_text_embedding(path, allow_pickle=allow_pickle)
         if cache_embedding:
             _atomic_save_tensors({'embedding': embedding}, emb_path)
             LOGGER.info('stored the empty-text embedding in %s', emb_path)
@@ -211,7 +218,8 @@ def _load_embedding(path: Path, unet: torch.nn.Module, cache_embedding: bool) ->
     return embedding
 
 
-def compute_empty_text_embedding(path: Union[str, Path]) -> torch.Tensor:
+def compute_empty_text_embedding(path: Union[str, Path], *,
+                                 allow_pickle: bool = False) -> torch.Tensor:
     """Encode the empty prompt with the checkpoint's own CLIP text encoder: ``[1, T, C]``."""
     try:
         from transformers import CLIPTextModel, CLIPTokenizer
@@ -219,9 +227,17 @@ def compute_empty_text_embedding(path: Union[str, Path]) -> torch.Tensor:
         raise CheckpointError(
             f'{path}: computing the empty-text embedding needs `pip install transformers`') from err
     path = Path(path)
-    tokenizer = CLIPTokenizer.from_pretrained(str(path / 'tokenizer'), local_files_only=True)
-    encoder = CLIPTextModel.from_pretrained(
-        str(path / 'text_encoder'), local_files_only=True, use_safetensors=True)
+    encoder_dir = path / 'text_encoder'
+    if not allow_pickle and not any(encoder_dir.glob('*.safetensors')):
+        pickled = sorted(p.name for p in encoder_dir.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        found = f'only pickled weights ({", ".join(pickled)})' if pickled else 'no weights'
+        raise CheckpointError(f'{encoder_dir} has {found}: {ALLOW_PICKLE_HINT}')
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(str(path / 'tokenizer'), local_files_only=True)
+        encoder = CLIPTextModel.from_pretrained(str(encoder_dir), local_files_only=True,
+                                                use_safetensors=not allow_pickle)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f'{encoder_dir} or its tokenizer cannot be loaded: {err}') from err
     ids = tokenizer('', padding='do_not_pad', truncation=True, return_tensors='pt').input_ids
     with torch.no_grad():
         return encoder(ids)[0].float()
@@ -259,7 +275,7 @@ def load_checkpoint(path: Union[str, Path], *, allow_pickle: bool = False,
     scheduler_config = _read_json(path / 'scheduler' / 'scheduler_config.json')
     # Few-step DDIM needs trailing spacing: "leading" never visits the last timestep.
     scheduler = DDIMScheduler.from_config(scheduler_config, timestep_spacing='trailing')
-    embedding = _load_embedding(path, unet, cache_embedding)
+    embedding = _load_embedding(path, unet, cache_embedding, allow_pickle)
     return Checkpoint(unet, vae, scheduler, embedding, metadata, path)
 
 
