@@ -26,6 +26,7 @@ from metricgold_ros.cli_options import (
     positive_int)
 from metricgold_ros.depth_frame import DepthFrameProcessor, camera_for_image, frame_messages
 from metricgold_ros.errors import BagError, InputError
+from metricgold_ros.image_encodings import DEFAULT_PIXEL_BUDGET
 
 OUTPUT_TOPICS = ('depth/image', 'depth/camera_info', 'depth/colored', 'depth/uncertainty',
                  'points')
@@ -62,6 +63,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help='stop S seconds after the bag start')
     sel.add_argument('--skip-bad-frames', action='store_true',
                      help='skip images that cannot be decoded instead of stopping')
+    sel.add_argument('--max-pixels', type=positive_int, default=DEFAULT_PIXEL_BUDGET,
+                     metavar='N', help='refuse images (also compressed ones, before decoding) '
+                     'with more pixels (default: %(default)s, as the node\'s max_pixels)')
     add_inference_arguments(parser)
     parser.add_argument('--quiet', '-q', action='store_true',
                         help='no progress bar; print only a final JSON summary line')
@@ -84,10 +88,11 @@ class _Plan:
 
 @dataclass
 class _Run:
-    """Counters and per-stage wall time (seconds) of one run."""
+    """Settings, counters and per-stage wall time (seconds) of one run."""
 
     quiet: bool
     skip_bad: bool = False
+    pixel_budget: Optional[int] = None
     frames: int = 0
     skipped: int = 0
     model_s: float = 0.0
@@ -120,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
         raise BagError(f'INPUT {input_path}: no such file or folder')
     bag_output.check_output(output, input_path, args.overwrite)
     options = options_from_args(args)
-    stats = _Run(quiet=args.quiet, skip_bad=args.skip_bad_frames)
+    stats = _Run(quiet=args.quiet, skip_bad=args.skip_bad_frames, pixel_budget=args.max_pixels)
     with _sigterm_as_interrupt(), bag_io.open_bag(input_path) as reader:
         plan = _plan(reader, input_path, args, stats)
         start = time.perf_counter()
@@ -262,7 +267,7 @@ def _frame(reader: Any, path: Path, out: bag_output.OutputBag, plan: _Plan,
     msg = bag_io.deserialize(reader, path, connection, raw)
     stamp = bag_io.stamp_ns(msg.header)
     try:
-        rgb = messages.rgb_from_msg(msg)
+        rgb = messages.rgb_from_msg(msg, pixel_budget=stats.pixel_budget)
     except InputError as err:
         where = f'{connection.topic} image {stats.frames + stats.skipped + 1} (stamp {stamp} ns)'
         if not stats.skip_bad:

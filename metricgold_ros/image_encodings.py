@@ -50,6 +50,9 @@ def _as_bytes_array(data: Any, field: str = 'data') -> np.ndarray:
             "array.array('B'), memoryview or a uint8 numpy array") from err
 
 
+DEFAULT_PIXEL_BUDGET = 4096 * 4096  # node parameter max_pixels, bag --max-pixels
+
+
 def check_image(encoding: str, height: int, width: int, step: int, data_len: int, *,
                 pixel_budget: Optional[int] = None) -> int:
     """Validate the Image fields (no pixel touched); return the bytes per pixel."""

@@ -19,6 +19,7 @@ import numpy as np
 from metricgold_ros.colorize import COLORMAPS
 from metricgold_ros.depth_frame import FrameOptions
 from metricgold_ros.errors import InputError
+from metricgold_ros.image_encodings import DEFAULT_PIXEL_BUDGET
 
 ParamValue = Union[bool, int, float, str]
 T = TypeVar('T')
@@ -84,7 +85,7 @@ PARAMETERS: Tuple[ParamSpec, ...] = (
               'percentile)', float_range=(0.0, 1.0e4)),
     ParamSpec('color_max_depth', 0.0, 'Depth (m) at the colormap\'s end; 0: automatic (98th '
               'percentile)', float_range=(0.0, 1.0e4)),
-    ParamSpec('max_pixels', 4096 * 4096, 'Images with more pixels are refused before any '
+    ParamSpec('max_pixels', DEFAULT_PIXEL_BUDGET, 'Images with more pixels are refused before any '
               'allocation', int_range=(1, 2 ** 31 - 1)),
     ParamSpec('qos', 'sensor_data', 'QoS of the image and camera_info subscriptions: '
               'sensor_data (best effort) or reliable', runtime=False, choices=QOS_CHOICES),

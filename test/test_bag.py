@@ -215,6 +215,17 @@ def test_unsupported_encoding(tmp_path, capsys, fast_model):
     assert not (tmp_path / 'out').exists() and not list(tmp_path.glob('.out.partial-*'))
 
 
+@pytest.mark.parametrize('compressed', [None, 'png'])
+def test_pixel_budget_refuses_before_decoding(tmp_path, capsys, fast_model, compressed):
+    bag = write_camera_bag(tmp_path / 'in', count=2, compressed=compressed)
+    code, _, err = run_bag(capsys, bag.path, tmp_path / 'out', '--max-pixels', '19199', *FAST)
+    assert code == 1 and '160 = 19200 pixels exceeds the pixel budget 19199' in err, err
+    assert not (tmp_path / 'out').exists() and not list(tmp_path.glob('.out.partial-*'))
+    code, summary, err = run_bag(capsys, bag.path, tmp_path / 'out', '--max-pixels', '19200',
+                                 *FAST)
+    assert code == 0 and summary['frames'] == 2, err
+
+
 @pytest.mark.parametrize('argv', [['--ensemble-size', '0'], ['--start', '2', '--end', '1'],
                                   ['--storage', 'rosbag1']])
 def test_usage_errors_exit_2(tmp_path, argv):
