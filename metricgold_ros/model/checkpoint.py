@@ -228,14 +228,15 @@ def compute_empty_text_embedding(path: Union[str, Path], *,
             f'{path}: computing the empty-text embedding needs `pip install transformers`') from err
     path = Path(path)
     encoder_dir = path / 'text_encoder'
-    if not allow_pickle and not any(encoder_dir.glob('*.safetensors')):
-        pickled = sorted(p.name for p in encoder_dir.iterdir() if p.suffix in PICKLE_SUFFIXES)
-        found = f'only pickled weights ({", ".join(pickled)})' if pickled else 'no weights'
-        raise CheckpointError(f'{encoder_dir} has {found}: {ALLOW_PICKLE_HINT}')
+    pickled = sorted(p.name for p in encoder_dir.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if not allow_pickle and pickled and not any(encoder_dir.glob('*.safetensors')):
+        raise CheckpointError(f'{encoder_dir} has only pickled weights ({", ".join(pickled)}): '
+                              f'{ALLOW_PICKLE_HINT}')
     try:
         tokenizer = CLIPTokenizer.from_pretrained(str(path / 'tokenizer'), local_files_only=True)
+        prefer_safetensors = None if allow_pickle else True  # None: safetensors, else pickle
         encoder = CLIPTextModel.from_pretrained(str(encoder_dir), local_files_only=True,
-                                                use_safetensors=not allow_pickle)
+                                                use_safetensors=prefer_safetensors)
     except (OSError, ValueError) as err:
         raise CheckpointError(f'{encoder_dir} or its tokenizer cannot be loaded: {err}') from err
     ids = tokenizer('', padding='do_not_pad', truncation=True, return_tensors='pt').input_ids
