@@ -9,6 +9,7 @@ Malformed values are argparse usage errors (exit code 2); a model that cannot be
 import argparse
 import dataclasses
 import math
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -139,7 +140,8 @@ def resolve_model_path(model: Optional[str]) -> Path:
                 'untrained one for smoke tests with `metricgold init-model DIR --tiny`')
         return path
     try:
-        from metricgold_ros.model_paths import bundled_model_candidates, bundled_model_path
+        from metricgold_ros.model_paths import (bundled_model_candidates, bundled_model_notice,
+                                                bundled_model_path)
     except ImportError:
         raise CheckpointError(NO_MODEL_HELP + ' (this install has no bundled model)') from None
     bundled = bundled_model_path()
@@ -147,6 +149,7 @@ def resolve_model_path(model: Optional[str]) -> Path:
         looked = ', '.join(str(path) for path in bundled_model_candidates())
         raise CheckpointError(f'{NO_MODEL_HELP} (no bundled model installed; looked in '
                               f'{looked})')
+    print(f'metricgold: {bundled_model_notice(bundled, "--model")}', file=sys.stderr)
     return Path(bundled)
 
 

@@ -50,7 +50,8 @@ from metricgold_ros.camera import Intrinsics
 from metricgold_ros.depth_frame import (DepthFrameProcessor, FrameOptions, FrameResult,
                                         camera_for_image, frame_messages)
 from metricgold_ros.errors import CheckpointError, InputError, MetricGoldError
-from metricgold_ros.model_paths import bundled_model_path, missing_model_message
+from metricgold_ros.model_paths import (bundled_model_notice, bundled_model_path,
+                                         missing_model_message)
 from metricgold_ros.node_support import (
     FAULT_ENV, PARAMETERS, FaultInjector, FrameStats, Mailbox, ParamSpec, RateLimiter,
     StampCache, StatsSnapshot, check_parameter, frame_options, stamp_ns)
@@ -185,6 +186,7 @@ class DepthNode(Node):
             path = bundled_model_path()
             if path is None:
                 raise CheckpointError(missing_model_message('model_path'))
+            self.get_logger().info(bundled_model_notice(path, 'model_path'))
         from metricgold_ros.model import MetricGoldPipeline  # torch: imported once needed
 
         start = time.perf_counter()

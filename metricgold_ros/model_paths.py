@@ -37,6 +37,13 @@ def bundled_model_path() -> Optional[Path]:
     return None
 
 
+def bundled_model_notice(path: Path, option: str) -> str:
+    """The one line that says the bundled model is in use, and what it is."""
+    return (f'{option} not set: using the bundled model {BUNDLED_MODEL} ({path}), a small model '
+            'trained on synthetic rooms and streets for demos and tests, not for real '
+            f'decisions (see its MODEL_CARD.md); set {option} for a real checkpoint')
+
+
 def missing_model_message(parameter: str = 'model_path') -> str:
     """What to tell a user who started without a model: the parameter, the command, the doc."""
     looked = ', '.join(str(path) for path in bundled_model_candidates())

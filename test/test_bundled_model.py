@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import cv2
+import numpy as np
 import pytest
 
 from conftest import REPO_ROOT
@@ -41,3 +43,23 @@ def test_bundled_model_is_the_default(capsys):
     assert (model / 'MODEL_CARD.md').is_file()
     size_mb = sum(p.stat().st_size for p in model.rglob('*') if p.is_file()) / 1e6
     assert size_mb < 25, f'bundled model is {size_mb:.1f} MB, the budget is 25 MB'
+
+
+def test_infer_and_bag_default_to_it_and_say_so_once(tmp_path, capsys):
+    from bag_helpers import read_bag, run_bag, write_camera_bag
+
+    from metricgold_ros import cli
+    from metricgold_ros.synthetic import render_sample
+
+    notice = '--model not set: using the bundled model metricgold-tiny'
+    image = tmp_path / 'room.png'
+    cv2.imwrite(str(image), render_sample(7, 'indoor', 160, 120).rgb[..., ::-1])
+    code = cli.main(['infer', str(image), str(image), '--out', str(tmp_path / 'infer')])
+    err = capsys.readouterr().err
+    assert code == 0 and err.count(notice) == 1, err
+    assert np.load(tmp_path / 'infer' / 'room_depth.npy').shape == (120, 160)
+
+    bag = write_camera_bag(tmp_path / 'in', count=2)
+    code, summary, err = run_bag(capsys, bag.path, tmp_path / 'out')
+    assert code == 0 and summary['frames'] == 2 and err.count(notice) == 1, err
+    assert len(read_bag(tmp_path / 'out')['/camera/depth/image']) == 2
