@@ -76,8 +76,15 @@ class Recorder:
         self.subs = [
             node.create_subscription(Image, 'depth/image', self._on_depth, qos),
             node.create_subscription(Image, 'depth/colored', self._on_colored, qos),
-            node.create_subscription(PointCloud2, 'points', self._on_cloud, qos),
         ]
+        self._cloud_sub = node.create_subscription(PointCloud2, 'points', self._on_cloud, qos)
+
+    def release_cloud(self, node) -> None:
+        """Unsubscribe from ``points`` once a cloud is kept (only one is saved): a 5 MB reliable
+        cloud per frame held the depth images behind it by 0.5-1.6 s on this 2-core machine."""
+        if self._cloud_sub is not None and self.cloud is not None:
+            node.destroy_subscription(self._cloud_sub)
+            self._cloud_sub = None
 
     @staticmethod
     def _stamp_ns(msg) -> int:
@@ -207,6 +214,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         last_count, quiet_since = -1, time.monotonic()
         while time.monotonic() < deadline:
             executor.spin_once(timeout_sec=0.1)
+            recorder.release_cloud(node)
             if node_proc.poll() is not None:
                 print(f'demo: depth_node exited with code {node_proc.returncode}',
                       file=sys.stderr)
