@@ -12,7 +12,6 @@ from typing import Any, Dict, List, Optional
 
 import cv2
 import numpy as np
-import pytest
 
 from metricgold_ros.camera import Intrinsics
 from metricgold_ros.cli import main
@@ -169,18 +168,6 @@ def read_bag(path: Path) -> Dict[str, List[Any]]:
             msg = reader.deserialize(raw, connection.msgtype)
             out.setdefault(connection.topic, []).append((log_ns, bytes(raw), msg, connection))
     return out
-
-
-@pytest.fixture
-def fast_model(monkeypatch, tiny_pipeline):
-    """The session's tiny pipeline instead of loading --model again for every bag run."""
-    import torch
-
-    monkeypatch.setattr('metricgold_ros.bag.load_pipeline', lambda args: tiny_pipeline)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny inputs; one thread stays fast on a busy shared machine
-    yield tiny_pipeline
-    torch.set_num_threads(threads)
 
 
 def run_bag(capsys, *argv):

@@ -40,3 +40,17 @@ def tiny_pipeline(tiny_model_dir):
     from metricgold_ros.model import MetricGoldPipeline
 
     return MetricGoldPipeline.from_pretrained(tiny_model_dir, device='cpu', dtype='float32')
+
+
+@pytest.fixture
+def fast_model(monkeypatch, tiny_pipeline):
+    """The session's tiny pipeline for `metricgold bag` and `infer` instead of loading --model
+    for every run."""
+    import torch
+
+    for tool in ('bag', 'infer'):
+        monkeypatch.setattr(f'metricgold_ros.{tool}.load_pipeline', lambda args: tiny_pipeline)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny inputs; one thread stays fast on a busy shared machine
+    yield tiny_pipeline
+    torch.set_num_threads(threads)

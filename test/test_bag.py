@@ -12,8 +12,7 @@ import cv2
 import numpy as np
 import pytest
 
-from bag_helpers import (  # noqa: F401 - fast_model is a fixture
-    START_NS, fast_model, read_bag, run_bag, write_camera_bag)
+from bag_helpers import START_NS, read_bag, run_bag, write_camera_bag
 from metricgold_ros import bag_io
 from metricgold_ros.cli import main
 from metricgold_ros.errors import BagError

@@ -21,8 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bag_helpers import (  # noqa: F401 - fast_model is a fixture
-    START_NS, fast_model, read_bag, run_bag, write_camera_bag)
+from bag_helpers import START_NS, read_bag, run_bag, write_camera_bag
 
 pytestmark = pytest.mark.timeout(120)
 

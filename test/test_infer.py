@@ -15,18 +15,6 @@ from metricgold_ros.synthetic import render_sample
 FAST = ['--processing-resolution', '64']
 
 
-@pytest.fixture
-def fast_model(monkeypatch, tiny_pipeline):
-    """The session's tiny pipeline instead of loading --model for every run."""
-    import torch
-
-    monkeypatch.setattr('metricgold_ros.infer.load_pipeline', lambda args: tiny_pipeline)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny inputs; one thread stays fast on a busy shared machine
-    yield tiny_pipeline
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope='module')
 def scene():
     """An odd-sized (97x61) rendered frame and its intrinsics."""
