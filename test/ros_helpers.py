@@ -173,7 +173,12 @@ def stamp_of(msg: Any) -> int:
 
 
 class RosHarness:
-    """rclpy in its own context with a MultiThreadedExecutor spinning in a thread.
+    """rclpy in its own context with a SingleThreadedExecutor spinning in a thread.
+
+    Not a MultiThreadedExecutor: the rclpy of the Kilted wheels (before ros2/rclpy#1547)
+    re-submits callbacks still queued in its thread pool, so its spin thread busy-loops while
+    messages arrive and starves the node's inference thread of the GIL (model period 7 s
+    instead of 0.4 s in test_node_slow).
 
     ``with RosHarness() as ros:`` gives ``ros.node`` (a helper node for publishers and
     collectors) and ``ros.add_node(other)``; leaving shuts everything down.
@@ -182,10 +187,10 @@ class RosHarness:
     def __init__(self, name: str = 'test_harness') -> None:
         import rclpy
         from rclpy.context import Context
-        from rclpy.executors import MultiThreadedExecutor
+        from rclpy.executors import SingleThreadedExecutor
         self.context = Context()
         rclpy.init(context=self.context)
-        self.executor = MultiThreadedExecutor(num_threads=3, context=self.context)
+        self.executor = SingleThreadedExecutor(context=self.context)
         self.node = rclpy.create_node(name, context=self.context)
         self._nodes = [self.node]
         self.executor.add_node(self.node)
