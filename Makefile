@@ -30,7 +30,7 @@ $(STAMP): requirements.txt requirements-ros.txt requirements-dev.txt setup.py
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VPY) -m metricgold_ros.demo --frames $(FRAMES) --out $(OUT)
+	$(VPY) -m metricgold_ros.synthetic.demo --frames $(FRAMES) --out $(OUT)
 
 test: $(STAMP)
 	$(VPY) -m pytest -q -p no:cacheprovider test

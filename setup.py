@@ -26,8 +26,8 @@ setup(
     license='Apache-2.0',
     entry_points={
         'console_scripts': [
-            'depth_node = metricgold_ros.depth_node:main',
-            'metricgold = metricgold_ros.cli:main',
+            'depth_node = metricgold_ros.node.depth_node:main',
+            'metricgold = metricgold_ros.tools.cli:main',
         ],
     },
 )

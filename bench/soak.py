@@ -1,7 +1,7 @@
 """Soak test of ``depth_node``: a 30 Hz camera for a long time; memory, threads and latency.
 
 Starts the ``depth_node`` console script and the synthetic camera
-(``python -m metricgold_ros.synthetic_camera --rate 30 --frames 0 --qos reliable``) as
+(``python -m metricgold_ros.synthetic.camera --rate 30 --frames 0 --qos reliable``) as
 processes on loopback DDS in a domain of their own, subscribes here to every output of the
 node and to ``/diagnostics``, and after ``--duration`` seconds of camera frames reports (JSON):
 
@@ -178,7 +178,7 @@ def _model(args: argparse.Namespace, scratch: Path) -> Path:
     if bundled is not None:
         return bundled
     path = scratch / 'metricgold-tiny-random'
-    subprocess.run([sys.executable, '-m', 'metricgold_ros.cli', 'init-model', str(path),
+    subprocess.run([sys.executable, '-m', 'metricgold_ros.tools.cli', 'init-model', str(path),
                     '--tiny'], check=True, cwd=REPO_ROOT, stdout=subprocess.DEVNULL)
     return path
 
@@ -247,7 +247,7 @@ def soak(args: argparse.Namespace) -> Dict[str, Any]:
         model = _model(args, Path(scratch))
         script = Path(sys.executable).parent / 'depth_node'
         node_cmd = [str(script) if script.is_file() else sys.executable,
-                    *([] if script.is_file() else ['-m', 'metricgold_ros.depth_node']),
+                    *([] if script.is_file() else ['-m', 'metricgold_ros.node.depth_node']),
                     '--ros-args', '--params-file', str(REPO_ROOT / 'config' / 'depth.yaml'),
                     '-p', f'model_path:={model}', '-p', 'device:=cpu',
                     '-p', f'processing_resolution:={args.processing_resolution}',
@@ -257,7 +257,7 @@ def soak(args: argparse.Namespace) -> Dict[str, Any]:
         node = _spawn(node_cmd, env, Path(scratch) / 'node.log')
         # The camera renders its frames while the node loads, then waits for its subscriber.
         camera = _spawn(
-            [sys.executable, '-m', 'metricgold_ros.synthetic_camera', '--rate',
+            [sys.executable, '-m', 'metricgold_ros.synthetic.camera', '--rate',
              str(args.rate), '--frames', '0', '--qos', 'reliable', '--size', args.size,
              '--image-topic', f'{NS}/camera/image_raw',
              '--info-topic', f'{NS}/camera/camera_info', '--wait-subscribers', '120'],

@@ -26,7 +26,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from metricgold_ros import bench  # noqa: E402  (after the path fix for a source checkout)
+from metricgold_ros.tools import bench  # noqa: E402  (after the path fix for a source checkout)
 from metricgold_ros.errors import MetricGoldError  # noqa: E402
 
 STATIC_CHANGE = 0.01  # a pixel is static when its GT depth changed by less than 1 %
@@ -105,7 +105,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from metricgold_ros.synthetic import camera_sequence
+    from metricgold_ros.synthetic.scenes import camera_sequence
 
     bench._set_threads(args.threads)
     width, height = (int(v) for v in args.size.lower().split('x'))

@@ -1,6 +1,6 @@
 """Synthetic camera bags for tests, written with ``rosbags`` (rosbag2 mcap/sqlite3, ROS 1).
 
-Frames come from :mod:`metricgold_ros.synthetic` (a rendered scene with exact intrinsics), so
+Frames come from :mod:`metricgold_ros.synthetic.scenes` (a rendered scene with exact intrinsics), so
 a test can check what ``metricgold bag`` wrote against the K it was given. Times are integer
 nanoseconds.
 """
@@ -14,9 +14,9 @@ import cv2
 import numpy as np
 
 from metricgold_ros.camera import Intrinsics
-from metricgold_ros.cli import main
+from metricgold_ros.tools.cli import main
 from metricgold_ros.image_encodings import rgb_to_buffer
-from metricgold_ros.synthetic import camera_sequence
+from metricgold_ros.synthetic.scenes import camera_sequence
 
 START_NS = 1_700_000_000_000_000_000
 PERIOD_NS = 100_000_000  # 10 Hz

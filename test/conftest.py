@@ -49,7 +49,8 @@ def fast_model(monkeypatch, tiny_pipeline):
     import torch
 
     for tool in ('bag', 'infer'):
-        monkeypatch.setattr(f'metricgold_ros.{tool}.load_pipeline', lambda args: tiny_pipeline)
+        monkeypatch.setattr(f'metricgold_ros.tools.{tool}.load_pipeline',
+                            lambda args: tiny_pipeline)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny inputs; one thread stays fast on a busy shared machine
     yield tiny_pipeline

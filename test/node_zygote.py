@@ -3,7 +3,7 @@
 Importing torch and diffusers costs 3-10 s of CPU per process on the shared CI machine, more
 than everything a start-up or shutdown test checks. The zygote imports them (and rclpy) once;
 each node is then a ``fork()`` of it that restores the default signal handlers, takes the
-given environment, sends stdout/stderr to files and calls :func:`metricgold_ros.depth_node.main`
+given environment, sends stdout/stderr to files and calls :func:`metricgold_ros.node.depth_node.main`
 as the ``depth_node`` console script does (so it ends with the same ``os._exit``). Signals go
 straight to the child's pid. test_node_process.py covers the console script itself. Linux only.
 """
@@ -29,7 +29,8 @@ try:
     from transformers import CLIPTextModel, CLIPTokenizer  # noqa: F401
 except ImportError:
     pass
-from metricgold_ros import colorize, depth_frame, depth_node, pointcloud  # noqa: F401
+from metricgold_ros import colorize, depth_frame, pointcloud  # noqa: F401
+from metricgold_ros.node import depth_node  # noqa: F401
 from metricgold_ros.model import MetricGoldPipeline, load_checkpoint  # noqa: F401
 children = set()
 print(json.dumps({'ready': os.getpid()}), flush=True)

@@ -38,7 +38,7 @@ def synthetic_frame(seed: int = 0, width: int = 160, height: int = 120
                     ) -> Tuple[np.ndarray, Tuple[float, float, float, float]]:
     """A realistic RGB uint8 [H,W,3] frame and its (fx, fy, cx, cy) in pixels."""
     try:
-        from metricgold_ros.synthetic import render_sample
+        from metricgold_ros.synthetic.scenes import render_sample
     except ImportError:  # the renderer is optional here: a gradient with plausible intrinsics
         u = np.linspace(0, 255, width, dtype=np.float32)
         v = np.linspace(0, 255, height, dtype=np.float32)[:, None]

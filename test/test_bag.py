@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from bag_helpers import START_NS, read_bag, run_bag, write_camera_bag
-from metricgold_ros import bag_io
-from metricgold_ros.cli import main
+from metricgold_ros.tools import bag_io
+from metricgold_ros.tools.cli import main
 from metricgold_ros.errors import BagError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -276,7 +276,7 @@ def test_interrupt_leaves_no_output(tmp_path, tiny_model_dir):
     out = tmp_path / 'out'
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=str(REPO_ROOT))
     proc = subprocess.Popen(
-        [sys.executable, '-m', 'metricgold_ros.cli', 'bag', str(bag.path), str(out),
+        [sys.executable, '-m', 'metricgold_ros.tools.cli', 'bag', str(bag.path), str(out),
          '--model', str(tiny_model_dir), '--processing-resolution', '320', '--quiet'],
         cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
@@ -334,7 +334,7 @@ def test_progress_bar_and_summary_on_a_terminal(tmp_path, capsys, fast_model, mo
 
 
 def test_sigterm_is_an_interrupt():
-    from metricgold_ros.bag import _sigterm_as_interrupt
+    from metricgold_ros.tools.bag import _sigterm_as_interrupt
 
     with pytest.raises(KeyboardInterrupt):
         with _sigterm_as_interrupt():

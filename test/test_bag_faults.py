@@ -36,7 +36,7 @@ SMALL_DISK = 1 << 20  # bytes: a few frames of output
 # the exit code, its stderr and what is left in OUTPUT's folder.
 DRIVER = textwrap.dedent('''
     import contextlib, io, json, os, resource, signal, sys
-    from metricgold_ros.cli import main
+    from metricgold_ros.tools.cli import main
     bag, model, limit = sys.argv[1], sys.argv[2], int(sys.argv[3])
     results = []
     for how, out_dir in (('tmpfs', sys.argv[4]), ('rlimit', sys.argv[5])):

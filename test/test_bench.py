@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from metricgold_ros.cli import main
+from metricgold_ros.tools.cli import main
 from metricgold_ros.model import image_ops
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

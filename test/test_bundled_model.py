@@ -48,8 +48,8 @@ def test_bundled_model_is_the_default(capsys):
 def test_infer_and_bag_default_to_it_and_say_so_once(tmp_path, capsys):
     from bag_helpers import read_bag, run_bag, write_camera_bag
 
-    from metricgold_ros import cli
-    from metricgold_ros.synthetic import render_sample
+    from metricgold_ros.tools import cli
+    from metricgold_ros.synthetic.scenes import render_sample
 
     notice = '--model not set: using the bundled model metricgold-tiny'
     image = tmp_path / 'room.png'

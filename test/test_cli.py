@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from metricgold_ros.cli import main
+from metricgold_ros.tools.cli import main
 from metricgold_ros.model import MetricGoldPipeline
 
 
@@ -40,7 +40,7 @@ def test_usage_errors_exit_2():
 
 
 def test_console_script_help_runs_without_torch_import():
-    code = ('import sys; from metricgold_ros.cli import main\n'
+    code = ('import sys; from metricgold_ros.tools.cli import main\n'
             'try:\n    main(["--help"])\nexcept SystemExit:\n    pass\n'
             'print("torch" in sys.modules)')
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,

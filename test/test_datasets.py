@@ -8,7 +8,8 @@ import pytest
 from torch.utils.data import DataLoader
 
 from metricgold_ros.errors import InputError
-from metricgold_ros.synthetic import render_sample, write_vkitti2
+from metricgold_ros.synthetic.scenes import render_sample
+from metricgold_ros.synthetic.vkitti import write_vkitti2
 from training.datasets import (DatasetError, HypersimDataset, MixedBatchSampler,
                                TartanAirDataset, VirtualKitti2Dataset, build_mixed_dataset,
                                hypersim_distance_to_planar)

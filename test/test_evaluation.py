@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import pytest
 
-from metricgold_ros import cli
+from metricgold_ros.tools import cli
 from metricgold_ros.errors import InputError
 from metricgold_ros.evaluation import (METRIC_KEYS, align, depth_metrics, evaluate_folder,
                                        evaluate_image, fit_alignment, format_table,

@@ -17,9 +17,9 @@ from rcl_interfaces.msg import Log  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
 from sensor_msgs.msg import CameraInfo, Image, PointCloud2  # noqa: E402
 
-from metricgold_ros.depth_node import DepthNode  # noqa: E402
+from metricgold_ros.node.depth_node import DepthNode  # noqa: E402
 from metricgold_ros.errors import InputError  # noqa: E402
-from metricgold_ros.node_support import (FAULT_ENV, FaultInjector, StampCache,  # noqa: E402
+from metricgold_ros.node.support import (FAULT_ENV, FaultInjector, StampCache,  # noqa: E402
                                          check_parameter, default_values)
 from node_zygote import start_node, wait_for_text  # noqa: E402
 from ros_helpers import (REPO_ROOT, RosHarness, camera_info_msg, image_array,  # noqa: E402

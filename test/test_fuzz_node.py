@@ -24,7 +24,7 @@ from rcl_interfaces.msg import Log  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
 from sensor_msgs.msg import CameraInfo, Image  # noqa: E402
 
-from metricgold_ros.depth_node import DepthNode  # noqa: E402
+from metricgold_ros.node.depth_node import DepthNode  # noqa: E402
 from metricgold_ros.errors import InputError  # noqa: E402
 from metricgold_ros.image_encodings import SUPPORTED_ENCODINGS, decode_compressed  # noqa: E402
 from ros_helpers import (RosHarness, camera_info_msg, header, image_array,  # noqa: E402

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from metricgold_ros.cli import main
-from metricgold_ros.infer import depth_to_png_mm, load_rgb
-from metricgold_ros.synthetic import render_sample
+from metricgold_ros.tools.cli import main
+from metricgold_ros.tools.infer import depth_to_png_mm, load_rgb
+from metricgold_ros.synthetic.scenes import render_sample
 
 FAST = ['--processing-resolution', '64']
 

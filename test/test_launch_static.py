@@ -10,7 +10,7 @@ from typing import Dict, List
 import pytest
 import yaml
 
-from metricgold_ros.node_support import PARAMETER_NAMES, SPECS, check_parameter, default_values
+from metricgold_ros.node.support import PARAMETER_NAMES, SPECS, check_parameter, default_values
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH_FILE = REPO / 'launch' / 'depth.launch.py'
@@ -98,7 +98,7 @@ def test_launch_arguments_are_declared_and_remappings_are_node_topics(launch_tre
     assert used <= declared, used - declared
     assert {'model_path', 'params_file', 'namespace', 'image', 'camera_info',
             'device'} <= declared
-    node_source = ast.parse((REPO / PACKAGE / 'depth_node.py').read_text())
+    node_source = ast.parse((REPO / PACKAGE / 'node' / 'depth_node.py').read_text())
     subscribed = {_value(call.args[1], {}) for call in _calls(node_source, 'create_subscription')}
     remaps = _our_nodes(launch_tree)[0]['remappings']
     sources = {_value(pair.elts[0], constants) for pair in remaps.elts}

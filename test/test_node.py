@@ -17,8 +17,8 @@ from rclpy.logging import LoggingSeverity  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
 from sensor_msgs.msg import CameraInfo, Image, PointCloud2  # noqa: E402
 
-from metricgold_ros.depth_node import DepthNode  # noqa: E402
-from metricgold_ros.node_support import PARAMETER_NAMES  # noqa: E402
+from metricgold_ros.node.depth_node import DepthNode  # noqa: E402
+from metricgold_ros.node.support import PARAMETER_NAMES  # noqa: E402
 from ros_helpers import (RosHarness, camera_info_msg, cloud_array, image_array,  # noqa: E402
                          image_msg, raw_image_msg, reliable_qos, stamp_of, synthetic_frame,
                          wait_for_publishers, wait_for_subscribers, wait_until)

@@ -15,7 +15,7 @@ pytest.importorskip('rclpy')
 from rclpy.parameter import Parameter  # noqa: E402
 from sensor_msgs.msg import CameraInfo, Image  # noqa: E402
 
-from metricgold_ros.depth_node import DepthNode  # noqa: E402
+from metricgold_ros.node.depth_node import DepthNode  # noqa: E402
 from ros_helpers import (RosHarness, camera_info_msg, image_msg, stamp_of,  # noqa: E402
                          synthetic_frame, wait_for_publishers, wait_for_subscribers)
 

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from metricgold_ros import model_paths
-from metricgold_ros.node_support import (
+from metricgold_ros.node.support import (
     PARAMETER_NAMES, FrameStats, Mailbox, RateLimiter, StampCache, check_parameter,
     default_values, frame_options)
 

@@ -30,7 +30,7 @@ def test_make_targets_set_up_the_venv_and_run_pytest_and_the_demo():
     assert 'python3 -m venv .venv' in dry
     assert 'pip install --quiet torch==2.13.0' in dry
     assert '-m pytest' in dry and ' test' in dry
-    assert '-m metricgold_ros.demo' in dry
+    assert '-m metricgold_ros.synthetic.demo' in dry
 
 
 def test_console_scripts_are_in_the_venv():

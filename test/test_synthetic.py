@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 
 from metricgold_ros.errors import InputError
-from metricgold_ros.synthetic import (CHECKER, MAX_DEPTH_M, CameraPose, Material, Scene,
-                                      camera_sequence, main, make_scene, render_sample,
-                                      render_view)
+from metricgold_ros.synthetic.scenes import (CHECKER, MAX_DEPTH_M, CameraPose, Material, Scene,
+                                              camera_sequence, make_scene, render_sample,
+                                              render_view)
+from metricgold_ros.synthetic.vkitti import main
 
 W, H = 64, 48
 FX, CX, CY = 40.0, 31.5, 23.5

@@ -32,7 +32,7 @@ SMOKE_CONFIG = REPO_ROOT / 'training' / 'configs' / 'smoke.yaml'
 @pytest.fixture(scope='module')
 def synthetic_root(tmp_path_factory) -> Path:
     """A few synthetic frames of each kind in the Virtual KITTI 2 layout, 64x48 px."""
-    from metricgold_ros.synthetic import write_vkitti2
+    from metricgold_ros.synthetic.vkitti import write_vkitti2
 
     root = tmp_path_factory.mktemp('synthetic')
     write_vkitti2(root / 'train', 4, seed=0, width=64, height=48)

@@ -55,7 +55,7 @@ class VaeStageConfig:
 
 @dataclasses.dataclass
 class GenerateConfig:
-    """Synthetic frames rendered by ``metricgold_ros.synthetic`` into ``{output}/data/<name>``."""
+    """Synthetic frames rendered by ``metricgold_ros.synthetic.scenes`` into ``{output}/data/<name>``."""
 
     count: int  # frames per kind
     kinds: List[str] = dataclasses.field(default_factory=lambda: ['indoor', 'outdoor'])

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, Dataset, Sampler
 
-from metricgold_ros.synthetic import write_vkitti2
+from metricgold_ros.synthetic.vkitti import write_vkitti2
 from training.config import DataConfig, DatasetConfig
 from training.datasets import (
     HypersimDataset, MixedBatchSampler, TartanAirDataset, VirtualKitti2Dataset)

@@ -22,7 +22,7 @@ Layouts (each loader's error message repeats its own):
       ``SceneXX/<variation>/intrinsic.txt`` (per frame and camera). The archives may be
       extracted into one root or side by side as ``rgb/``, ``depth/``, ``textgt/`` (or
       ``vkitti_2.0.3_rgb/`` ...). An optional ``SceneXX/domain.txt`` holding 'indoor' or
-      'outdoor' overrides the domain; ``metricgold_ros.synthetic.write_vkitti2`` writes one.
+      'outdoor' overrides the domain; ``metricgold_ros.synthetic.vkitti.write_vkitti2`` writes one.
     * TartanAir: ``<env>/<Easy|Hard>/<Pxxx>/image_left/NNNNNN_left.png`` and
       ``depth_left/NNNNNN_left_depth.npy`` (float32 metres, planar), fx = fy = 320, cx = 320,
       cy = 240 at 640x480.

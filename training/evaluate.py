@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 try:
-    from metricgold_ros import cli
+    from metricgold_ros.tools import cli
 except ImportError:  # run from a source checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from metricgold_ros import cli
+    from metricgold_ros.tools import cli
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -23,12 +23,12 @@ import cv2
 import numpy as np
 
 try:
-    from metricgold_ros import cli
+    from metricgold_ros.tools import cli
 except ImportError:  # run from a source checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from metricgold_ros import cli
+    from metricgold_ros.tools import cli
 from metricgold_ros.model import MetricGoldPipeline
-from metricgold_ros.synthetic import KINDS, render_sample
+from metricgold_ros.synthetic.scenes import KINDS, render_sample
 
 GT_UNITS_PER_M = 256.0
 METHODS = ('model', 'constant', 'oracle_constant')

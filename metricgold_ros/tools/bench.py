@@ -441,7 +441,7 @@ def _int_list(text: str, flag: str) -> List[int]:
 def run_sweep(pipeline: Any, args: argparse.Namespace) -> Dict[str, Any]:
     """AbsRel and time per frame for steps x ensemble on held-out synthetic frames."""
     from metricgold_ros.evaluation import depth_metrics
-    from metricgold_ros.synthetic import KINDS, render_sample
+    from metricgold_ros.synthetic.scenes import KINDS, render_sample
 
     steps_list = _int_list(args.sweep_steps, '--sweep-steps')
     ensembles = _int_list(args.sweep_ensembles, '--sweep-ensembles')

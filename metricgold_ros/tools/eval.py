@@ -26,7 +26,7 @@ DEFAULT_GT_SCALE = {'nyu': 1000.0, 'kitti': 256.0}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the ``eval`` options to ``parser`` (called by :mod:`metricgold_ros.cli`)."""
+    """Add the ``eval`` options to ``parser`` (called by :mod:`metricgold_ros.tools.cli`)."""
     parser.add_argument('--pred', required=True, type=Path, metavar='DIR',
                         help='predictions: <stem>.npy (float metres) or <stem>.png (16-bit '
                              'millimetres), same relative path and stem as the GT PNG')

@@ -1,10 +1,10 @@
 """A camera process that plays a synthetic sequence over DDS: Image + CameraInfo at a fixed rate.
 
 The sequence walks through a generated room, then drives down a generated street
-(``metricgold_ros.synthetic``), so whoever receives the node's depth can regenerate the exact
+(``metricgold_ros.synthetic.scenes``), so whoever receives the node's depth can regenerate the exact
 ground truth of every frame from its index. Used by the demo and the soak test::
 
-    python -m metricgold_ros.synthetic_camera --rate 5 --frames 40 --stamps-out stamps.json
+    python -m metricgold_ros.synthetic.camera --rate 5 --frames 40 --stamps-out stamps.json
 """
 
 import argparse
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 from metricgold_ros.ros_env import use_loopback
-from metricgold_ros.synthetic import Sample, camera_sequence
+from metricgold_ros.synthetic.scenes import Sample, camera_sequence
 
 SCENES = (('indoor', 1), ('outdoor', 2))  # (kind, scene seed): a room, then a street
 

@@ -10,11 +10,11 @@ from metricgold_ros.errors import MetricGoldError
 # sub-command -> (module, one-line help). Each module defines
 # ``add_arguments(parser: argparse.ArgumentParser) -> None`` and ``run(args) -> int``.
 COMMANDS = {
-    'init-model': ('metricgold_ros.model.init_model', 'write a randomly initialised tiny model'),
-    'infer': ('metricgold_ros.infer', 'predict metric depth for image files'),
-    'bag': ('metricgold_ros.bag', 'add depth and point clouds to a rosbag'),
-    'eval': ('metricgold_ros.evaluation_cli', 'score predicted depth against ground truth'),
-    'bench': ('metricgold_ros.bench', 'time every stage of the pipeline'),
+    'init-model': ('metricgold_ros.tools.init_model', 'write a randomly initialised tiny model'),
+    'infer': ('metricgold_ros.tools.infer', 'predict metric depth for image files'),
+    'bag': ('metricgold_ros.tools.bag', 'add depth and point clouds to a rosbag'),
+    'eval': ('metricgold_ros.tools.eval', 'score predicted depth against ground truth'),
+    'bench': ('metricgold_ros.tools.bench', 'time every stage of the pipeline'),
 }
 
 EXIT_OK = 0

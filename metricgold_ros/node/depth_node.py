@@ -8,7 +8,7 @@ latency stays bounded when the camera is faster than the model.
 
 Topics (relative, remap them): in ``image``, ``camera_info``; out ``depth/image``,
 ``depth/camera_info``, ``depth/colored``, ``depth/uncertainty``, ``points``; and
-``/diagnostics``. Parameters: :data:`metricgold_ros.node_support.PARAMETERS`.
+``/diagnostics``. Parameters: :data:`metricgold_ros.node.support.PARAMETERS`.
 
 Faults: bad input is logged (rate-limited, naming the topic and the fix) and the frame
 skipped. An inference that raises (CUDA out of memory, ...) is logged with the exception type
@@ -17,7 +17,7 @@ the frame is retried once at that resolution, else skipped. When the image size 
 camera restarted in another mode) the warm-start latent and the CameraInfo history are reset.
 Debug only: ``METRICGOLD_FAULT=STAGE:KIND[:every=N][:times=N]`` (e.g. ``vae_decode:oom:every=3``)
 injects real faults through the pipeline's stage hook, see
-:class:`~metricgold_ros.node_support.FaultInjector`.
+:class:`~metricgold_ros.node.support.FaultInjector`.
 """
 
 import dataclasses
@@ -52,7 +52,7 @@ from metricgold_ros.depth_frame import (DepthFrameProcessor, FrameOptions, Frame
 from metricgold_ros.errors import CheckpointError, InputError, MetricGoldError
 from metricgold_ros.model_paths import (bundled_model_notice, bundled_model_path,
                                          missing_model_message)
-from metricgold_ros.node_support import (
+from metricgold_ros.node.support import (
     FAULT_ENV, PARAMETERS, FaultInjector, FrameStats, Mailbox, ParamSpec, RateLimiter,
     StampCache, StatsSnapshot, check_parameter, frame_options, stamp_ns)
 

@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 
 from metricgold_ros.camera import Intrinsics
-from metricgold_ros.cli_options import (
+from metricgold_ros.tools.options import (
     add_inference_arguments, add_output_arguments, load_pipeline, options_from_args,
     positive_float)
 from metricgold_ros.depth_frame import DepthFrameProcessor

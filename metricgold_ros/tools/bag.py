@@ -20,8 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
 
-from metricgold_ros import bag_io, bag_output, messages
-from metricgold_ros.cli_options import (
+from metricgold_ros import messages
+from metricgold_ros.tools import bag_io
+from metricgold_ros.tools import bag_output
+from metricgold_ros.tools.options import (
     add_inference_arguments, add_output_arguments, load_pipeline, options_from_args,
     positive_int)
 from metricgold_ros.depth_frame import DepthFrameProcessor, camera_for_image, frame_messages

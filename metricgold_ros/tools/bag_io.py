@@ -1,7 +1,7 @@
 """Rosbag reading, topic selection and CameraInfo pairing for ``metricgold bag``.
 
 Pure Python on top of ``rosbags``: no ROS installation needed. Reads rosbag2 (sqlite3, mcap)
-and ROS 1 bags (writing is :mod:`metricgold_ros.bag_output`). Times are integer nanoseconds.
+and ROS 1 bags (writing is :mod:`metricgold_ros.tools.bag_output`). Times are integer nanoseconds.
 """
 
 import bisect

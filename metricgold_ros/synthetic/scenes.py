@@ -21,10 +21,8 @@ Conventions:
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import math
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -36,8 +34,6 @@ from metricgold_ros.errors import InputError
 KINDS = ('indoor', 'outdoor')
 MAX_DEPTH_M = 80.0
 NEAR_M = 0.05
-VKITTI2_SCENES = {'indoor': 'Scene01', 'outdoor': 'Scene02'}
-VKITTI2_VARIATION = 'clone'
 PLAIN, CHECKER, STRIPES, NOISE, WINDOWS, ROAD = range(6)  # texture patterns
 _EDGES = [(i, i | b) for b in (1, 2, 4) for i in range(8) if not i & b]  # box corner pairs
 # Furniture (low, high) of (width, depth, height) in metres: table, shelf, bed or sofa, box.
@@ -113,7 +109,7 @@ class CameraPose:
         return np.stack([cr * right + sr * up, sr * right - cr * up, fwd], axis=1)
 
 
-def _check(kind: str, width: int = 8, height: int = 8, seed: int = 0) -> int:
+def check_scene_args(kind: str, width: int = 8, height: int = 8, seed: int = 0) -> int:
     """Index of ``kind`` in ``KINDS``, once it, the image size and the seed are validated."""
     if not isinstance(seed, (int, np.integer)) or seed < 0:
         raise InputError(f'seed={seed!r} must be an integer >= 0')
@@ -126,7 +122,7 @@ def _check(kind: str, width: int = 8, height: int = 8, seed: int = 0) -> int:
 
 def make_scene(seed: int, kind: str = 'indoor') -> Scene:
     """The scene (boxes, materials, lights, camera path) that ``seed`` and ``kind`` define."""
-    rng = np.random.default_rng([seed, _check(kind, seed=seed), 0])
+    rng = np.random.default_rng([seed, check_scene_args(kind, seed=seed), 0])
     boxes: list[tuple] = []  # (lo, hi, material index per face [3,2], inside)
     mats: list[Material] = []
 
@@ -241,7 +237,7 @@ def _path_pose(path: tuple[float, ...], time_s: float) -> CameraPose:
 
 def _intrinsics(seed: int, kind: str, width: int, height: int) -> tuple[float, ...]:
     """(fx, fy, cx, cy) px: horizontal field of view 45-90 deg, centre within 2 % of the middle."""
-    rng = np.random.default_rng([seed, _check(kind), 1])
+    rng = np.random.default_rng([seed, check_scene_args(kind), 1])
     f_px = width / 2 / math.tan(math.radians(rng.uniform(45.0, 90.0)) / 2)
     du, dv = rng.uniform(-0.02, 0.02, 2).tolist()
     return (f_px, f_px, (width - 1) / 2 + du * width, (height - 1) / 2 + dv * height)
@@ -251,7 +247,7 @@ def render_sample(seed: int, kind: str = 'indoor', width: int = 640,
                   height: int = 480) -> Sample:
     """One frame of scene ``seed`` from a random point of its camera path, random orientation."""
     scene, intrinsics = make_scene(seed, kind), _intrinsics(seed, kind, width, height)
-    rng = np.random.default_rng([seed, _check(kind, width, height, seed), 2])
+    rng = np.random.default_rng([seed, check_scene_args(kind, width, height, seed), 2])
     x_m, _, z_m = _path_pose(scene.path, rng.uniform(0, 7 / abs(scene.path[5]))).position_m
     towards = math.atan2(scene.path[1] - x_m, scene.path[2] - z_m)  # indoors, face the room
     yaw, pitch, eye_m = ((towards + rng.uniform(-1.3, 1.3), rng.uniform(-0.4, 0.15),
@@ -272,7 +268,7 @@ def camera_sequence(seed: int, kind: str = 'indoor', n_frames: int = 100, width:
     if n_frames < 0 or fps <= 0:
         raise InputError(f'n_frames={n_frames} must be >= 0 and fps={fps} > 0')
     scene, intrinsics = make_scene(seed, kind), _intrinsics(seed, kind, width, height)
-    _check(kind, width, height)
+    check_scene_args(kind, width, height)
     for k in range(n_frames):
         yield render_view(scene, _path_pose(scene.path, k / fps), intrinsics, width, height,
                           seed=seed, frame_index=k)
@@ -436,74 +432,3 @@ def _shade(scene: Scene, origin: list, ray: list, depth: np.ndarray, prim: np.nd
         sky = sky_ground + (zenith - sky_ground) * np.sqrt(np.clip(up, 0, 1))[:, None]
         out[miss] = (sky + (0.95 - sky) * (np.clip(cloud - 0.55, 0, 1) * 1.8)[:, None]) * 255
     return np.clip(color, 0, 255, out=color).astype(np.uint8)
-
-
-def write_vkitti2(root: str | Path, n_per_kind: int, seed: int = 0, width: int = 640,
-                  height: int = 480, *, kinds: Sequence[str] = KINDS,
-                  overwrite: bool = False) -> int:
-    """Write ``n_per_kind`` frames per kind in the Virtual KITTI 2 layout; return the count.
-
-    Indoor goes to Scene01, outdoor to Scene02; frame i is ``render_sample(seed + i, kind)``::
-
-        root/SceneXX/domain.txt                 'indoor' | 'outdoor' (our extension)
-        root/SceneXX/clone/intrinsic.txt        'frame cameraID K[0,0] K[1,1] K[0,2] K[1,2]'
-        root/SceneXX/clone/frames/rgb/Camera_0/rgb_00000.jpg      JPEG, quality 95, 4:4:4
-        root/SceneXX/clone/frames/depth/Camera_0/depth_00000.png  uint16 cm, 65535 = invalid
-    """
-    import cv2  # only the writer needs it: the renderer stays numpy-only
-
-    root = Path(root)
-    if not 0 <= n_per_kind <= 99999:
-        raise InputError(f'n_per_kind={n_per_kind} must be in 0..99999 (5-digit frame ids)')
-    for kind in kinds:
-        _check(kind, width, height)
-        if (root / VKITTI2_SCENES[kind]).exists() and not overwrite:
-            raise InputError(f'{root / VKITTI2_SCENES[kind]} exists; choose another folder or '
-                             'overwrite (--overwrite)')
-    jpeg = [cv2.IMWRITE_JPEG_QUALITY, 95, cv2.IMWRITE_JPEG_SAMPLING_FACTOR,
-            cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444]  # full-resolution colour: textures are fine
-    for kind in kinds:
-        frames = root / VKITTI2_SCENES[kind] / VKITTI2_VARIATION / 'frames'
-        for name in ('rgb', 'depth'):
-            (frames / name / 'Camera_0').mkdir(parents=True, exist_ok=True)
-        (root / VKITTI2_SCENES[kind] / 'domain.txt').write_text(kind + '\n')
-        rows = ['frame cameraID K[0,0] K[1,1] K[0,2] K[1,2]']
-        for i in range(n_per_kind):
-            smp = render_sample(seed + i, kind, width, height)
-            depth_cm = np.where(smp.valid, np.clip(np.round(smp.depth_m * 100), 1, 65534), 65535)
-            rgb_path = frames / 'rgb' / 'Camera_0' / f'rgb_{i:05d}.jpg'
-            depth_path = frames / 'depth' / 'Camera_0' / f'depth_{i:05d}.png'
-            if not (cv2.imwrite(str(rgb_path), smp.rgb[..., ::-1], jpeg) and
-                    cv2.imwrite(str(depth_path), depth_cm.astype(np.uint16))):
-                raise InputError(f'could not write {rgb_path} or {depth_path}; is the disk full?')
-            rows.append(f'{i} 0 {smp.fx_px!r} {smp.fy_px!r} {smp.cx_px!r} {smp.cy_px!r}')
-        (frames.parent / 'intrinsic.txt').write_text('\n'.join(rows) + '\n')
-    return n_per_kind * len(kinds)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m metricgold_ros.synthetic --out DIR --n 100 --seed 0 --size 320x240``."""
-    parser = argparse.ArgumentParser(description='Write synthetic RGB-D in the VKITTI2 layout.')
-    parser.add_argument('--out', required=True, help='output folder (Scene01, Scene02 inside)')
-    parser.add_argument('--n', type=int, default=100, help='frames per kind (default 100)')
-    parser.add_argument('--seed', type=int, default=0, help='seed of the first frame')
-    parser.add_argument('--size', default='640x480', help='WIDTHxHEIGHT in pixels')
-    parser.add_argument('--kinds', default='indoor,outdoor', help='comma-separated kinds')
-    parser.add_argument('--overwrite', action='store_true', help='write into existing scenes')
-    args = parser.parse_args(argv)
-    try:
-        width, height = (int(v) for v in args.size.lower().split('x'))
-        count = write_vkitti2(args.out, args.n, args.seed, width, height,
-                              kinds=args.kinds.split(','), overwrite=args.overwrite)
-    except ValueError:
-        print(f'ERROR: --size {args.size!r} is not WIDTHxHEIGHT, e.g. 320x240', file=sys.stderr)
-        return 2
-    except (InputError, OSError) as err:
-        print(f'ERROR: {err}', file=sys.stderr)
-        return 1
-    print(f'wrote {count} frames to {args.out}')
-    return 0
-
-
-if __name__ == '__main__':
-    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The ``metricgold`` command line: bag (one or many), infer, eval, bench, init-model."""
