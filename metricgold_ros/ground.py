@@ -92,25 +92,34 @@ class GroundFitSettings:
     """Tuning of :func:`fit_ground` (defaults chosen on the synthetic bench, ``BENCHMARKS.md``).
 
     Attributes:
-        max_range_m: floor pixels farther than this are not used (grazing rays: a small pitch
-            error moves them a lot).
+        min_depression_deg: only rays at least this far below the horizon are used: on a
+            grazing ray a pitch error of e degrees moves the floor's depth by about
+            ``e / tan(depression)`` (at 10 degrees, 10 % per degree). The floor is then used
+            up to ``height / tan(min_depression)`` (8.5 m for a camera 1.5 m up).
+        max_range_m: floor pixels farther than this are not used either.
         inlier_log_tol: an inlier's fitted depth is within this of the floor in natural log
             depth (0.1: about 10 %).
         min_floor_fraction: share of the sampled pixels whose ray must meet the floor within
             range, else the state is ``no_floor``.
         min_inlier_share: share of those candidates that must agree with the fit, else
             ``poor_fit``.
+        min_floor_span_log: the inliers' floor depths (5th to 95th percentile) must span at
+            least this in natural log depth (0.5: a ratio of 1.65), else ``poor_fit``: a wall
+            or an object facing the camera matches the floor only in a narrow band of
+            distances, a floor matches across its depth.
         max_scale_correction: metric checkpoints: a fitted scale outside ``[1/x, x]`` is taken
             for a wrong fit (``poor_fit``), not a model that far off.
         max_pixels: pixels sampled (a regular grid) for the fit: bounds its cost per frame.
         ransac_iterations: pixel pairs tried for a relative checkpoint's scale and shift.
     """
 
-    max_range_m: float = 15.0
+    min_depression_deg: float = 12.0
+    max_range_m: float = 30.0
     inlier_log_tol: float = 0.1
     min_floor_fraction: float = 0.03
-    min_inlier_share: float = 0.35
-    max_scale_correction: float = 4.0
+    min_inlier_share: float = 0.25
+    min_floor_span_log: float = 0.3
+    max_scale_correction: float = 2.0
     max_pixels: int = 12000
     ransac_iterations: int = 200
 
@@ -151,8 +160,8 @@ class GroundFit:
         return out
 
 
-def floor_depth_m(camera: Intrinsics, mounting: Mounting,
-                  max_range_m: float = math.inf, stride: int = 1) -> np.ndarray:
+def floor_depth_m(camera: Intrinsics, mounting: Mounting, max_range_m: float = math.inf,
+                  stride: int = 1, min_depression_deg: float = 0.0) -> np.ndarray:
     """Planar depth (metres) at which each pixel's ray meets the floor; NaN where it does not.
 
     Args:
@@ -160,6 +169,7 @@ def floor_depth_m(camera: Intrinsics, mounting: Mounting,
         mounting: the camera's height and tilt; must be ``enabled``.
         max_range_m: farther floor points become NaN too.
         stride: every ``stride``-th pixel in both directions (``[::stride, ::stride]``).
+        min_depression_deg: rays less than this below the horizon become NaN too.
 
     Returns:
         ``[ceil(H/stride), ceil(W/stride)]`` float64 planar depth z (not ray length).
@@ -171,9 +181,11 @@ def floor_depth_m(camera: Intrinsics, mounting: Mounting,
     cols = (np.arange(0, camera.width, stride) - camera.cx_px) / camera.fx_px  # [W']
     rows = (np.arange(0, camera.height, stride) - camera.cy_px) / camera.fy_px  # [H']
     along = down[0] * cols[None, :] + down[1] * rows[:, None] + down[2]  # g . r, [H',W']
+    length = np.sqrt(cols[None, :] ** 2 + rows[:, None] ** 2 + 1.0)  # |r|
     with np.errstate(divide='ignore', invalid='ignore'):
         depth = mounting.height_m / along
-    depth[~((along > 0) & (depth <= max_range_m))] = np.nan
+    steep = along > max(0.0, math.sin(math.radians(min_depression_deg))) * length
+    depth[~(steep & (depth <= max_range_m))] = np.nan
     return depth
 
 
@@ -202,7 +214,8 @@ def fit_ground(depth: np.ndarray, camera: Optional[Intrinsics], mounting: Mounti
         raise InputError(f'depth is {depth.shape[1]}x{depth.shape[0]} but the intrinsics are '
                          f'for {camera.width}x{camera.height}; pass the depth image\'s camera')
     stride = max(1, math.ceil(math.sqrt(depth.size / settings.max_pixels)))
-    floor = floor_depth_m(camera, mounting, settings.max_range_m, stride)
+    floor = floor_depth_m(camera, mounting, settings.max_range_m, stride,
+                          settings.min_depression_deg)
     pred = depth[::stride, ::stride].astype(np.float64)
     with np.errstate(invalid='ignore'):
         usable = np.isfinite(floor) & np.isfinite(pred) & ((pred > 0) | relative)
@@ -210,8 +223,9 @@ def fit_ground(depth: np.ndarray, camera: Optional[Intrinsics], mounting: Mounti
     z_floor, pred = floor[usable], pred[usable]
     if z_floor.size < max(8, settings.min_floor_fraction * sampled):
         return GroundFit(NO_FLOOR, floor_pixels=int(z_floor.size), reason=(
-            f'the floor is not in view: {z_floor.size} of {sampled} sampled pixels see it '
-            f'within {settings.max_range_m:g} m (check camera_pitch_deg)'))
+            f'the floor is not in view: {z_floor.size} of {sampled} sampled pixels look at '
+            f'it from {settings.min_depression_deg:g} deg or more below the horizon (check '
+            'camera_pitch_deg)'))
     if relative:
         scale, shift_m, inliers = _fit_scale_shift(pred, z_floor, settings)
     else:
@@ -225,6 +239,11 @@ def fit_ground(depth: np.ndarray, camera: Optional[Intrinsics], mounting: Mounti
         return _failed(fit, f'the prediction does not hold the floor plane: {share:.0%} of '
                        f'{z_floor.size} floor pixels agree (< {settings.min_inlier_share:.0%}); '
                        'an object or wall hides the floor, or the mounting is wrong')
+    span = float(np.diff(np.percentile(np.log(z_floor[inliers]), [5, 95]))[0]) if count else 0.0
+    if span < settings.min_floor_span_log:
+        return _failed(fit, f'the floor pixels that agree span only {math.exp(span):.2f}x in '
+                       f'depth (< {math.exp(settings.min_floor_span_log):.2f}x): a wall or an '
+                       'object, not the floor')
     if not relative and not (1 / settings.max_scale_correction <= scale
                              <= settings.max_scale_correction):
         return _failed(fit, f'fitted scale {scale:.3g} is outside '
@@ -337,7 +356,7 @@ class ScaleFilter:
     ``confirm_frames - 1`` frames, no exponential tail).
     """
 
-    def __init__(self, smoothing: float = 0.3, gate_log: float = 0.15,
+    def __init__(self, smoothing: float = 0.3, gate_log: float = 0.25,
                  confirm_frames: int = 2) -> None:
         if not 0.0 < smoothing <= 1.0:
             raise InputError(f'smoothing={smoothing!r} must be in (0, 1] (1: no smoothing)')

@@ -1,0 +1,271 @@
+"""The ground fit, its temporal filter and the canonical-camera rescaling, on exact synthetic
+depth (no model: the fit is tested where the answer is known)."""
+
+import math
+
+import numpy as np
+import pytest
+
+from metricgold_ros.camera import Intrinsics
+from metricgold_ros.canonical_camera import (ASSUMED_HFOV_DEG, canonical_scale,
+                                             processing_focal_px)
+from metricgold_ros.errors import InputError
+from metricgold_ros.ground import (NO_CAMERA, NO_FLOOR, OFF, OK, POOR_FIT, Mounting,
+                                   ScaleFilter, fit_ground, floor_depth_m)
+from metricgold_ros.synthetic.scenes import (CameraPose, camera_sequence, make_scene,
+                                             render_sample, render_view)
+
+WIDTH, HEIGHT = 96, 72
+
+
+def camera_of(sample) -> Intrinsics:
+    height, width = sample.depth_m.shape
+    return Intrinsics(sample.fx_px, sample.fy_px, sample.cx_px, sample.cy_px, width, height)
+
+
+def mounting_of(sample, pitch_error_deg: float = 0.0) -> Mounting:
+    return Mounting(sample.camera_height_m, sample.camera_pitch_deg + pitch_error_deg,
+                    sample.camera_roll_deg)
+
+
+def depth_or_nan(sample) -> np.ndarray:
+    return np.where(sample.valid, sample.depth_m, np.nan).astype(np.float32)
+
+
+@pytest.fixture(scope='module')
+def street():
+    """A street frame whose floor (road, 1.7 m below, 3 deg of roll) fills the lower image."""
+    return render_sample(2_000_000, 'outdoor', WIDTH, HEIGHT)
+
+
+@pytest.fixture(scope='module')
+def room():
+    return render_sample(2_000_001, 'indoor', WIDTH, HEIGHT)
+
+
+@pytest.mark.parametrize('kind', ['indoor', 'outdoor'])
+def test_floor_plane_from_the_mounting_is_the_rendered_floor(kind):
+    """The generator's mounting (sign conventions, roll included) puts the plane on its floor."""
+    for sample in list(camera_sequence(7, kind, 3, WIDTH, HEIGHT, fps=1.0)):
+        floor = floor_depth_m(camera_of(sample), mounting_of(sample))
+        seen = np.isfinite(floor) & sample.valid & (np.abs(sample.depth_m / floor - 1) < 1e-3)
+        assert seen.sum() > 0.05 * sample.depth_m.size
+        # Nothing is seen behind the floor: every valid pixel is at most the floor's depth.
+        behind = sample.valid & np.isfinite(floor) & (sample.depth_m > floor * 1.001)
+        assert behind.sum() == 0
+
+
+def test_pose_conventions_flip_to_the_mounting():
+    """Positive pitch looks down and positive roll dips the right side (the pose's opposite)."""
+    pose = CameraPose((0.0, 1.2, 0.0), pitch_rad=-math.radians(20), roll_rad=math.radians(5))
+    height_m, pitch_deg, roll_deg = pose.mounting()
+    assert (height_m, pitch_deg, roll_deg) == pytest.approx((1.2, 20.0, -5.0))
+    down = np.array([0.0, -1.0, 0.0]) @ pose.axes()  # world down in camera coordinates
+    assert Mounting(height_m, pitch_deg, roll_deg).down_vector() == pytest.approx(down)
+
+
+@pytest.mark.parametrize('scale', [0.6, 1.7])
+def test_metric_scale_recovered_exactly(street, room, scale):
+    for sample in (street, room):
+        truth = depth_or_nan(sample)
+        fit = fit_ground(truth / scale, camera_of(sample), mounting_of(sample), relative=False)
+        assert fit.state == OK, fit.reason
+        assert fit.scale == pytest.approx(scale, rel=1e-3)
+        assert fit.shift_m == 0.0
+        assert np.nanmax(np.abs(fit.apply(truth / scale) / truth - 1)) < 1e-3
+
+
+def test_relative_scale_and_shift_recovered_exactly(street, room):
+    """Affine-invariant depth (min-max normalised, as a relative checkpoint gives) -> metres."""
+    for sample in (street, room):
+        truth = depth_or_nan(sample)
+        low, high = np.nanmin(truth), np.nanmax(truth)
+        relative = (truth - low) / (high - low)
+        fit = fit_ground(relative, camera_of(sample), mounting_of(sample), relative=True)
+        assert fit.state == OK, fit.reason
+        assert fit.scale == pytest.approx(high - low, rel=1e-3)
+        assert fit.shift_m == pytest.approx(low, rel=1e-3)
+        assert np.nanmax(np.abs(fit.apply(relative) / truth - 1)) < 1e-3
+
+
+def with_objects(sample, share: float) -> np.ndarray:
+    """The sample's depth with upright boxes standing on ``share`` of its floor pixels.
+
+    Each box faces the camera: constant planar depth, that of the floor at its foot; they
+    stand side by side along the image's columns from the left.
+    """
+    depth = depth_or_nan(sample)
+    floor = floor_depth_m(camera_of(sample), mounting_of(sample))
+    on_floor = np.isfinite(floor) & (np.abs(depth / floor - 1) < 1e-3)
+    target, covered, column = share * on_floor.sum(), 0, 0
+    while covered < target and column < depth.shape[1]:
+        rows = np.flatnonzero(on_floor[:, column])
+        if rows.size:
+            foot = rows.max()  # the lowest floor pixel of the column: the box stands there
+            box_depth = floor[foot, column] * 0.999
+            stop = column + 4
+            depth[:foot + 1, column:stop] = np.minimum(depth[:foot + 1, column:stop], box_depth)
+            covered += on_floor[:, column:stop].sum()
+        column += 4
+    return depth
+
+
+@pytest.mark.parametrize('relative', [False, True])
+def test_objects_covering_half_the_floor(street, relative):
+    truth = depth_or_nan(street)
+    depth = with_objects(street, 0.5)
+    floor = floor_depth_m(camera_of(street), mounting_of(street))
+    seen_before = (np.abs(truth / floor - 1) < 1e-3).sum()
+    seen_after = (np.abs(depth / floor - 1) < 1e-3).sum()
+    assert 0.45 < 1 - seen_after / seen_before < 0.6  # half of the floor is hidden
+    if relative:
+        low, high = np.nanmin(depth), np.nanmax(depth)
+        depth = (depth - low) / (high - low)
+        expected = (high - low, low)
+    else:
+        depth = depth / 1.4
+        expected = (1.4, 0.0)
+    fit = fit_ground(depth, camera_of(street), mounting_of(street), relative=relative)
+    assert fit.state == OK, fit.reason
+    assert 0.3 < fit.inlier_share < 0.85  # boxes stay inliers near their foot
+    assert (fit.scale, fit.shift_m) == pytest.approx(expected, rel=1e-3, abs=1e-6)
+    assert np.nanmedian(np.abs(fit.apply(depth) / with_objects(street, 0.5) - 1)) < 1e-3
+
+
+def test_wrong_pitch_by_two_degrees(street, room, record_property):
+    """A pitch 2 degrees off biases the scale; the error is recorded (about 10-20 % here)."""
+    errors = {}
+    for name, sample in (('street', street), ('room', room)):
+        truth = depth_or_nan(sample)
+        for sign in (-1, 1):
+            fit = fit_ground(truth, camera_of(sample), mounting_of(sample, 2.0 * sign),
+                             relative=False)
+            assert fit.state == OK, fit.reason
+            errors[f'{name} pitch {2 * sign:+d} deg'] = round(fit.scale - 1.0, 4)
+    record_property('scale_error_of_2deg_pitch', errors)
+    print('scale error from a pitch error of 2 deg:', errors)
+    assert all(0.01 < abs(error) < 0.3 for error in errors.values()), errors
+    # Looking down more than configured puts the plane farther: the scale grows.
+    assert errors['street pitch -2 deg'] > 0 > errors['street pitch +2 deg']
+
+
+def test_no_fit_looking_at_the_sky():
+    scene = make_scene(2_000_002, 'outdoor')
+    intrinsics = (60.0, 60.0, (WIDTH - 1) / 2, (HEIGHT - 1) / 2)
+    sample = render_view(scene, CameraPose((0.0, 1.5, 5.0), pitch_rad=math.radians(45)),
+                         intrinsics, WIDTH, HEIGHT)
+    assert sample.camera_pitch_deg == pytest.approx(-45.0)
+    for relative in (False, True):
+        fit = fit_ground(depth_or_nan(sample), camera_of(sample), mounting_of(sample),
+                         relative=relative)
+        assert fit.state == NO_FLOOR
+        assert fit.scale == 1.0 and fit.shift_m == 0.0
+        assert 'not in view' in fit.reason
+
+
+def test_no_fit_facing_a_wall():
+    """A wall 2 m ahead hides the floor: no scale, though the floor's rays are in view."""
+    camera = Intrinsics(70.0, 70.0, (WIDTH - 1) / 2, (HEIGHT - 1) / 2, WIDTH, HEIGHT)
+    mounting = Mounting(1.5, 10.0, 0.0)
+    rows = (np.arange(HEIGHT) - camera.cy_px) / camera.fy_px
+    pitch = math.radians(mounting.pitch_deg)
+    # Planar depth of a vertical wall 2 m ahead (horizontal distance) for each row.
+    wall = 2.0 / (math.cos(pitch) - rows * math.sin(pitch))
+    depth = np.repeat(wall[:, None], WIDTH, axis=1).astype(np.float32)
+    floor = floor_depth_m(camera, mounting)
+    assert np.isfinite(floor).mean() > 0.3  # the floor's rays are there, the wall hides them
+    for relative, scale in ((False, 1.0), (False, 0.7), (True, 0.1)):
+        fit = fit_ground(depth * scale, camera, mounting, relative=relative)
+        assert fit.state == POOR_FIT, (relative, scale, fit)
+        assert fit.scale == 1.0 and fit.shift_m == 0.0
+        assert fit.reason
+
+
+def test_states_without_mounting_or_camera(street):
+    depth = depth_or_nan(street)
+    assert fit_ground(depth, camera_of(street), Mounting(), relative=False).state == OFF
+    fit = fit_ground(depth, None, mounting_of(street), relative=False)
+    assert fit.state == NO_CAMERA and 'camera_info' in fit.reason
+    with pytest.raises(InputError, match='intrinsics are for'):
+        fit_ground(depth[:, :-1], camera_of(street), mounting_of(street), relative=False)
+
+
+@pytest.mark.parametrize('kwargs, match', [
+    ({'height_m': -1.0}, 'camera_height_m=-1.0'),
+    ({'height_m': 1.0, 'pitch_deg': 95.0}, 'camera_pitch_deg=95.0'),
+    ({'height_m': 1.0, 'roll_deg': float('nan')}, 'camera_roll_deg=nan'),
+])
+def test_mounting_refuses_impossible_values(kwargs, match):
+    with pytest.raises(InputError, match=match):
+        Mounting(**kwargs)
+
+
+def test_filter_rejects_an_outlier():
+    scale_filter = ScaleFilter()
+    for _ in range(5):
+        assert scale_filter.update(1.0).scale == pytest.approx(1.0)
+    step = scale_filter.update(2.0)  # one frame off by 2x: rejected
+    assert step.event == 'outlier' and step.scale == pytest.approx(1.0)
+    assert scale_filter.update(1.02).event == 'track'
+    assert scale_filter.scale == pytest.approx(1.02 ** 0.3, rel=1e-6)
+
+
+def test_filter_follows_a_real_step_without_lag():
+    scale_filter = ScaleFilter(confirm_frames=2)
+    for _ in range(5):
+        scale_filter.update(1.0)
+    first = scale_filter.update(1.6)  # could be an outlier...
+    assert first.event == 'outlier' and first.scale == pytest.approx(1.0)
+    second = scale_filter.update(1.6)  # ...a second agreeing frame: the scene changed
+    assert second.event == 'jump' and second.scale == pytest.approx(1.6)
+    assert scale_filter.update(1.6).scale == pytest.approx(1.6)  # no exponential tail
+
+
+def test_filter_smooths_jitter():
+    rng = np.random.default_rng(0)
+    raw = np.exp(0.05 * rng.standard_normal(200))
+    scale_filter = ScaleFilter()
+    filtered = np.log([scale_filter.update(float(s)).scale for s in raw])
+    assert np.std(np.diff(filtered)) < 0.5 * np.std(np.diff(np.log(raw)))
+    scale_filter.reset()
+    assert scale_filter.scale is None
+
+
+# Camera-aware checkpoints (canonical focal length) ---------------------------------------
+
+
+class CameraAware:
+    """Metadata of a camera-aware checkpoint (only the field the rescaling reads)."""
+
+    canonical_focal_px = 100.0
+
+
+def test_processing_focal_follows_the_processed_size():
+    camera = Intrinsics(500.0, 510.0, 319.5, 239.5, 640, 480)
+    assert processing_focal_px(camera, 640, 480, 0) == (505.0, False)
+    assert processing_focal_px(camera, 640, 480, 320)[0] == pytest.approx(252.5)
+    # CameraInfo of the full frame, image downscaled by the driver: the same processed focal.
+    assert processing_focal_px(camera, 320, 240, 320)[0] == pytest.approx(252.5)
+    focal, assumed = processing_focal_px(None, 640, 480, 128)
+    assert assumed and focal == pytest.approx(64 / math.tan(math.radians(ASSUMED_HFOV_DEG / 2)))
+    assert canonical_scale(CameraAware(), 250.0) == 2.5
+    assert canonical_scale(object(), 250.0) == 1.0  # no field: exactly as before
+
+
+def test_two_fields_of_view_give_the_same_metric_depth():
+    """A canonical-camera model's output (depth as if seen with f_c) rescaled per camera."""
+    scene = make_scene(2_000_003, 'indoor')
+    pose = CameraPose((scene.path[1], 1.4, scene.path[2]), pitch_rad=-0.2)
+    depths = []
+    for hfov_deg in (50.0, 85.0):
+        focal = WIDTH / 2 / math.tan(math.radians(hfov_deg) / 2)
+        sample = render_view(scene, pose, (focal, focal, (WIDTH - 1) / 2, (HEIGHT - 1) / 2),
+                             WIDTH, HEIGHT)
+        focal_px, _ = processing_focal_px(camera_of(sample), WIDTH, HEIGHT, 48)
+        canonical_prediction = sample.depth_m * CameraAware.canonical_focal_px / focal_px
+        assert not np.allclose(canonical_prediction, sample.depth_m)
+        depths.append(canonical_prediction * canonical_scale(CameraAware(), focal_px))
+        assert np.allclose(depths[-1], sample.depth_m, rtol=1e-5)
+    # The optical axis sees the same point in both: the same metric depth.
+    centre = (HEIGHT // 2, WIDTH // 2)
+    assert depths[0][centre] == pytest.approx(depths[1][centre], rel=0.02)
