@@ -15,7 +15,10 @@ code, valid depth below 80 m) as:
   checkpoint gives: no scale, no shift) and given scale and shift by the fit; frames without a
   fit publish nothing and are counted, not scored;
 * ``model`` and ``model + ground fit`` again on only the frames where the relative fit
-  succeeded, for a like-for-like comparison.
+  succeeded, for a like-for-like comparison;
+* two oracles that know the ground truth: the model times the exact scale of the floor pixels
+  the fit may use (what a perfect scale fit reaches), and times the median ratio of true to
+  predicted depth over the whole frame (what any single scale can reach).
 
 Jitter: the demo's sequences (``synthetic/camera.py``: a room, then a street; 10 fps) with the
 demo's one mounting, the per-frame fitted scale with and without :class:`ScaleFilter`: std of
@@ -36,12 +39,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a sourc
 from metricgold_ros.camera import Intrinsics  # noqa: E402
 from metricgold_ros.evaluation import evaluate_image, get_protocol  # noqa: E402
 from metricgold_ros.ground import (GroundFitSettings, Mounting, ScaleFilter,  # noqa: E402
-                                   fit_ground)
+                                   fit_ground, floor_depth_m)
 from metricgold_ros.synthetic.scenes import KINDS, Sample, camera_sequence, render_sample  # noqa
 
 PROTOCOL = get_protocol('generic', max_depth_m=80.0)
 METHODS = ('model', 'model + ground fit', 'model + fit, pitch +2 deg', 'relative + ground fit',
-           'model (frames with a relative fit)', 'model + fit (frames with a relative fit)')
+           'model (frames with a relative fit)', 'model + fit (frames with a relative fit)',
+           'oracle: model x true scale of its floor', 'oracle: model x true global scale')
 # The demo's camera: one mounting for the room and the street (synthetic/camera.py).
 DEMO_SCENES = (('indoor', 1), ('outdoor', 2))
 DEMO_MOUNTING = (1.5, 8.0)  # camera_height_m, camera_pitch_deg
@@ -88,6 +92,14 @@ def accuracy(pipeline, kind: str, per_kind: int, seed: int, width: int, height: 
         relative = min_max(depth_m)
         rel_fit = fit_ground(relative, camera, mounting(sample), relative=True,
                              settings=settings)
+        rows['oracle: model x true global scale'].append(score(depth_m * float(np.median(
+            sample.depth_m[sample.valid] / depth_m[sample.valid])), sample))
+        floor = floor_depth_m(camera, mounting(sample), settings.max_range_m, 1,
+                              settings.min_depression_deg)
+        seen = sample.valid & (np.abs(sample.depth_m / floor - 1) < 1e-3)  # NaN: False
+        if seen.sum() >= 50:
+            rows['oracle: model x true scale of its floor'].append(score(depth_m * float(
+                np.median(sample.depth_m[seen] / depth_m[seen])), sample))
         rows['model'].append(score(depth_m, sample))
         rows['model + ground fit'].append(score(fit.apply(depth_m), sample))
         rows['model + fit, pitch +2 deg'].append(score(off.apply(depth_m), sample))
@@ -116,25 +128,27 @@ def jitter(pipeline, frames: int, width: int, height: int, fps: float,
     for kind, seed in DEMO_SCENES:
         scale_filter = ScaleFilter()
         raw, filtered = [], []
-        absrel_raw, absrel_filtered = [], []
+        absrel: Dict[str, List[float]] = {'model': [], 'raw': [], 'filtered': []}
         for sample in camera_sequence(seed, kind, frames, width, height, fps, DEMO_MOUNTING):
             depth_m = pipeline(sample.rgb).depth_m
             fit = fit_ground(depth_m, intrinsics(sample), Mounting(*DEMO_MOUNTING),
                              relative=False, settings=settings)
-            if not fit.ok:
+            absrel['model'].append(score(depth_m, sample)['abs_rel'])
+            if not fit.ok:  # the node publishes the model's own scale
                 raw.append(math.nan)
                 filtered.append(math.nan)
+                absrel['raw'].append(absrel['model'][-1])
+                absrel['filtered'].append(absrel['model'][-1])
                 continue
             step = scale_filter.update(fit.scale)
             raw.append(math.log(fit.scale))
             filtered.append(math.log(step.scale))
-            absrel_raw.append(score(depth_m * fit.scale, sample)['abs_rel'])
-            absrel_filtered.append(score(depth_m * step.scale, sample)['abs_rel'])
+            absrel['raw'].append(score(depth_m * fit.scale, sample)['abs_rel'])
+            absrel['filtered'].append(score(depth_m * step.scale, sample)['abs_rel'])
         out[kind] = {
             'frames': frames, 'frames_with_fit': int(np.isfinite(raw).sum()),
             'jitter_raw': _jitter(raw), 'jitter_filtered': _jitter(filtered),
-            'abs_rel_raw_fit': _round(np.mean(absrel_raw)) if absrel_raw else None,
-            'abs_rel_filtered_fit': _round(np.mean(absrel_filtered)) if absrel_filtered else None,
+            **{f'abs_rel_{key}': _round(np.mean(values)) for key, values in absrel.items()},
         }
     return out
 
@@ -157,12 +171,14 @@ def format_table(summary: dict) -> str:
             absrel = '-' if metrics['abs_rel'] is None else f'{metrics["abs_rel"]:.3f}'
             delta1 = '-' if metrics['delta1'] is None else f'{metrics["delta1"]:.3f}'
             lines.append(f'| {kind} | {method} | {metrics["frames"]} | {absrel} | {delta1} |')
-    lines += ['', '| sequence | frames (with a fit) | jitter raw | jitter filtered | '
-              'AbsRel raw fit | AbsRel filtered |', '| --- | ---: | ---: | ---: | ---: | ---: |']
+    lines += ['', '| sequence | frames (with a fit) | jitter: per-frame fit | jitter: filtered '
+              '| AbsRel: model | AbsRel: per-frame fit | AbsRel: filtered |',
+              '| --- | ---: | ---: | ---: | ---: | ---: | ---: |']
     for kind, result in summary['jitter'].items():
         lines.append(f'| {kind} | {result["frames"]} ({result["frames_with_fit"]}) | '
-                     f'{result["jitter_raw"]} | {result["jitter_filtered"]} | '
-                     f'{result["abs_rel_raw_fit"]} | {result["abs_rel_filtered_fit"]} |')
+                     f'{result["jitter_raw"]:.4f} | {result["jitter_filtered"]:.4f} | '
+                     f'{result["abs_rel_model"]:.3f} | {result["abs_rel_raw"]:.3f} | '
+                     f'{result["abs_rel_filtered"]:.3f} |')
     return '\n'.join(lines)
 
 
