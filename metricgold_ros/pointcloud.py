@@ -2,7 +2,6 @@
 
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import List, Optional, Tuple, Union
@@ -10,6 +9,7 @@ from typing import List, Optional, Tuple, Union
 import cv2
 import numpy as np
 
+from metricgold_ros.atomic import atomic_file
 from metricgold_ros.camera import Intrinsics
 from metricgold_ros.errors import InputError
 
@@ -149,16 +149,7 @@ def write_ply(path: Union[str, 'os.PathLike[str]'], cloud: Cloud) -> int:
             vertices[name] = colours[:, i]
             header.append(f'property uchar {name}')
     header.append('end_header')
-    folder = os.path.dirname(os.path.abspath(os.fspath(path)))
-    fd, tmp_path = tempfile.mkstemp(prefix='.tmp-', suffix='.ply', dir=folder)
-    try:
-        os.chmod(tmp_path, 0o644)  # mkstemp's 0600 would hide the cloud from other users
-        with os.fdopen(fd, 'wb') as handle:
-            handle.write(('\n'.join(header) + '\n').encode('ascii'))
-            handle.write(vertices.tobytes())
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.unlink(tmp_path)
-        raise
+    with atomic_file(path) as handle:
+        handle.write(('\n'.join(header) + '\n').encode('ascii'))
+        handle.write(vertices.tobytes())
     return int(vertices.size)

@@ -60,7 +60,6 @@ def header(stamp_ns: int, frame_id: str = 'camera_optical_frame') -> Any:
 def image_msg(rgb: np.ndarray, stamp_ns: int, encoding: str = 'rgb8',
               frame_id: str = 'camera_optical_frame', row_padding: int = 0) -> Any:
     """sensor_msgs/Image of ``rgb`` in a writable encoding, rows padded by ``row_padding``."""
-    from sensor_msgs.msg import Image
 
     from metricgold_ros.image_encodings import rgb_to_buffer
     data, step = rgb_to_buffer(rgb, encoding)

@@ -18,7 +18,7 @@ from rclpy.parameter import Parameter  # noqa: E402
 from sensor_msgs.msg import CameraInfo, Image, PointCloud2  # noqa: E402
 
 from metricgold_ros.node.depth_node import DepthNode  # noqa: E402
-from metricgold_ros.node.support import PARAMETER_NAMES  # noqa: E402
+from metricgold_ros.node.parameters import SPECS  # noqa: E402
 from ros_helpers import (RosHarness, camera_info_msg, cloud_array, image_array,  # noqa: E402
                          image_msg, raw_image_msg, reliable_qos, stamp_of, synthetic_frame,
                          wait_for_publishers, wait_for_subscribers, wait_until)
@@ -140,8 +140,8 @@ def _expected_xyz(depth, k, stride, max_depth=math.inf):
 
 def test_declares_exactly_the_parameter_table(rig):
     names = set(rig.node._parameters)
-    assert set(PARAMETER_NAMES) <= names
-    assert names - set(PARAMETER_NAMES) <= {'use_sim_time', 'start_type_description_service'}
+    assert set(SPECS) <= names
+    assert names - set(SPECS) <= {'use_sim_time', 'start_type_description_service'}
     model_path = rig.node.describe_parameter('model_path')
     assert model_path.read_only and 'checkpoint' in model_path.description
     assert not rig.node.describe_parameter('denoising_steps').read_only

@@ -14,9 +14,6 @@ read with ``torch.load(weights_only=True)``). Nothing is downloaded: ``path`` is
 import json
 import logging
 import math
-import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, Optional, Union
@@ -25,6 +22,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from metricgold_ros.atomic import atomic_path
 from metricgold_ros.errors import CheckpointError
 
 LOGGER = logging.getLogger(__name__)
@@ -281,9 +279,8 @@ def load_checkpoint(path: Union[str, Path], *, allow_pickle: bool = False,
 
 
 def _atomic_save_tensors(tensors: Dict[str, torch.Tensor], path: Path) -> None:
-    tmp = path.with_name(path.name + '.tmp')
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
 
 
 def save_checkpoint(path: Union[str, Path], checkpoint: Checkpoint, *,
@@ -297,8 +294,7 @@ def save_checkpoint(path: Union[str, Path], checkpoint: Checkpoint, *,
     if path.exists() and not overwrite:
         raise CheckpointError(f'{path} already exists; choose another folder or overwrite=True')
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f'.{path.name}.', dir=path.parent))
-    try:
+    with atomic_path(path, directory=True) as tmp:
         checkpoint.unet.save_pretrained(tmp / 'unet', safe_serialization=True)
         checkpoint.vae.save_pretrained(tmp / 'vae', safe_serialization=True)
         checkpoint.scheduler.save_pretrained(tmp / 'scheduler')
@@ -324,12 +320,6 @@ def save_checkpoint(path: Union[str, Path], checkpoint: Checkpoint, *,
             (tmp / METADATA_FILE).write_text(json.dumps(fields, indent=2) + '\n')
         _atomic_save_tensors({'embedding': checkpoint.empty_text_embedding}, tmp / EMBEDDING_FILE)
         _make_readable(tmp)
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 

@@ -11,7 +11,6 @@ exact depth). Receiving nothing is a non-zero exit that says why.
 
 import argparse
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -229,7 +228,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if camera_proc is not None:
             _stop(camera_proc)
         _stop(node_proc)
-        executor.shutdown(timeout_sec=0)  # before the context: see depth_node._run
+        executor.shutdown(timeout_sec=0)  # before the context: see metricgold_ros.node.main._run
         rclpy.try_shutdown()
     stamps = json.loads(stamps_file.read_text()) if stamps_file.exists() else {}
     if not recorder.depth:
