@@ -8,8 +8,13 @@ Examples::
 
 Topics are relative to ``namespace``: in ``<namespace>/<image>`` and
 ``<namespace>/<camera_info>``; out ``<namespace>/depth/image``, ``depth/camera_info``,
-``depth/colored``, ``depth/uncertainty`` and ``points``. ``model_path`` and ``device`` given
-here override the params file; every other parameter is in ``params_file``.
+``depth/colored``, ``depth/uncertainty``, ``points`` and ``depth/scale``. ``model_path``,
+``device`` and the camera's mounting (``camera_height_m``, ``camera_pitch_deg``,
+``camera_roll_deg``: the ground fit's metric scale, 0 height = off) given here override the
+params file; every other parameter is in ``params_file``. A camera 1.2 m above the floor,
+looking 10 degrees down::
+
+    ros2 launch metricgold_ros depth.launch.py camera_height_m:=1.2 camera_pitch_deg:=10.0
 """
 
 from launch import LaunchDescription
@@ -40,6 +45,15 @@ def generate_launch_description() -> LaunchDescription:
                               description='Input sensor_msgs/CameraInfo topic'),
         DeclareLaunchArgument('device', default_value='auto',
                               description='auto, cpu, cuda or cuda:N'),
+        DeclareLaunchArgument('camera_height_m', default_value='0.0',
+                              description='Camera height above a level floor (m); the floor '
+                                          'then fixes the metric scale; 0.0: off'),
+        DeclareLaunchArgument('camera_pitch_deg', default_value='0.0',
+                              description='Optical axis below the horizon (deg, positive: '
+                                          'looking down)'),
+        DeclareLaunchArgument('camera_roll_deg', default_value='0.0',
+                              description='Camera turned about its optical axis (deg, '
+                                          'positive: the right side dips)'),
         DeclareLaunchArgument('log_level', default_value='info',
                               description='debug shows the time of every stage of every frame'),
         DeclareLaunchArgument('rviz', default_value='false',
@@ -55,6 +69,12 @@ def generate_launch_description() -> LaunchDescription:
             {
                 'model_path': ParameterValue(LaunchConfiguration('model_path'), value_type=str),
                 'device': ParameterValue(LaunchConfiguration('device'), value_type=str),
+                'camera_height_m': ParameterValue(LaunchConfiguration('camera_height_m'),
+                                                  value_type=float),
+                'camera_pitch_deg': ParameterValue(LaunchConfiguration('camera_pitch_deg'),
+                                                   value_type=float),
+                'camera_roll_deg': ParameterValue(LaunchConfiguration('camera_roll_deg'),
+                                                  value_type=float),
             },
         ],
         remappings=[

@@ -5,4 +5,4 @@ DTYPE_CHOICES = ('auto', 'float32', 'float16', 'bfloat16')  # node parameter and
 # Timed stages of one frame: the pipeline's (each also a fault-injection point), then the
 # frame processor's own.
 PIPELINE_STAGES = ('preprocess', 'vae_encode', 'unet', 'vae_decode', 'postprocess')
-FRAME_STAGES = ('colorize', 'cloud')
+FRAME_STAGES = ('metric_scale', 'colorize', 'cloud')

@@ -8,6 +8,11 @@ stamped with the input frame's header. Neither imports rclpy.
 The CameraInfo policy (:mod:`metricgold_ros.camera`) is applied here, once per frame: a
 calibration that cannot serve this image leaves depth untouched and ``FrameResult.
 camera_problem`` says why there are no points; the adapters report it.
+
+So are the metric-scale corrections (:mod:`metricgold_ros.metric_scale`), right after the
+pipeline and before anything is derived from depth: a camera-aware checkpoint's ``f / f_c``
+and the ground fit from the camera's mounting, which also turns a relative checkpoint's depth
+into metres (and so gives it points) when the floor is found.
 """
 
 import math
@@ -21,11 +26,14 @@ from metricgold_ros import messages
 from metricgold_ros.camera import Calibration, Intrinsics
 from metricgold_ros.colorize import colorize_depth
 from metricgold_ros.errors import InputError
+from metricgold_ros.ground import Mounting
+from metricgold_ros.metric_scale import MetricScale, MetricScaler
 from metricgold_ros.pointcloud import Cloud, depth_to_points
 
-# The topics every adapter publishes or writes (relative to its output namespace), in order.
+# The topics every adapter publishes or writes (relative to its output namespace), in order;
+# depth/scale only while a metric-scale correction is configured (MetricScale.active).
 OUTPUT_TOPICS = ('depth/image', 'depth/camera_info', 'depth/colored', 'depth/uncertainty',
-                 'points')
+                 'points', 'depth/scale')
 
 
 @dataclass
@@ -48,6 +56,14 @@ class FrameOptions:
     points_rgb: bool = False
     max_depth_m: float = math.inf
     uncertainty: bool = True  # publish/write the ensemble spread when ensemble_size > 1
+    camera_height_m: float = 0.0  # mounting over a level floor; 0: no ground fit
+    camera_pitch_deg: float = 0.0  # optical axis below the horizon (positive: looking down)
+    camera_roll_deg: float = 0.0  # turn about the optical axis (positive: right side down)
+    scale_filter: bool = True  # smooth the fitted scale over the stream (video)
+
+    def mounting(self) -> Mounting:
+        """The camera's mounting (InputError naming the option when impossible)."""
+        return Mounting(self.camera_height_m, self.camera_pitch_deg, self.camera_roll_deg)
 
 
 @dataclass
@@ -56,8 +72,10 @@ class FrameResult:
 
     ``intrinsics`` describe the depth image (``None`` without a usable calibration, then
     ``camera_problem`` says why when there was one); ``cloud`` is ``None`` without intrinsics,
-    for relative models, or when points are off. ``distortion_model``/``distortion`` are the
-    input calibration's: the depth image shares the input image's geometry.
+    for relative depth, or when points are off. ``relative`` is True when ``depth`` has no
+    metric scale: a relative checkpoint whose ground fit did not succeed (with one, depth is
+    metres). ``scale`` says how the depth got its scale. ``distortion_model``/``distortion``
+    are the input calibration's: the depth image shares the input image's geometry.
     """
 
     depth: np.ndarray
@@ -70,6 +88,7 @@ class FrameResult:
     camera_problem: Optional[str] = None
     distortion_model: str = 'plumb_bob'
     distortion: Tuple[float, ...] = ()
+    scale: Optional[MetricScale] = None
 
 
 class DepthFrameProcessor:
@@ -78,10 +97,12 @@ class DepthFrameProcessor:
     def __init__(self, pipeline: Any) -> None:
         self.pipeline = pipeline
         self._previous_latent = None
+        self._scaler = MetricScaler()
 
     def reset(self) -> None:
-        """Forget the previous frame (stream restarted, resolution changed, seek)."""
+        """Forget the previous frame and the stream's scale (restart, new resolution, seek)."""
         self._previous_latent = None
+        self._scaler.reset()
 
     def process(self, rgb: np.ndarray, calibration: Optional[Calibration],
                 options: FrameOptions) -> FrameResult:
@@ -95,6 +116,7 @@ class DepthFrameProcessor:
             raise InputError(f'output_scale={options.output_scale}, expected a number in (0, 1]')
         out_h = max(1, round(height * options.output_scale))
         out_w = max(1, round(width * options.output_scale))
+        mounting = options.mounting()
         # The depth image's intrinsics, known before any inference time is spent.
         depth_camera, camera_problem = (None, None) if calibration is None else \
             calibration.for_image(out_w, out_h)
@@ -106,28 +128,39 @@ class DepthFrameProcessor:
         self._previous_latent = prediction.depth_latent if options.warm_start else None
         timings = dict(prediction.timings_s)
 
+        # Metric scale: a camera-aware checkpoint's f / f_c, then the ground fit.
+        start = time.perf_counter()
+        resolution = options.processing_resolution
+        if resolution is None:
+            resolution = self.pipeline.metadata.default_processing_resolution
+        depth, uncertainty, scale = self._scaler.correct(
+            prediction.depth, prediction.uncertainty if options.uncertainty else None,
+            relative=prediction.relative, camera=depth_camera, image_size=(width, height),
+            processing_resolution=resolution, metadata=self.pipeline.metadata,
+            mounting=mounting, use_filter=options.scale_filter)
+        timings['metric_scale'] = time.perf_counter() - start
+
         colored = None
         if options.colored:
             start = time.perf_counter()
-            colored = colorize_depth(prediction.depth, options.color_min_m,
-                                     options.color_max_m, options.colormap)
+            colored = colorize_depth(depth, options.color_min_m, options.color_max_m,
+                                     options.colormap)
             timings['colorize'] = time.perf_counter() - start
         cloud = None
-        if options.points and depth_camera is not None and not prediction.relative:
+        if options.points and depth_camera is not None and scale.metric:
             start = time.perf_counter()
             colour = None
             if options.points_rgb:
                 colour = rgb if (out_h, out_w) == (height, width) else _resize_rgb(
                     rgb, out_w, out_h)
-            cloud = depth_to_points(prediction.depth_m, depth_camera, options.points_stride,
+            cloud = depth_to_points(depth, depth_camera, options.points_stride,
                                     options.max_depth_m, colour)
             timings['cloud'] = time.perf_counter() - start
         return FrameResult(
-            prediction.depth, prediction.relative,
-            prediction.uncertainty if options.uncertainty else None, depth_camera, colored,
-            cloud, timings, camera_problem,
+            depth, not scale.metric, uncertainty, depth_camera, colored, cloud, timings,
+            camera_problem,
             calibration.distortion_model if calibration is not None else 'plumb_bob',
-            calibration.d if calibration is not None else ())
+            calibration.d if calibration is not None else (), scale)
 
 
 def _resize_rgb(rgb: np.ndarray, width: int, height: int) -> np.ndarray:
@@ -155,4 +188,6 @@ def frame_messages(types: 'messages.MessageTypes', header: Any,
         out['depth/uncertainty'] = messages.float_image_msg(types, header, result.uncertainty)
     if result.cloud is not None:
         out['points'] = messages.pointcloud_msg(types, header, result.cloud)
+    if result.scale is not None and result.scale.active:
+        out['depth/scale'] = messages.scale_msg(types, header, result.scale)
     return out

@@ -152,12 +152,17 @@ class GroundFit:
         return self.state == OK
 
     def apply(self, depth: np.ndarray) -> np.ndarray:
-        """``scale * depth + shift_m`` as float32; non-positive results become NaN."""
-        out = np.asarray(depth, np.float32) * np.float32(self.scale)
-        if self.shift_m:
-            out += np.float32(self.shift_m)
-            out[~(out > 0)] = np.nan
-        return out
+        """``scale * depth + shift_m`` (see :func:`scale_depth`)."""
+        return scale_depth(depth, self.scale, self.shift_m)
+
+
+def scale_depth(depth: np.ndarray, scale: float, shift_m: float = 0.0) -> np.ndarray:
+    """``scale * depth + shift_m`` as a new float32 array; with a shift, results <= 0 are NaN."""
+    out = np.asarray(depth, np.float32) * np.float32(scale)
+    if shift_m:
+        out += np.float32(shift_m)
+        out[~(out > 0)] = np.nan
+    return out
 
 
 def floor_depth_m(camera: Intrinsics, mounting: Mounting, max_range_m: float = math.inf,

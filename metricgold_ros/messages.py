@@ -7,7 +7,7 @@ message packages at module level: :func:`rclpy_types` imports them when called.
 
 import array
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Optional, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple, Optional, Sequence
 
 import numpy as np
 
@@ -15,6 +15,9 @@ from metricgold_ros.camera import DISTORTION_SIZES, Calibration, Intrinsics
 from metricgold_ros.errors import InputError
 from metricgold_ros.image_encodings import decode_compressed, image_to_rgb, rgb_to_buffer
 from metricgold_ros.pointcloud import Cloud
+
+if TYPE_CHECKING:
+    from metricgold_ros.metric_scale import MetricScale
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,9 @@ class MessageTypes:
     Header: Any
     Time: Any
     system: str
+    DiagnosticArray: Any = None
+    DiagnosticStatus: Any = None
+    KeyValue: Any = None
 
 
 class ImageFields(NamedTuple):
@@ -45,11 +51,14 @@ class ImageFields(NamedTuple):
 def rclpy_types() -> MessageTypes:
     """rclpy's generated classes (imports sensor_msgs only now, so the core stays ROS-free)."""
     from builtin_interfaces.msg import Time
+    from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
     from sensor_msgs.msg import CameraInfo, Image, PointCloud2, PointField, RegionOfInterest
     from std_msgs.msg import Header
     return MessageTypes(Image=Image, CameraInfo=CameraInfo, PointCloud2=PointCloud2,
                         PointField=PointField, RegionOfInterest=RegionOfInterest,
-                        Header=Header, Time=Time, system='rclpy')
+                        Header=Header, Time=Time, system='rclpy',
+                        DiagnosticArray=DiagnosticArray, DiagnosticStatus=DiagnosticStatus,
+                        KeyValue=KeyValue)
 
 
 def rosbags_types(typestore: Any = None) -> MessageTypes:
@@ -64,7 +73,10 @@ def rosbags_types(typestore: Any = None) -> MessageTypes:
                         PointField=found['sensor_msgs/msg/PointField'],
                         RegionOfInterest=found['sensor_msgs/msg/RegionOfInterest'],
                         Header=found['std_msgs/msg/Header'],
-                        Time=found['builtin_interfaces/msg/Time'], system='rosbags')
+                        Time=found['builtin_interfaces/msg/Time'], system='rosbags',
+                        DiagnosticArray=found['diagnostic_msgs/msg/DiagnosticArray'],
+                        DiagnosticStatus=found['diagnostic_msgs/msg/DiagnosticStatus'],
+                        KeyValue=found['diagnostic_msgs/msg/KeyValue'])
 
 
 def _header(types: MessageTypes, header: Any) -> Any:
@@ -173,6 +185,22 @@ def pointcloud_msg(types: MessageTypes, header: Any, cloud: Cloud) -> Any:
     return _with_data(types, types.PointCloud2, cloud.points, header=_header(types, header),
                       height=cloud.height, width=cloud.width, fields=fields, is_bigendian=False,
                       point_step=cloud.point_step, row_step=cloud.row_step, is_dense=False)
+
+
+def scale_msg(types: MessageTypes, header: Any, scale: 'MetricScale') -> Any:
+    """``diagnostic_msgs/DiagnosticArray`` of one frame's metric scale (``depth/scale``).
+
+    One status named ``metric_scale``: level OK when the ground fit succeeded (or is off),
+    WARN when it failed (the model's own scale was kept, or a relative checkpoint published
+    no metric depth); ``message`` says why, ``values`` hold the scale, shift, inlier share,
+    confidence, state and the camera-aware factor. The header is the input frame's.
+    """
+    ok = scale.fit.ok or scale.fit.state == 'off'
+    status = types.DiagnosticStatus(  # OK/WARN: bytes in rclpy, int in rosbags, each its own
+        level=types.DiagnosticStatus.OK if ok else types.DiagnosticStatus.WARN,
+        name='metric_scale', message=scale.message, hardware_id='',
+        values=[types.KeyValue(key=key, value=value) for key, value in scale.key_values()])
+    return types.DiagnosticArray(header=_header(types, header), status=[status])
 
 
 def image_fields(msg: Any) -> ImageFields:

@@ -1,19 +1,27 @@
-"""The ground fit, its temporal filter and the canonical-camera rescaling, on exact synthetic
-depth (no model: the fit is tested where the answer is known)."""
+"""The ground fit, its temporal filter and the canonical-camera rescaling: first on exact
+synthetic depth (no model: the answer is known), then in the frame processor with real models
+(the bundled one, also read as a relative checkpoint; the tiny one as a camera-aware one)."""
 
+import dataclasses
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
 
-from metricgold_ros.camera import Intrinsics
+from metricgold_ros import messages
+from metricgold_ros.camera import Calibration, Intrinsics
 from metricgold_ros.canonical_camera import (ASSUMED_HFOV_DEG, canonical_scale,
                                              processing_focal_px)
+from metricgold_ros.depth_frame import DepthFrameProcessor, FrameOptions, frame_messages
 from metricgold_ros.errors import InputError
 from metricgold_ros.ground import (NO_CAMERA, NO_FLOOR, OFF, OK, POOR_FIT, Mounting,
                                    ScaleFilter, fit_ground, floor_depth_m)
+from metricgold_ros.model import MetricGoldPipeline
+from metricgold_ros.model.checkpoint import ModelMetadata
+from metricgold_ros.model_paths import bundled_model_path
 from metricgold_ros.synthetic.scenes import (CameraPose, camera_sequence, make_scene,
-                                             render_sample, render_view)
+                                             nominal_mounting, render_sample, render_view)
 
 WIDTH, HEIGHT = 96, 72
 
@@ -269,3 +277,141 @@ def test_two_fields_of_view_give_the_same_metric_depth():
     # The optical axis sees the same point in both: the same metric depth.
     centre = (HEIGHT // 2, WIDTH // 2)
     assert depths[0][centre] == pytest.approx(depths[1][centre], rel=0.02)
+
+
+# In the frame processor (node, bag tool and infer share it) ------------------------------
+
+
+@dataclass(frozen=True)
+class CameraAwareMetadata(ModelMetadata):
+    """A checkpoint's metadata with the canonical focal length of a camera-aware one."""
+
+    canonical_focal_px: float = 100.0
+
+
+def calibration_of(sample) -> Calibration:
+    return Calibration(camera_of(sample))
+
+
+def mounting_options(sample) -> FrameOptions:
+    return FrameOptions(camera_height_m=sample.camera_height_m,
+                        camera_pitch_deg=sample.camera_pitch_deg,
+                        camera_roll_deg=sample.camera_roll_deg)
+
+
+@pytest.fixture(scope='module')
+def bundled():
+    """The bundled (trained) model: its depth follows the scene, so the floor can be found."""
+    return MetricGoldPipeline.from_pretrained(bundled_model_path(), device='cpu',
+                                              dtype='float32')
+
+
+@pytest.fixture
+def relative_pipeline(bundled):
+    """The bundled model read as a relative checkpoint (log depth in [0, 1]: not metres)."""
+    metric = bundled.metadata
+    bundled.metadata = dataclasses.replace(metric, relative=True)
+    yield bundled
+    bundled.metadata = metric
+
+
+def sky_view():
+    """A street seen looking 40 degrees up: no floor in view."""
+    return render_view(make_scene(2_000_002, 'outdoor'), CameraPose(
+        (0.0, 1.5, 5.0), pitch_rad=math.radians(40)), (60.0, 60.0, 47.5, 35.5), WIDTH, HEIGHT)
+
+
+def test_relative_checkpoint_becomes_metric_where_the_floor_is_found(relative_pipeline):
+    street = render_sample(2_000_000, 'outdoor', WIDTH, HEIGHT)
+    processor = DepthFrameProcessor(relative_pipeline)
+    plain = processor.process(street.rgb, calibration_of(street), FrameOptions())
+    assert plain.relative and plain.cloud is None and plain.scale.metric is False
+    assert np.nanmax(plain.depth) <= 1.0
+    assert 'depth/scale' not in frame_messages(messages.rosbags_types(), street_header(),
+                                               plain)
+    fitted = processor.process(street.rgb, calibration_of(street), mounting_options(street))
+    assert fitted.scale.fit.state == OK and not fitted.relative
+    assert fitted.cloud is not None  # metres, so points
+    valid = street.valid & np.isfinite(fitted.depth)
+    abs_rel = np.mean(np.abs(fitted.depth[valid] / street.depth_m[valid] - 1))
+    assert abs_rel < 0.35, abs_rel  # metres now (relative values would be off by ~10x)
+    out = frame_messages(messages.rosbags_types(), street_header(), fitted)
+    status = out['depth/scale'].status[0]
+    values = {kv.key: kv.value for kv in status.values}
+    assert status.level == 0 and values['state'] == 'ok' and values['metric'] == 'true'
+    assert float(values['scale']) == pytest.approx(fitted.scale.scale, rel=1e-5)
+    assert 0.25 <= float(values['inlier_share']) <= 1.0
+
+
+def test_relative_checkpoint_without_a_fit_publishes_no_metric_outputs(relative_pipeline):
+    sky = sky_view()
+    result = DepthFrameProcessor(relative_pipeline).process(
+        sky.rgb, calibration_of(sky), mounting_options(sky))
+    assert result.scale.fit.state == NO_FLOOR and result.relative and result.cloud is None
+    out = frame_messages(messages.rosbags_types(), street_header(), result)
+    assert 'points' not in out
+    status = out['depth/scale'].status[0]
+    assert status.level == 1 and 'no points' in status.message
+
+
+def test_metric_checkpoint_scaled_by_the_filtered_fit_or_kept(bundled):
+    processor, plain = DepthFrameProcessor(bundled), DepthFrameProcessor(bundled)
+    height_m, pitch_deg, roll_deg = nominal_mounting(2, 'outdoor')  # as a robot is configured
+    mounted = FrameOptions(camera_height_m=height_m, camera_pitch_deg=pitch_deg,
+                           camera_roll_deg=roll_deg)
+    events = []
+    for sample in camera_sequence(2, 'outdoor', 3, WIDTH, HEIGHT, fps=10.0):
+        own = plain.process(sample.rgb, calibration_of(sample), FrameOptions())
+        fitted = processor.process(sample.rgb, calibration_of(sample), mounted)
+        assert fitted.scale.fit.state == OK
+        events.append(fitted.scale.filter_event)
+        np.testing.assert_allclose(fitted.depth, own.depth * fitted.scale.scale, rtol=1e-5)
+        assert not fitted.scale.fit.scale == pytest.approx(1.0, abs=1e-3)
+    assert events == ['start', 'track', 'track']
+    sky = sky_view()
+    own = plain.process(sky.rgb, calibration_of(sky), FrameOptions())
+    kept = processor.process(sky.rgb, calibration_of(sky), mounting_options(sky))
+    assert kept.scale.fit.state == NO_FLOOR and kept.scale.scale == 1.0
+    assert np.array_equal(kept.depth, own.depth) and kept.cloud is not None
+
+
+def street_header():
+    types = messages.rosbags_types()
+    return types.Header(stamp=types.Time(sec=1, nanosec=0), frame_id='camera_optical')
+
+
+@pytest.fixture(scope='module')
+def camera_aware(tiny_model_dir):
+    """The tiny model as a camera-aware checkpoint (canonical focal 100 px)."""
+    pipeline = MetricGoldPipeline.from_pretrained(tiny_model_dir, device='cpu', dtype='float32')
+    pipeline.metadata = CameraAwareMetadata(**dataclasses.asdict(pipeline.metadata))
+    return pipeline
+
+
+@pytest.mark.parametrize('output_scale, resolution', [(1.0, 64), (0.5, 64), (1.0, 32)])
+def test_camera_aware_depth_follows_the_processing_resolution(
+        tiny_pipeline, camera_aware, output_scale, resolution):
+    """Depth x f / f_c, f at the processing resolution: output_scale does not change it."""
+    rgb = render_sample(5, 'indoor', WIDTH, HEIGHT).rgb
+    camera = Intrinsics(80.0, 80.0, 47.5, 35.5, WIDTH, HEIGHT)
+    options = FrameOptions(output_scale=output_scale, processing_resolution=resolution)
+    plain = DepthFrameProcessor(tiny_pipeline).process(rgb, Calibration(camera), options)
+    aware = DepthFrameProcessor(camera_aware).process(rgb, Calibration(camera), options)
+    focal_px = 80.0 * resolution / WIDTH  # the networks saw a `resolution`-wide image
+    assert aware.scale.focal_px == pytest.approx(focal_px)
+    assert aware.scale.canonical_factor == pytest.approx(focal_px / 100.0)
+    np.testing.assert_allclose(aware.depth, plain.depth * focal_px / 100.0, rtol=1e-5)
+    assert plain.scale.focal_px is None and plain.scale.canonical_factor == 1.0
+    assert not plain.scale.active and aware.scale.active
+
+
+def test_camera_aware_without_intrinsics_assumes_a_field_of_view_once(camera_aware):
+    rgb = render_sample(5, 'indoor', WIDTH, HEIGHT).rgb
+    processor = DepthFrameProcessor(camera_aware)
+    first = processor.process(rgb, None, FrameOptions(processing_resolution=64))
+    second = processor.process(rgb, None, FrameOptions(processing_resolution=64))
+    assert first.scale.focal_assumed
+    assert first.scale.focal_px == pytest.approx(32 / math.tan(math.radians(ASSUMED_HFOV_DEG)
+                                                                / 2))
+    assert len(first.scale.notes) == 1 and 'field of view' in first.scale.notes[0]
+    assert second.scale.notes == ()

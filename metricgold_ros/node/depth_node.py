@@ -7,7 +7,9 @@ that arrive while the model runs replace the waiting one and are counted as drop
 latency stays bounded when the camera is faster than the model.
 
 Topics (relative, remap them): in ``image``, ``camera_info``; out ``depth/image``,
-``depth/camera_info``, ``depth/colored``, ``depth/uncertainty``, ``points``; and
+``depth/camera_info``, ``depth/colored``, ``depth/uncertainty``, ``points``, ``depth/scale``
+(``diagnostic_msgs/DiagnosticArray`` per frame while ``camera_height_m`` > 0 or the checkpoint
+is camera-aware: the applied scale, the ground fit's inlier share and state); and
 ``/diagnostics``. Parameters: :data:`metricgold_ros.node.parameters.PARAMETERS`. The
 process around the node (signals, executor, exit) is :mod:`metricgold_ros.node.main`.
 
@@ -49,6 +51,7 @@ from metricgold_ros.depth_frame import (OUTPUT_TOPICS, DepthFrameProcessor, Fram
                                         frame_messages)
 from metricgold_ros.errors import InputError, MetricGoldError
 from metricgold_ros.faults import FAULT_ENV, GuardedProcessor, fault_injector_from_env
+from metricgold_ros.metric_scale import MetricScale
 from metricgold_ros.model_paths import load_model
 from metricgold_ros.node.parameters import PARAMETERS, ParamSpec, check_parameter, frame_options
 from metricgold_ros.node.runtime import FrameStats, Mailbox, RateLimiter, StampCache, StatsSnapshot
@@ -57,7 +60,8 @@ if TYPE_CHECKING:
     from metricgold_ros.model import MetricGoldPipeline
 
 NODE_NAME = 'depth_node'
-OUTPUTS = dict(zip(OUTPUT_TOPICS, (Image, CameraInfo, Image, Image, PointCloud2)))
+OUTPUTS = dict(zip(OUTPUT_TOPICS, (Image, CameraInfo, Image, Image, PointCloud2,
+                                   DiagnosticArray)))
 ERROR_PERIOD_S = 5.0  # each distinct input problem is logged at most this often
 JOIN_TIMEOUT_S = 1.0  # shutdown waits this long for the worker; inference may outlive it
 
@@ -127,6 +131,7 @@ class DepthNode(Node):
         self._mailbox: Mailbox[_Frame] = Mailbox()
         self._infos: StampCache[Calibration] = StampCache()
         self._image_size: Optional[Tuple[int, int]] = None  # (width, height) of the last frame
+        self._scale: Optional[MetricScale] = None  # the last frame's, for /diagnostics
 
         out_qos = _qos(self._values['output_qos'])
         self._pubs = {name: self.create_publisher(msg_type, name, out_qos)
@@ -157,7 +162,8 @@ class DepthNode(Node):
                               device=self._values['device'], dtype=self._values['dtype'],
                               notify=self.get_logger().info)
         meta = pipeline.metadata
-        kind = 'RELATIVE depth (no metric scale, no points)' if pipeline.relative else \
+        kind = 'RELATIVE depth (metric, with points, only while the ground fit finds the ' \
+            'floor: set camera_height_m)' if pipeline.relative else \
             f'metric depth {meta.d_min_m:g}..{meta.d_max_m:g} m'
         self.get_logger().info(
             f'loaded {self._values["model_path"] or "the bundled model"} on {pipeline.device} '
@@ -203,8 +209,16 @@ class DepthNode(Node):
             message=(f'{snap.period_errors} input errors' if snap.period_errors else
                      f'{snap.period_published} frames in {snap.period_s:.0f} s'),
             values=[KeyValue(key=key, value=value) for key, value in snap.key_values()])
+        statuses = [status]
+        scale = self._scale
+        if scale is not None and scale.active:
+            statuses.append(DiagnosticStatus(
+                level=DiagnosticStatus.OK if scale.fit.ok or scale.fit.state == 'off' else
+                DiagnosticStatus.WARN, name=f'{self.get_fully_qualified_name()}: metric scale',
+                hardware_id=str(self.pipeline.device), message=scale.message,
+                values=[KeyValue(key=key, value=value) for key, value in scale.key_values()]))
         self._diagnostics.publish(DiagnosticArray(
-            header=self._types.Header(stamp=self.get_clock().now().to_msg()), status=[status]))
+            header=self._types.Header(stamp=self.get_clock().now().to_msg()), status=statuses))
 
     # -- worker ------------------------------------------------------------------------------
 
@@ -253,6 +267,7 @@ class DepthNode(Node):
         if result.camera_problem is not None:
             self._report(self._info_sub.topic_name, f'{result.camera_problem} (publishing depth '
                          'without depth/camera_info and points)')
+        self._follow_scale(result.scale)
         out = frame_messages(self._types, msg.header, result)
         if self._stop.is_set():
             return
@@ -282,6 +297,19 @@ class DepthNode(Node):
                 f'{width}x{height}: warm start and CameraInfo history reset',
                 throttle_duration_sec=ERROR_PERIOD_S)
         self._image_size = size
+
+    def _follow_scale(self, scale: Optional[MetricScale]) -> None:
+        """Keep the frame's metric scale for /diagnostics; log notes and changes of state."""
+        if scale is None:
+            return
+        for note in scale.notes:
+            self.get_logger().warning(note)
+        previous = self._scale.fit.state if self._scale is not None else 'off'
+        if scale.fit.state != previous:
+            log = self.get_logger().info if scale.fit.ok or scale.fit.state == 'off' else \
+                self.get_logger().warning
+            log(f'metric scale: {scale.message}', throttle_duration_sec=ERROR_PERIOD_S)
+        self._scale = scale
 
     # -- inference faults ------------------------------------------------------------------
 

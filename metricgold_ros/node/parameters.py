@@ -75,6 +75,13 @@ PARAMETERS: Tuple[ParamSpec, ...] = (
               'percentile)', float_range=(0.0, 1.0e4)),
     ParamSpec('color_max_depth', 0.0, 'Depth (m) at the colormap\'s end; 0: automatic (98th '
               'percentile)', float_range=(0.0, 1.0e4)),
+    ParamSpec('camera_height_m', 0.0, 'Camera (optical centre) height above a level floor, '
+              'metres: the floor then fixes the metric scale (ground fit, depth/scale); 0: off',
+              float_range=(0.0, 100.0)),
+    ParamSpec('camera_pitch_deg', 0.0, 'Optical axis below the horizon, degrees (positive: '
+              'looking down)', float_range=(-90.0, 90.0)),
+    ParamSpec('camera_roll_deg', 0.0, 'Camera turned about its optical axis, degrees '
+              '(positive: the image\'s right side dips)', float_range=(-180.0, 180.0)),
     ParamSpec('max_pixels', DEFAULT_PIXEL_BUDGET, 'Images with more pixels are refused before any '
               'allocation', int_range=(1, 2 ** 31 - 1)),
     ParamSpec('qos', 'sensor_data', 'QoS of the image and camera_info subscriptions: '
@@ -139,4 +146,7 @@ def frame_options(values: Mapping[str, ParamValue]) -> FrameOptions:
         points_stride=values['points_stride'],
         points_rgb=values['points_rgb'],
         max_depth_m=values['max_depth'] or math.inf,
-        uncertainty=values['publish_uncertainty'])
+        uncertainty=values['publish_uncertainty'],
+        camera_height_m=values['camera_height_m'],
+        camera_pitch_deg=values['camera_pitch_deg'],
+        camera_roll_deg=values['camera_roll_deg'])

@@ -4,7 +4,8 @@ Every image of one camera topic goes through the same per-frame code as the live
 (:class:`~metricgold_ros.depth_frame.DepthFrameProcessor` and ``frame_messages``), in order,
 none dropped. The new rosbag2 bag holds the input topics (ROS 1 input converted to ROS 2
 definitions, ROS 2 input byte for byte) and ``PREFIX/depth/image``, ``depth/camera_info``,
-``depth/colored``, ``depth/uncertainty`` and ``points``, stamped with each image's header and
+``depth/colored``, ``depth/uncertainty`` and ``points`` (and ``depth/scale`` with
+``--camera-height-m`` or a camera-aware checkpoint), stamped with each image's header and
 written at its log time. It is written under a temporary name and renamed when complete.
 """
 
@@ -28,8 +29,8 @@ from metricgold_ros.faults import GuardedProcessor
 from metricgold_ros.image_encodings import DEFAULT_PIXEL_BUDGET
 from metricgold_ros.tools import bag_io, bag_output
 from metricgold_ros.tools.options import (
-    add_inference_arguments, add_output_arguments, load_pipeline, options_from_args,
-    positive_int)
+    add_inference_arguments, add_mounting_arguments, add_output_arguments, load_pipeline,
+    options_from_args, positive_int)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -65,6 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sel.add_argument('--max-pixels', type=positive_int, default=DEFAULT_PIXEL_BUDGET,
                      metavar='N', help='refuse images (also compressed ones, before decoding) '
                      'with more pixels (default: %(default)s, as the node\'s max_pixels)')
+    add_mounting_arguments(parser)
     add_inference_arguments(parser)
     parser.add_argument('--quiet', '-q', action='store_true',
                         help='no progress bar; print only a final JSON summary line')
@@ -97,6 +99,7 @@ class _Run:
     failures: List[str] = field(default_factory=list)  # frames whose inference failed
     model_s: float = 0.0
     pairing: Counter = field(default_factory=Counter)
+    fit_states: Counter = field(default_factory=Counter)  # ground fit state per frame
     stages_s: Dict[str, float] = field(default_factory=dict)
     warnings: List[str] = field(default_factory=list)
     progress: Any = None
@@ -304,6 +307,11 @@ def _frame(reader: Any, path: Path, out: bag_output.OutputBag, plan: _Plan,
     if result.camera_problem is not None:
         stats.warn(f'{plan.info_topic}: {result.camera_problem}; no point cloud or '
                    'depth/camera_info for those images')
+    if result.scale is not None:
+        for note in result.scale.notes:
+            stats.warn(note)
+        if result.scale.fit.state != 'off':
+            stats.fit_states[result.scale.fit.state] += 1
     for stage, seconds in result.timings_s.items():
         stats.add(stage, seconds)
         if stage not in FRAME_STAGES:
@@ -339,6 +347,7 @@ def summary(output: Path, plan: _Plan, counts: Dict[str, int], stats: _Run, seco
         'image_topic': plan.image_topic,
         'camera_info_topic': plan.info_topic,
         'camera_info_pairing': dict(stats.pairing),
+        'ground_fit': dict(stats.fit_states),
         'messages': dict(sorted(counts.items())),
         'model_load_s': round(load_s, 3),
         'model_s': round(model_s, 3),

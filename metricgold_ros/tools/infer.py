@@ -6,9 +6,16 @@ colour), ``STEM_uncertainty.npy`` (metres, with ``--ensemble-size`` > 1) and ``S
 intrinsics are given (``--fx`` [``--fy --cx --cy``] or ``--camera-info FILE.yaml``). Images are
 read upright (EXIF orientation applied); grayscale, 16-bit and RGBA are accepted. Each file is
 written atomically; the per-frame work is the node's (:class:`DepthFrameProcessor`).
+
+With ``--camera-height-m`` (and the intrinsics) each image is scaled by its own ground fit
+(images are taken to be independent: no smoothing between them); a relative model then gives
+metres, the PNG and the cloud where the floor is found. A camera-aware checkpoint's depth is
+rescaled with the focal length from ``--fx``/``--camera-info``, else from an assumed field of
+view (said once).
 """
 
 import argparse
+import dataclasses
 import io
 import json
 import sys
@@ -21,8 +28,8 @@ import numpy as np
 from metricgold_ros.atomic import write_atomic
 from metricgold_ros.camera import Calibration, Intrinsics
 from metricgold_ros.tools.options import (
-    add_inference_arguments, add_output_arguments, load_pipeline, options_from_args,
-    positive_float)
+    add_inference_arguments, add_mounting_arguments, add_output_arguments, load_pipeline,
+    options_from_args, positive_float)
 from metricgold_ros.depth_frame import DepthFrameProcessor
 from metricgold_ros.errors import InputError
 from metricgold_ros.faults import GuardedProcessor
@@ -50,6 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              'camera_matrix); scaled to each image of the same aspect')
     add_output_arguments(parser, points_help='write STEM.ply when intrinsics are given '
                                              '(default on)')
+    add_mounting_arguments(parser)
     add_inference_arguments(parser)
     parser.add_argument('--quiet', '-q', action='store_true',
                         help='no progress bar; print only a final JSON summary line')
@@ -70,12 +78,13 @@ def run(args: argparse.Namespace) -> int:
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f'--out {out_dir} is a file; give a folder')
     out_dir.mkdir(parents=True, exist_ok=True)
-    options = options_from_args(args)
+    options = dataclasses.replace(options_from_args(args), scale_filter=False)
     processor = GuardedProcessor(DepthFrameProcessor(load_pipeline(args)),
                                  args.fallback_processing_resolution)
 
     start = time.perf_counter()
     stages: Dict[str, float] = {}
+    fit_states: Dict[str, int] = {}
     failures: List[Tuple[Path, str]] = []
     warnings: List[str] = []
     written = 0
@@ -100,6 +109,15 @@ def run(args: argparse.Namespace) -> int:
             note = f'{path}: {result.camera_problem}; depth written without a point cloud'
             warnings.append(note)
             _say(f'WARNING: {note}', args.quiet, bar)
+        if result.scale is not None:
+            for note in result.scale.notes:
+                warnings.append(note)
+                _say(f'WARNING: {note}', args.quiet, bar)
+            if result.scale.fit.state != 'off':
+                state = result.scale.fit.state
+                fit_states[state] = fit_states.get(state, 0) + 1
+                if not result.scale.fit.ok:
+                    _say(f'{path}: {result.scale.message}', args.quiet, bar)
         written += save_outputs(out_dir, path.stem, result, warnings)
         for stage, seconds in result.timings_s.items():
             stages[stage] = stages.get(stage, 0.0) + seconds
@@ -108,7 +126,8 @@ def run(args: argparse.Namespace) -> int:
     summary = {'output': str(out_dir), 'images': done, 'failed': len(failures),
                'files_written': written, 'seconds': round(seconds, 3),
                'fps': round(done / seconds, 3) if seconds > 0 else None,
-               'stages_s': {k: round(v, 3) for k, v in stages.items()}, 'warnings': warnings,
+               'stages_s': {k: round(v, 3) for k, v in stages.items()},
+               'ground_fit': fit_states, 'warnings': warnings,
                'failures': [{'image': str(p), 'error': e} for p, e in failures]}
     if args.quiet:
         print(json.dumps(summary))
@@ -223,7 +242,8 @@ def save_outputs(out_dir: Path, stem: str, result: Any, warnings: List[str]) -> 
     files = {f'{stem}_depth.npy': _npy_bytes(result.depth.astype(np.float32))}
     if result.relative:
         note = ('the model predicts relative depth (values in [0, 1], not metres): no '
-                'millimetre PNG or point cloud')
+                'millimetre PNG or point cloud without a ground fit (--camera-height-m and '
+                'intrinsics, the floor in view)')
         if note not in warnings:
             warnings.append(note)
     else:

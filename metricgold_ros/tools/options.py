@@ -9,7 +9,7 @@ Malformed values are argparse usage errors (exit code 2); a model that cannot be
 import argparse
 import dataclasses
 import math
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from metricgold_ros.colorize import COLORMAPS
 from metricgold_ros.constants import DTYPE_CHOICES
@@ -40,6 +40,14 @@ def positive_float(text: str) -> float:
     value = _parse(float, text)
     if not 0.0 < value < float('inf'):
         raise argparse.ArgumentTypeError(f'{text!r} must be a finite number > 0')
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type: a finite number >= 0."""
+    value = _parse(float, text)
+    if not 0.0 <= value < float('inf'):
+        raise argparse.ArgumentTypeError(f'{text!r} must be a finite number >= 0')
     return value
 
 
@@ -116,6 +124,33 @@ def add_output_arguments(parser: argparse.ArgumentParser, *, points_help: str) -
                        help='colour the points with the image')
     group.add_argument('--max-depth', dest='max_depth_m', type=positive_float, default=math.inf,
                        metavar='M', help='points farther than this (m) become invalid')
+
+
+def angle(low: float, high: float) -> Callable[[str], float]:
+    """argparse type: a number of degrees in [low, high]."""
+    def parse(text: str) -> float:
+        value = _parse(float, text)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f'{text!r} must be in [{low:g}, {high:g}] degrees')
+        return value
+    return parse
+
+
+def add_mounting_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the camera's mounting (the ground fit's metric scale), as the node's parameters."""
+    group = parser.add_argument_group(
+        'metric scale from the mounting (the node parameters camera_height_m, ...): the floor '
+        'at a known height fixes the scale; relative models then give metres and clouds')
+    group.add_argument('--camera-height-m', dest='camera_height_m', type=non_negative_float,
+                       default=0.0, metavar='M',
+                       help='camera height above a level floor, metres (default 0: off)')
+    group.add_argument('--camera-pitch-deg', dest='camera_pitch_deg', type=angle(-90, 90),
+                       default=0.0, metavar='DEG',
+                       help='optical axis below the horizon, degrees; positive looks down')
+    group.add_argument('--camera-roll-deg', dest='camera_roll_deg', type=angle(-180, 180),
+                       default=0.0, metavar='DEG',
+                       help='turn about the optical axis, degrees; positive: the right side '
+                            'dips')
 
 
 def options_from_args(args: argparse.Namespace) -> FrameOptions:
