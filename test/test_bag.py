@@ -341,3 +341,27 @@ def test_sigterm_is_an_interrupt():
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(5)
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+def test_mounting_adds_the_metric_scale_topic(tmp_path, capsys, fast_model):
+    """--camera-height-m (the node's camera_height_m) fits every frame: depth/scale per image."""
+    bag = write_camera_bag(tmp_path / 'in', count=2)
+    code, summary, _ = run_bag(capsys, bag.path, tmp_path / 'out', '--camera-height-m', '1.5',
+                               '--camera-pitch-deg', '10', '--camera-roll-deg', '-1.5', *FAST)
+    assert code == 0
+    assert summary['messages']['/camera/depth/scale'] == summary['frames'] == 2
+    assert sum(summary['ground_fit'].values()) == 2
+    records = read_bag(tmp_path / 'out')['/camera/depth/scale']
+    assert [m.header.stamp.sec * 10**9 + m.header.stamp.nanosec for _, _, m, _ in records] == \
+        bag.stamps_ns
+    for _, _, msg, connection in records:
+        assert connection.msgtype == 'diagnostic_msgs/msg/DiagnosticArray'
+        values = {kv.key: kv.value for kv in msg.status[0].values}
+        assert values['state'] in ('ok', 'no_floor', 'poor_fit') and float(values['scale']) > 0
+    # Without a mounting: no depth/scale, as before.
+    code, summary, _ = run_bag(capsys, bag.path, tmp_path / 'out2', *FAST)
+    assert code == 0 and '/camera/depth/scale' not in summary['messages']
+    assert summary['ground_fit'] == {}
+    with pytest.raises(SystemExit) as exc:
+        main(['bag', str(bag.path), str(tmp_path / 'out3'), '--camera-pitch-deg', '95'])
+    assert exc.value.code == 2 and '--camera-pitch-deg' in capsys.readouterr().err

@@ -151,3 +151,17 @@ def test_progress_bar_for_many_files(tmp_path, capsys, fast_model, scene, monkey
     captured = capsys.readouterr()
     assert '3/3' in captured.err and 'image/s' in captured.err
     assert 'millimetres' in captured.out and '65.535 m' in captured.out
+
+
+def test_mounting_flags_fit_each_image(tmp_path, capsys, fast_model, scene):
+    (tmp_path / 'in').mkdir()
+    Image.fromarray(scene.rgb).save(tmp_path / 'in' / 'a.png')
+    code, summary, _ = run_infer(
+        capsys, tmp_path / 'in', '--out', tmp_path / 'out', '--fx', scene.fx_px,
+        '--camera-height-m', scene.camera_height_m, '--camera-pitch-deg',
+        scene.camera_pitch_deg, '--camera-roll-deg', scene.camera_roll_deg, *FAST)
+    assert code == 0 and sum(summary['ground_fit'].values()) == 1
+    with pytest.raises(SystemExit) as exc:
+        main(['infer', str(tmp_path / 'in'), '--out', str(tmp_path / 'out2'),
+              '--camera-height-m', '-1'])
+    assert exc.value.code == 2 and '--camera-height-m' in capsys.readouterr().err

@@ -17,6 +17,7 @@ from rclpy.logging import LoggingSeverity  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
 from sensor_msgs.msg import CameraInfo, Image, PointCloud2  # noqa: E402
 
+from metricgold_ros.ground import FIT_STATES  # noqa: E402
 from metricgold_ros.node.depth_node import DepthNode  # noqa: E402
 from metricgold_ros.node.parameters import SPECS  # noqa: E402
 from ros_helpers import (RosHarness, camera_info_msg, cloud_array, image_array,  # noqa: E402
@@ -357,3 +358,28 @@ def test_diagnostics_and_stats(fresh):
     rig.ros.node.destroy_subscription(diag.subscription)
     infos = [m.msg for m in rig.rosout.messages() if m.level == 20 and 'dropped' in m.msg]
     assert any('stamp->publish p50' in text for text in infos), infos
+
+
+def test_mounting_publishes_the_metric_scale(fresh):
+    """camera_height_m (live) turns the ground fit on: depth/scale per frame, /diagnostics."""
+    rig = fresh
+    scale = rig.collect(DiagnosticArray, 'depth/scale')
+    diag = rig.ros.collector(DiagnosticArray, '/diagnostics', reliable_qos())
+    assert wait_for_publishers(scale.subscription)
+    try:
+        assert all(r.successful for r in rig.set_params(
+            camera_height_m=1.2, camera_pitch_deg=15.0, camera_roll_deg=-2.0))
+        stamp = rig.send()
+        msg = _wait_stamp(scale, stamp)
+        assert msg is not None, 'no depth/scale for the frame'
+        status = msg.status[0]
+        values = {kv.key: kv.value for kv in status.values}
+        assert status.name == 'metric_scale' and status.message.startswith('ground fit')
+        assert values['state'] in FIT_STATES and values['state'] != 'off'
+        assert float(values['scale']) > 0 and 0.0 <= float(values['inlier_share']) <= 1.0
+        assert diag.wait_for(lambda m: any('metric scale' in s.name for s in m.status), 5.0)
+        refused = rig.set_params(camera_pitch_deg=120.0)
+        assert not refused[0].successful and 'camera_pitch_deg' in refused[0].reason
+    finally:
+        rig.set_params(camera_height_m=0.0, camera_pitch_deg=0.0, camera_roll_deg=0.0)
+        rig.ros.node.destroy_subscription(diag.subscription)
