@@ -20,9 +20,10 @@ code, valid depth below 80 m) as:
   the fit may use (what a perfect scale fit reaches), and times the median ratio of true to
   predicted depth over the whole frame (what any single scale can reach).
 
-Jitter: the demo's sequences (``synthetic/camera.py``: a room, then a street; 10 fps) with the
-demo's one mounting, the per-frame fitted scale with and without :class:`ScaleFilter`: std of
-the change of log scale between consecutive frames that both have a fit.
+Jitter: the demo's sequences (``synthetic/camera.py`` ``demo_frames``: a room, then a street,
+filmed from ``DEMO_MOUNTING``; 10 fps) with that mounting, the per-frame fitted scale with and
+without :class:`ScaleFilter`: std of the change of log scale between consecutive frames that
+both have a fit.
 """
 
 import argparse
@@ -40,15 +41,13 @@ from metricgold_ros.camera import Intrinsics  # noqa: E402
 from metricgold_ros.evaluation import evaluate_image, get_protocol  # noqa: E402
 from metricgold_ros.ground import (GroundFitSettings, Mounting, ScaleFilter,  # noqa: E402
                                    fit_ground, floor_depth_m)
-from metricgold_ros.synthetic.scenes import KINDS, Sample, camera_sequence, render_sample  # noqa
+from metricgold_ros.synthetic.camera import DEMO_MOUNTING, demo_frames  # noqa: E402
+from metricgold_ros.synthetic.scenes import KINDS, Sample, render_sample  # noqa: E402
 
 PROTOCOL = get_protocol('generic', max_depth_m=80.0)
 METHODS = ('model', 'model + ground fit', 'model + fit, pitch +2 deg', 'relative + ground fit',
            'model (frames with a relative fit)', 'model + fit (frames with a relative fit)',
            'oracle: model x true scale of its floor', 'oracle: model x true global scale')
-# The demo's camera: one mounting for the room and the street (synthetic/camera.py).
-DEMO_SCENES = (('indoor', 1), ('outdoor', 2))
-DEMO_MOUNTING = (1.5, 8.0)  # camera_height_m, camera_pitch_deg
 
 
 def intrinsics(sample: Sample) -> Intrinsics:
@@ -125,11 +124,12 @@ def jitter(pipeline, frames: int, width: int, height: int, fps: float,
            settings: GroundFitSettings) -> dict:
     """Frame-to-frame std of log scale on the demo's sequences, raw and filtered."""
     out = {}
-    for kind, seed in DEMO_SCENES:
+    sequence = demo_frames(2 * frames, width, height, fps)  # a room, then a street
+    for kind in KINDS:
         scale_filter = ScaleFilter()
         raw, filtered = [], []
         absrel: Dict[str, List[float]] = {'model': [], 'raw': [], 'filtered': []}
-        for sample in camera_sequence(seed, kind, frames, width, height, fps, DEMO_MOUNTING):
+        for sample in (s for s in sequence if s.kind == kind):
             depth_m = pipeline(sample.rgb).depth_m
             fit = fit_ground(depth_m, intrinsics(sample), Mounting(*DEMO_MOUNTING),
                              relative=False, settings=settings)

@@ -26,6 +26,10 @@ def test_make_demo_short_mode(tmp_path):
     assert summary['frames_dropped'] == 6 - summary['frames_received']
     assert 0 < summary['latency_ms_p50'] <= summary['latency_ms_p95'] < 60_000
     assert summary['abs_rel'] >= 0 and 0 <= summary['delta1'] <= 1
+    # The ground fit is on by default: every received frame has its depth/scale.
+    assert summary['ground_fit'] is True
+    assert sum(summary['ground_fit_states'].values()) == summary['frames_received']
+    assert summary['abs_rel_without_fit'] >= 0
     assert list(out.glob('frame_*_rgb_depth_truth.png'))
     assert (out / 'cloud.ply').read_bytes().startswith(b'ply\n')
     assert 'demo summary' in result.stdout

@@ -5,27 +5,37 @@ The sequence walks through a generated room, then drives down a generated street
 ground truth of every frame from its index. Used by the demo and the soak test::
 
     python -m metricgold_ros.synthetic.camera --rate 5 --frames 40 --stamps-out stamps.json
+
+Both scenes are filmed from one mounting, :data:`DEMO_MOUNTING` (``--camera-height-m``,
+``--camera-pitch-deg``), about which the camera bobs as it walks or drives: pass the same to
+the node (``camera_height_m``, ``camera_pitch_deg``) and its ground fit has the floor's scale.
 """
 
 import argparse
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 from metricgold_ros.atomic import write_json_atomic
 from metricgold_ros.ros_env import use_loopback
 from metricgold_ros.synthetic.scenes import Sample, camera_sequence
 
 SCENES = (('indoor', 1), ('outdoor', 2))  # (kind, scene seed): a room, then a street
+DEMO_MOUNTING = (1.5, 8.0)  # camera_height_m, camera_pitch_deg (looking down) of both scenes
 
 
-def demo_frames(n_frames: int, width: int, height: int, fps: float) -> List[Sample]:
-    """The demo's frames: the first half in a room, the rest in a street (deterministic)."""
+def demo_frames(n_frames: int, width: int, height: int, fps: float,
+                mounting: Optional[Tuple[float, float]] = DEMO_MOUNTING) -> List[Sample]:
+    """The demo's frames: the first half in a room, the rest in a street (deterministic).
+
+    ``mounting`` ``(camera_height_m, camera_pitch_deg)`` is the camera's nominal mounting in
+    both scenes; ``None``: each scene's own (they differ).
+    """
     indoor = (n_frames + 1) // 2
     frames: List[Sample] = []
     for (kind, seed), count in zip(SCENES, (indoor, n_frames - indoor)):
-        frames.extend(camera_sequence(seed, kind, count, width, height, fps))
+        frames.extend(camera_sequence(seed, kind, count, width, height, fps, mounting))
     return frames
 
 
@@ -37,6 +47,12 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument('--image-topic', default='camera/image_raw')
     parser.add_argument('--info-topic', default='camera/camera_info')
     parser.add_argument('--frame-id', default='camera_optical_frame')
+    parser.add_argument('--camera-height-m', type=float, default=DEMO_MOUNTING[0],
+                        help='nominal camera height above the floor, metres (default '
+                             f'{DEMO_MOUNTING[0]}); 0: each scene\'s own')
+    parser.add_argument('--camera-pitch-deg', type=float, default=DEMO_MOUNTING[1],
+                        help='nominal pitch, degrees, positive looking down (default '
+                             f'{DEMO_MOUNTING[1]})')
     parser.add_argument('--wait-subscribers', type=float, default=60.0,
                         help='seconds to wait for a subscriber before sending (default 60)')
     parser.add_argument('--qos', choices=('sensor_data', 'reliable'), default='sensor_data',
@@ -51,7 +67,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parse_args(argv)
     width, height = (int(v) for v in args.size.lower().split('x'))
     loop = args.frames == 0
-    frames = demo_frames(args.frames or 100, width, height, args.rate)
+    mounting = (args.camera_height_m, args.camera_pitch_deg) if args.camera_height_m > 0 \
+        else None
+    frames = demo_frames(args.frames or 100, width, height, args.rate, mounting)
     use_loopback()
     import rclpy
     from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data

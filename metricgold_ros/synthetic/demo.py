@@ -7,6 +7,12 @@ process, which records the node's outputs. It ends by itself and writes to ``--o
 side-by-side RGB | coloured-depth PNGs, a ``.ply`` cloud of one frame, and ``summary.json``
 (frames sent/received/dropped, stamp->receive latency, AbsRel/delta1 against the generator's
 exact depth). Receiving nothing is a non-zero exit that says why.
+
+The camera is mounted as :data:`~metricgold_ros.synthetic.camera.DEMO_MOUNTING` says and the
+node is told so (``camera_height_m``, ``camera_pitch_deg``): its ground fit scales the depth by
+the floor. The recorder also reads ``depth/scale`` and reports AbsRel with the fit and without
+it (the published depth divided by the applied scale); ``--no-ground-fit`` runs the node
+without a mounting.
 """
 
 import argparse
@@ -33,6 +39,8 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument('--size', default='640x480', help='camera WIDTHxHEIGHT')
     parser.add_argument('--out', type=Path, default=Path('demo_out'), help='output folder')
     parser.add_argument('--model', type=Path, help='model folder (default: the bundled model)')
+    parser.add_argument('--no-ground-fit', dest='ground_fit', action='store_false',
+                        help='do not tell the node the camera\'s mounting (no ground fit)')
     parser.add_argument('--timeout', type=float, default=150.0,
                         help='give up after this many seconds (default 150)')
     return parser.parse_args(argv)
@@ -60,6 +68,7 @@ class Recorder:
     """Subscribes to the node's outputs and keeps what the summary and the pictures need."""
 
     def __init__(self, node) -> None:
+        from diagnostic_msgs.msg import DiagnosticArray
         from rclpy.qos import QoSProfile, ReliabilityPolicy
         from sensor_msgs.msg import Image, PointCloud2
 
@@ -71,10 +80,12 @@ class Recorder:
         self.depth: Dict[int, np.ndarray] = {}  # stamp_ns -> depth [H,W] metres
         self.latency_ms: List[float] = []
         self.colored: Dict[int, np.ndarray] = {}
+        self.scale: Dict[int, Dict[str, str]] = {}  # stamp_ns -> depth/scale key-values
         self.cloud = None
         self.subs = [
             node.create_subscription(Image, 'depth/image', self._on_depth, qos),
             node.create_subscription(Image, 'depth/colored', self._on_colored, qos),
+            node.create_subscription(DiagnosticArray, 'depth/scale', self._on_scale, qos),
         ]
         self._cloud_sub = node.create_subscription(PointCloud2, 'points', self._on_cloud, qos)
 
@@ -103,6 +114,17 @@ class Recorder:
                 self.colored[self._stamp_ns(msg)] = bgr[:, :msg.width * 3].reshape(
                     msg.height, msg.width, 3).copy()
 
+    def _on_scale(self, msg) -> None:
+        with self.lock:
+            self.scale[self._stamp_ns(msg)] = {kv.key: kv.value for kv in msg.status[0].values}
+
+    def unscaled(self, stamp: int) -> Optional[np.ndarray]:
+        """The frame's depth as the model gave it (the ground fit's scale and shift undone)."""
+        values = self.scale.get(stamp)
+        if values is None:
+            return None
+        return (self.depth[stamp] - float(values['shift_m'])) / float(values['scale'])
+
     def _on_cloud(self, msg) -> None:
         with self.lock:
             self.cloud = msg
@@ -129,11 +151,20 @@ def _write_outputs(args, recorder: Recorder, stamps: Dict[str, int], frames, ela
 
     received = sorted(s for s in recorder.depth if str(s) in stamps)
     per_kind: Dict[str, List[dict]] = {}
+    without_fit: Dict[str, List[dict]] = {}
+    states: Dict[str, int] = {}
     for stamp in received:
         sample = frames[stamps[str(stamp)]]
         metrics = depth_metrics(recorder.depth[stamp], sample.depth_m, sample.valid)
         per_kind.setdefault(sample.kind, []).append(metrics)
+        unscaled = recorder.unscaled(stamp)
+        if unscaled is not None:
+            without_fit.setdefault(sample.kind, []).append(
+                depth_metrics(unscaled, sample.depth_m, sample.valid))
+            state = recorder.scale[stamp]['state']
+            states[state] = states.get(state, 0) + 1
     all_metrics = [m for ms in per_kind.values() for m in ms]
+    all_without = [m for ms in without_fit.values() for m in ms]
 
     def mean(key, items):
         return round(float(np.mean([m[key] for m in items])), 4) if items else None
@@ -158,6 +189,10 @@ def _write_outputs(args, recorder: Recorder, stamps: Dict[str, int], frames, ela
         'abs_rel': mean('abs_rel', all_metrics), 'delta1': mean('delta1', all_metrics),
         'abs_rel_indoor': mean('abs_rel', per_kind.get('indoor', [])),
         'abs_rel_outdoor': mean('abs_rel', per_kind.get('outdoor', [])),
+        'ground_fit': args.ground_fit, 'ground_fit_states': states,
+        'abs_rel_without_fit': mean('abs_rel', all_without),
+        'abs_rel_without_fit_indoor': mean('abs_rel', without_fit.get('indoor', [])),
+        'abs_rel_without_fit_outdoor': mean('abs_rel', without_fit.get('outdoor', [])),
         'camera_rate_hz': args.rate, 'image_size': args.size, 'wall_s': round(elapsed_s, 1),
     }
     (args.out / 'summary.json').write_text(json.dumps(summary, indent=2) + '\n')
@@ -185,6 +220,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     node_cmd = [str(bin_dir / 'depth_node'), '--ros-args', '-p', f'model_path:={model}',
                 '-r', f'image:={CAMERA_NS}/image_raw', '-r', f'camera_info:={CAMERA_NS}/camera_info',
                 '-p', 'stats_period:=5.0', '-p', 'qos:=reliable', '-p', 'output_qos:=reliable']
+    from metricgold_ros.synthetic.camera import DEMO_MOUNTING, demo_frames
+    if args.ground_fit:
+        node_cmd += ['-p', f'camera_height_m:={float(DEMO_MOUNTING[0])}',
+                     '-p', f'camera_pitch_deg:={float(DEMO_MOUNTING[1])}']
     stamps_file = args.out / '.stamps.json'
     camera_cmd = [sys.executable, '-m', 'metricgold_ros.synthetic.camera', '--frames',
                   str(args.frames), '--rate', str(args.rate), '--size', args.size,
@@ -194,7 +233,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f'demo: ROS_DOMAIN_ID={env["ROS_DOMAIN_ID"]}, discovery on loopback; model {model}',
           flush=True)
     width, height = (int(v) for v in args.size.lower().split('x'))
-    from metricgold_ros.synthetic.camera import demo_frames
     frames = demo_frames(args.frames, width, height, args.rate)
 
     import rclpy
