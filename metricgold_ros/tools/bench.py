@@ -14,17 +14,17 @@ Speed claims live here and in BENCHMARKS.md, never in timed tests.
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import statistics
 import time
-from pathlib import Path
 from typing import Any, Callable, Dict, List, Tuple
 
 import numpy as np
 
+from metricgold_ros.atomic import write_json_atomic
 from metricgold_ros.errors import InputError
+from metricgold_ros.model_paths import load_model
 
 SIZES = ((640, 480), (1280, 720))
 SWEEP_STEPS = (1, 2, 4, 10)
@@ -74,8 +74,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    _set_threads(args.threads)
-    pipeline = _load_pipeline(args)
+    set_threads(args.threads)
+    for name in ('steps', 'processing_resolution', 'repeats', 'warmup'):
+        value = getattr(args, name)
+        if value is not None and value < (0 if name == 'warmup' else 1):
+            raise InputError(f"--{name.replace('_', '-')} {value}: expected a positive integer")
+    pipeline = load_model(args.model, '--model', device=args.device, dtype=args.dtype,
+                          channels_last=args.channels_last, compile_unet=args.compile)
     report: Dict[str, Any] = {'date': datetime.datetime.now(datetime.timezone.utc).isoformat(
         timespec='seconds'), 'machine': machine_info(pipeline.device), 'settings': {
         'model': str(args.model or 'bundled'), 'device': str(pipeline.device),
@@ -94,12 +99,13 @@ def run(args: argparse.Namespace) -> int:
         report.update(run_stages(pipeline, args))
         print(format_report(report))
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + '\n', encoding='utf-8')
+        write_json_atomic(args.json, report)
         print(f'wrote {args.json}')
     return 0
 
 
-def _set_threads(threads: int) -> None:
+def set_threads(threads: int) -> None:
+    """Use ``threads`` CPU threads in torch and OpenCV (0: the libraries' defaults)."""
     import cv2
     import torch
 
@@ -108,25 +114,6 @@ def _set_threads(threads: int) -> None:
     if threads:
         torch.set_num_threads(threads)
         cv2.setNumThreads(threads)
-
-
-def _load_pipeline(args: argparse.Namespace) -> Any:
-    from metricgold_ros.model import MetricGoldPipeline
-    from metricgold_ros.model_paths import bundled_model_candidates, bundled_model_path
-
-    model = args.model or bundled_model_path()
-    if model is None:
-        looked = ', '.join(str(path) for path in bundled_model_candidates())
-        raise InputError(f'no --model given and no bundled model is installed (looked in '
-                         f'{looked}); pass --model DIR (`metricgold init-model DIR --tiny` '
-                         'writes an untrained one)')
-    for name in ('steps', 'processing_resolution', 'repeats', 'warmup'):
-        value = getattr(args, name)
-        if value is not None and value < (0 if name == 'warmup' else 1):
-            raise InputError(f"--{name.replace('_', '-')} {value}: expected a positive integer")
-    return MetricGoldPipeline.from_pretrained(
-        model, device=args.device, dtype=args.dtype, channels_last=args.channels_last,
-        compile_unet=args.compile)
 
 
 def machine_info(device: Any) -> Dict[str, Any]:
