@@ -26,6 +26,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from metricgold_ros.tools import bench  # noqa: E402  (after the path fix for a source checkout)
+from metricgold_ros.tools.bench_sweep import HELD_OUT_SEED  # noqa: E402
 from metricgold_ros.atomic import write_json_atomic  # noqa: E402
 from metricgold_ros.errors import MetricGoldError  # noqa: E402
 from metricgold_ros.model_paths import load_model  # noqa: E402
@@ -91,8 +92,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument('--frames', type=int, default=20, help='frames per sequence (20)')
     parser.add_argument('--size', default='640x480', help='frame size WIDTHxHEIGHT')
     parser.add_argument('--kinds', default='indoor,outdoor', help='sequence kinds')
-    parser.add_argument('--seed', type=int, default=bench.HELD_OUT_SEED,
-                        help=f'scene seed (default {bench.HELD_OUT_SEED}, held out)')
+    parser.add_argument('--seed', type=int, default=HELD_OUT_SEED,
+                        help=f'scene seed (default {HELD_OUT_SEED}, held out)')
     parser.add_argument('--threads', type=int, default=1, help='CPU threads (default 1)')
     parser.add_argument('--device', default='cpu', help="'cpu', 'cuda' or 'auto'")
     parser.add_argument('--dtype', default='float32', help='float32, float16, bfloat16')
