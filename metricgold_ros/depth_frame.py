@@ -13,7 +13,7 @@ camera_problem`` says why there are no points; the adapters report it.
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
 
 import numpy as np
 
@@ -22,6 +22,9 @@ from metricgold_ros.camera import Calibration, Intrinsics
 from metricgold_ros.colorize import colorize_depth
 from metricgold_ros.errors import InputError
 from metricgold_ros.pointcloud import Cloud, depth_to_points
+
+if TYPE_CHECKING:
+    from metricgold_ros.model import MetricGoldPipeline
 
 # The topics every adapter publishes or writes (relative to its output namespace), in order.
 OUTPUT_TOPICS = ('depth/image', 'depth/camera_info', 'depth/colored', 'depth/uncertainty',
@@ -75,7 +78,7 @@ class FrameResult:
 class DepthFrameProcessor:
     """Runs the pipeline on frames of one stream, keeping the warm-start latent between them."""
 
-    def __init__(self, pipeline: Any) -> None:
+    def __init__(self, pipeline: 'MetricGoldPipeline') -> None:
         self.pipeline = pipeline
         self._previous_latent = None
 

@@ -16,7 +16,7 @@ import gc
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -189,7 +189,8 @@ class GuardedProcessor:
         return options.processing_resolution or max(width, height)
 
     def _attempt(self, rgb: np.ndarray, calibration: Optional[Calibration],
-                 options: 'FrameOptions') -> Any:
+                 options: 'FrameOptions'
+                 ) -> Tuple[Optional['FrameResult'], Optional[Failure]]:
         """Run the model once: ``(result, None)``, or ``(None, failure)`` after freeing memory."""
         self.stage = 'setup'
         try:

@@ -23,7 +23,7 @@ from metricgold_ros.camera import Calibration, Intrinsics
 from metricgold_ros.tools.options import (
     add_inference_arguments, add_output_arguments, load_pipeline, options_from_args,
     positive_float)
-from metricgold_ros.depth_frame import DepthFrameProcessor
+from metricgold_ros.depth_frame import DepthFrameProcessor, FrameResult
 from metricgold_ros.depth_traits import MILLIMETRES
 from metricgold_ros.errors import InputError
 from metricgold_ros.faults import GuardedProcessor
@@ -208,7 +208,7 @@ def _calibration(args: argparse.Namespace, calibration: Optional[Calibration], w
     return calibration
 
 
-def save_outputs(out_dir: Path, stem: str, result: Any, warnings: List[str]) -> int:
+def save_outputs(out_dir: Path, stem: str, result: FrameResult, warnings: List[str]) -> int:
     """Write one image's files (each atomically); return how many were written."""
     from metricgold_ros.pointcloud import write_ply
 
