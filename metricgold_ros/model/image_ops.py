@@ -77,7 +77,10 @@ def prepare_image_exact(rgb: np.ndarray, resolution: int, device: torch.device,
     """
     rgb = check_rgb(rgb)
     input_size = rgb.shape[:2]
-    tensor = torch.from_numpy(np.ascontiguousarray(rgb[:, :, :3])).permute(2, 0, 1)[None]
+    # A float32 [1,H,W,C] array viewed as [1,C,H,W]: diffusers' layout (channels-last strides),
+    # which decides how the convolutions sum.
+    array = rgb[None, :, :, :3].astype(np.float32)
+    tensor = torch.from_numpy(array.transpose(0, 3, 1, 2))
     if tensor.shape[1] == 1:
         tensor = tensor.repeat(1, 3, 1, 1)
     image = tensor.to(device=device, dtype=dtype) / 255

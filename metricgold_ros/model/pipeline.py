@@ -236,7 +236,7 @@ class MetricGoldPipeline:
         with self._stage('preprocess', timings):
             prepare = image_ops.prepare_image_exact if self.relative else image_ops.prepare_image
             image, padding, input_size = prepare(rgb, resolution, self.device, self.dtype)
-            image = image.contiguous(memory_format=self.activation_format)
+            image = self._layout(image)
         # 2. One RGB latent for all ensemble members and all steps.
         with self._stage('vae_encode', timings):
             rgb_latent = self.vae.encode(image).latent_dist.mode() * self.latent_scale  # [1,4,h,w]
@@ -245,20 +245,22 @@ class MetricGoldPipeline:
             timesteps, depth_latent, generator = self._prepare_latents(
                 rgb_latent, members, steps, seed, init_latent, warm_start_strength)
         # 4. Denoise: E2E-FT's one step, else the sampler (relative: a member at a time).
+        batch = 1 if self.relative else members
         with self._stage('unet', timings):
             if self.e2e_ft:
                 depth_latent = predict_x0_single_step(
                     self.unet, self.scheduler, rgb_latent, self.empty_text_embedding)
             else:
+                rgb_batch = rgb_latent.repeat_interleave(members, dim=0) if self.relative \
+                    else rgb_latent.expand(members, -1, -1, -1)  # [E,4,h,w]
                 depth_latent = torch.cat([
-                    self._denoise(rgb_latent, chunk, steps, timesteps, generator)
-                    for chunk in depth_latent.split(1 if self.relative else members)])
+                    self._denoise(rgb_batch[i:i + batch], depth_latent[i:i + batch], steps,
+                                  timesteps, generator) for i in range(0, members, batch)])
             # Returned in the networks' layout: decoding it again gives the same numbers.
-            depth_latent = depth_latent.contiguous(memory_format=self.activation_format)
+            depth_latent = self._layout(depth_latent)
         # 5. Decode; the 3 output channels are one value replicated: average them.
         with self._stage('vae_decode', timings):
-            x = torch.cat([self._decode(chunk) for chunk in depth_latent.split(
-                1 if self.relative else members)])  # [E,1,PH,PW]
+            x = torch.cat([self._decode(chunk) for chunk in depth_latent.split(batch)])  # [E,1,PH,PW]
         # 6. Ensemble, resize once, map to depth.
         with self._stage('postprocess', timings):
             size = output_size or input_size
@@ -271,16 +273,13 @@ class MetricGoldPipeline:
         return DepthPrediction(depth, self.relative, uncertainty, rgb_latent, depth_latent,
                                timings)
 
-    def _denoise(self, rgb_latent: torch.Tensor, depth_latent: torch.Tensor, steps: int,
+    def _denoise(self, rgb_batch: torch.Tensor, depth_latent: torch.Tensor, steps: int,
                  timesteps: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Run the sampler over ``timesteps`` for the members ``[B,4,h,w]`` of one batch."""
         self.scheduler.set_timesteps(steps, device=self.device)  # resets stateful samplers
-        batch = depth_latent.shape[0]
-        rgb_batch = rgb_latent.expand(batch, -1, -1, -1)
-        text = self.empty_text_embedding.expand(batch, -1, -1)  # [B,T,C]
+        text = self.empty_text_embedding.expand(depth_latent.shape[0], -1, -1)  # [B,T,C]
         for t in timesteps:
-            model_input = torch.cat([rgb_batch, depth_latent], dim=1).contiguous(
-                memory_format=self.activation_format)  # [B,8,h,w]
+            model_input = self._layout(torch.cat([rgb_batch, depth_latent], dim=1))  # [B,8,h,w]
             model_output = self.unet(model_input, t, encoder_hidden_states=text,
                                      return_dict=False)[0]  # [B,4,h,w]
             # The generator feeds samplers that add noise between steps (LCM), in diffusers'
@@ -291,9 +290,17 @@ class MetricGoldPipeline:
 
     def _decode(self, latent: torch.Tensor) -> torch.Tensor:
         """Depth latents ``[n,4,h,w]`` -> values ``[n,1,PH,PW]`` in [-1, 1]."""
-        latent = (latent / self.latent_scale).contiguous(memory_format=self.activation_format)
+        latent = self._layout(latent / self.latent_scale)
         decoded = self.vae.decode(latent, return_dict=False)[0]
         return decoded.mean(dim=1, keepdim=True).clamp(-1.0, 1.0)
+
+    def _layout(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` in the activation layout. Relative models in NCHW mode keep the layout
+        diffusers' own operations give (its input image is a channels-last view, for one):
+        convolutions sum in another order in another layout."""
+        if self.relative and self.activation_format == torch.contiguous_format:
+            return tensor
+        return tensor.contiguous(memory_format=self.activation_format)
 
     def _prepare_latents(self, rgb_latent: torch.Tensor, ensemble_size: int, steps: int,
                          seed: Optional[int], init_latent: Optional[torch.Tensor],
