@@ -201,7 +201,8 @@ def _load_metadata(path: Path, model_index: dict, scheduler_config: dict) -> Mod
     if not meta_path.exists():
         # A released Marigold checkpoint: affine-invariant depth, defaults in model_index.json.
         # A default it does not state stays None: the caller must choose, as diffusers asks.
-        if model_index.get('scale_invariant') is False and model_index.get('shift_invariant') is False:
+        if model_index.get('scale_invariant') is False and \
+                model_index.get('shift_invariant') is False:
             raise CheckpointError(
                 f'{path} has no {METADATA_FILE} but model_index.json says the model is metric: '
                 f'its depth range is unknown; add {METADATA_FILE} with d_min and d_max')

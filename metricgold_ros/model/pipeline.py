@@ -118,8 +118,8 @@ class MetricGoldPipeline:
         Args:
             channels_last: NHWC weights (and activations), the layout tensor-core
                 convolutions use natively. Opt-in because it converts the checkpoint's modules
-                in place (training validates with its live networks); on the CPU activations
-                are channels-last either way.
+                in place (training validates with its live networks); on the CPU the
+                activations of MetricGold models are channels-last either way.
             compile_unet: ``torch.compile`` the UNet (opt-in: the first frame of each input
                 size then takes seconds to minutes to compile).
             dtype: ``'auto'`` is float16 on CUDA for MetricGold models; relative (Marigold)
@@ -260,7 +260,8 @@ class MetricGoldPipeline:
             depth_latent = self._layout(depth_latent)
         # 5. Decode; the 3 output channels are one value replicated: average them.
         with self._stage('vae_decode', timings):
-            x = torch.cat([self._decode(chunk) for chunk in depth_latent.split(batch)])  # [E,1,PH,PW]
+            x = torch.cat([self._decode(part)
+                           for part in depth_latent.split(batch)])  # [E,1,PH,PW]
         # 6. Ensemble, resize once, map to depth.
         with self._stage('postprocess', timings):
             size = output_size or input_size
