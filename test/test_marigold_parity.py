@@ -26,7 +26,9 @@ CASES = [  # (height, width), processing resolution, steps, ensemble size, times
     pytest.param((50, 70), 96, 1, 1, 'trailing', id='upscale-e1'),
     pytest.param((50, 70), 96, 1, 3, 'trailing', id='upscale-e3'),
     pytest.param((48, 64), 64, 2, 1, 'leading', id='leading-spacing-e1'),
+    pytest.param((48, 64), 64, 2, 3, 'lcm', id='lcm-scheduler-e3'),  # adds noise between steps
 ]
+SCHEDULERS = ('trailing', 'leading', 'lcm')
 
 
 def _image(height, width, seed=0):
@@ -38,14 +40,21 @@ def _image(height, width, seed=0):
 
 
 def write_marigold_folder(path: Path, spacing: str = 'trailing', steps=4, resolution=64) -> Path:
-    """A tiny Marigold checkpoint as diffusers saves it, plus empty_text_embedding.safetensors."""
-    from diffusers import DDIMScheduler, MarigoldDepthPipeline
+    """A tiny Marigold checkpoint as diffusers saves it, plus empty_text_embedding.safetensors.
+
+    ``spacing``: DDIM's timestep spacing, or 'lcm' for an LCM scheduler (Marigold's LCM
+    releases).
+    """
+    from diffusers import DDIMScheduler, LCMScheduler, MarigoldDepthPipeline
     from safetensors.torch import save_file
 
     from metricgold_ros.model.tiny import build_tiny_checkpoint, tiny_scheduler_config
 
     checkpoint = build_tiny_checkpoint(seed=1)
-    scheduler = DDIMScheduler(**{**tiny_scheduler_config(), 'timestep_spacing': spacing})
+    if spacing == 'lcm':
+        scheduler = LCMScheduler.from_config(tiny_scheduler_config())
+    else:
+        scheduler = DDIMScheduler(**{**tiny_scheduler_config(), 'timestep_spacing': spacing})
     MarigoldDepthPipeline(
         unet=checkpoint.unet, vae=checkpoint.vae, scheduler=scheduler, text_encoder=None,
         tokenizer=None, prediction_type='depth', scale_invariant=True, shift_invariant=True,
@@ -102,8 +111,7 @@ def threads():
 @pytest.fixture(scope='module')
 def folders(tmp_path_factory, threads):
     root = tmp_path_factory.mktemp('marigold')
-    return {spacing: write_marigold_folder(root / spacing, spacing)
-            for spacing in ('trailing', 'leading')}
+    return {spacing: write_marigold_folder(root / spacing, spacing) for spacing in SCHEDULERS}
 
 
 @pytest.mark.parametrize('size, resolution, steps, ensemble, spacing', CASES)
@@ -118,7 +126,7 @@ def test_relative_mode_equals_diffusers_marigold(folders, size, resolution, step
     reference = load_reference(folders[spacing], ours)
     assert type(ours.scheduler) is type(reference.scheduler)
     assert dict(ours.scheduler.config) == dict(reference.scheduler.config)
-    assert ours.scheduler.config.timestep_spacing == spacing
+    assert ours.scheduler.config.timestep_spacing == spacing or spacing == 'lcm'
     rgb = _image(*size)
     depth_diff, uncertainty_diff = compare(ours, reference, rgb, resolution, steps, ensemble)
     assert depth_diff <= TOLERANCE
