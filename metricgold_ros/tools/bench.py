@@ -32,9 +32,9 @@ SIZES = ((640, 480), (1280, 720))
 REFERENCE_NOTE = (
     "diffusers MarigoldDepthPipeline on the same UNet/VAE/scheduler objects, text_encoder=None: "
     "its empty_text_embedding is set to the checkpoint's, so it runs no text encoder; "
-    "batch_size=1 (its default); for ensembles its ensemble_depth is a plain median/std, "
-    "because diffusers' metric path (scale_invariant=shift_invariant=False) raises "
-    "'Unrecognized alignment.' and its affine path needs scipy")
+    "batch_size=1 (its default); for ensembles of metric models its ensemble_depth is a plain "
+    "median/std, because diffusers' metric path (scale_invariant=shift_invariant=False) raises "
+    "'Unrecognized alignment.'; relative models use its own affine ensembling")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -293,17 +293,19 @@ def _message_systems() -> List[Tuple[str, Any]]:
 
 def build_reference(pipeline: Any) -> Any:
     """diffusers' MarigoldDepthPipeline around ``pipeline``'s own networks (no text encoder)."""
-    from diffusers import DDIMScheduler, MarigoldDepthPipeline
+    from diffusers import MarigoldDepthPipeline
 
     meta = pipeline.metadata
     reference = MarigoldDepthPipeline(
         unet=pipeline.unet, vae=pipeline.vae,
-        scheduler=DDIMScheduler.from_config(pipeline.scheduler.config), text_encoder=None,
+        scheduler=type(pipeline.scheduler).from_config(pipeline.scheduler.config),
+        text_encoder=None,
         tokenizer=None, prediction_type='depth', scale_invariant=meta.relative,
         shift_invariant=meta.relative, default_denoising_steps=meta.default_denoising_steps,
         default_processing_resolution=meta.default_processing_resolution)
     reference.empty_text_embedding = pipeline.empty_text_embedding
-    reference.ensemble_depth = _median_ensemble
+    if not meta.relative:
+        reference.ensemble_depth = _median_ensemble
     reference.set_progress_bar_config(disable=True)
     return reference
 
