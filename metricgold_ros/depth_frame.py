@@ -18,7 +18,7 @@ into metres (and so gives it points) when the floor is found.
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
 
 import numpy as np
 
@@ -29,6 +29,9 @@ from metricgold_ros.errors import InputError
 from metricgold_ros.ground import Mounting
 from metricgold_ros.metric_scale import MetricScale, MetricScaler
 from metricgold_ros.pointcloud import Cloud, depth_to_points
+
+if TYPE_CHECKING:
+    from metricgold_ros.model import MetricGoldPipeline
 
 # The topics every adapter publishes or writes (relative to its output namespace), in order;
 # depth/scale only while a metric-scale correction is configured (MetricScale.active).
@@ -94,7 +97,7 @@ class FrameResult:
 class DepthFrameProcessor:
     """Runs the pipeline on frames of one stream, keeping the warm-start latent between them."""
 
-    def __init__(self, pipeline: Any) -> None:
+    def __init__(self, pipeline: 'MetricGoldPipeline') -> None:
         self.pipeline = pipeline
         self._previous_latent = None
         self._scaler = MetricScaler()

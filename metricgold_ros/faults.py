@@ -16,7 +16,7 @@ import gc
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -184,12 +184,14 @@ class GuardedProcessor:
 
     def resolution(self, options: 'FrameOptions', width: int, height: int) -> int:
         """The longer side (px) the model works at for ``options`` and this image."""
-        if options.processing_resolution is None:
-            return int(self.processor.pipeline.metadata.default_processing_resolution)
-        return options.processing_resolution or max(width, height)
+        resolution = options.processing_resolution
+        if resolution is None:  # the checkpoint's default (a Marigold folder may have none)
+            resolution = self.processor.pipeline.metadata.default_processing_resolution
+        return int(resolution or max(width, height))
 
     def _attempt(self, rgb: np.ndarray, calibration: Optional[Calibration],
-                 options: 'FrameOptions') -> Any:
+                 options: 'FrameOptions'
+                 ) -> Tuple[Optional['FrameResult'], Optional[Failure]]:
         """Run the model once: ``(result, None)``, or ``(None, failure)`` after freeing memory."""
         self.stage = 'setup'
         try:

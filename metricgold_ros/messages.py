@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Optional, Sequence
 import numpy as np
 
 from metricgold_ros.camera import DISTORTION_SIZES, Calibration, Intrinsics
+from metricgold_ros.depth_traits import valid_depth
 from metricgold_ros.errors import InputError
 from metricgold_ros.image_encodings import decode_compressed, image_to_rgb, rgb_to_buffer
 from metricgold_ros.pointcloud import Cloud
@@ -138,7 +139,7 @@ def depth_image_msg(types: MessageTypes, header: Any, depth_m: np.ndarray) -> An
     """32FC1 depth in metres, NaN where invalid (NaN, inf, <= 0), as REP 118 asks."""
     depth_m = _check_2d_float('depth_m', depth_m)
     out = depth_m.astype('<f4', copy=True)
-    np.copyto(out, np.float32(np.nan), where=~((out > 0) & (out < np.inf)))
+    np.copyto(out, np.float32(np.nan), where=~valid_depth(out))
     return _image(types, header, out.shape[0], out.shape[1], '32FC1', 4 * out.shape[1], out)
 
 

@@ -119,3 +119,25 @@ def load_model(given: Optional[str], option: str, *, device: str = 'auto',
     except (OSError, ValueError, RuntimeError, KeyError, TypeError, ImportError) as err:
         raise CheckpointError(f'{_said(option, path)} cannot be loaded: '
                               f'{type(err).__name__}: {err}') from err
+
+
+def model_or_untrained(given: Optional[Path], scratch: Path,
+                       notify: Callable[[str], None] = _stderr) -> Path:
+    """``given``, else the bundled model, else an untrained tiny model written in ``scratch``.
+
+    For the demo and the soak run, which must run on a clone without trained weights; the
+    untrained model's depth is meaningless, and ``notify`` says so.
+    """
+    if given is not None:
+        return resolve_model_path(str(given), '--model', notify)
+    bundled = bundled_model_path()
+    if bundled is not None:
+        return bundled
+    from metricgold_ros.model import build_tiny_checkpoint, save_checkpoint
+
+    path = scratch / '.untrained-model'
+    notify(f'no bundled model found; using a randomly initialised tiny model ({path}): depth '
+           'will be meaningless')
+    if not path.exists():
+        save_checkpoint(path, build_tiny_checkpoint())
+    return path

@@ -82,12 +82,13 @@ def raw_image_msg(stamp_ns: int, encoding: str, height: int, width: int, step: i
 
 
 def camera_info_msg(stamp_ns: int, width: int, height: int,
-                    k: Sequence[float], frame_id: str = 'camera_optical_frame') -> Any:
-    """sensor_msgs/CameraInfo with K = ``(fx, fy, cx, cy)`` and plumb_bob zeros."""
+                    k: Sequence[float], frame_id: str = 'camera_optical_frame',
+                    d: Sequence[float] = (0.0,) * 5) -> Any:
+    """sensor_msgs/CameraInfo with K = ``(fx, fy, cx, cy)``, plumb_bob with ``d``."""
     from sensor_msgs.msg import CameraInfo
     fx, fy, cx, cy = k
     return CameraInfo(header=header(stamp_ns, frame_id), width=width, height=height,
-                      distortion_model='plumb_bob', d=[0.0] * 5,
+                      distortion_model='plumb_bob', d=[float(v) for v in d],
                       k=[fx, 0.0, cx, 0.0, fy, cy, 0.0, 0.0, 1.0],
                       r=[1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0],
                       p=[fx, 0.0, cx, 0.0, 0.0, fy, cy, 0.0, 0.0, 0.0, 1.0, 0.0])

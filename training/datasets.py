@@ -37,6 +37,7 @@ import cv2
 import numpy as np
 from torch.utils.data import ConcatDataset, Dataset, Sampler
 
+from metricgold_ros.depth_traits import VKITTI2_CENTIMETRES
 from metricgold_ros.errors import InputError
 
 HYPERSIM_SIZE_PX = (1024, 768)
@@ -211,7 +212,7 @@ class VirtualKitti2Dataset(_DepthDataset):
 
     def _read_depth(self, path: Path, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
         raw = _read_png16(path)
-        return raw.astype(np.float32) / np.float32(100), (raw > 0) & (raw < 65535)
+        return raw.astype(np.float32) / np.float32(100), VKITTI2_CENTIMETRES.valid(raw)
 
 
 class TartanAirDataset(_DepthDataset):

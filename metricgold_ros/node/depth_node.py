@@ -47,8 +47,8 @@ from sensor_msgs.msg import CameraInfo, Image, PointCloud2
 
 from metricgold_ros import messages
 from metricgold_ros.camera import Calibration
-from metricgold_ros.depth_frame import (OUTPUT_TOPICS, DepthFrameProcessor, FrameResult,
-                                        frame_messages)
+from metricgold_ros.depth_frame import (OUTPUT_TOPICS, DepthFrameProcessor, FrameOptions,
+                                        FrameResult, frame_messages)
 from metricgold_ros.errors import InputError, MetricGoldError
 from metricgold_ros.faults import FAULT_ENV, GuardedProcessor, fault_injector_from_env
 from metricgold_ros.metric_scale import MetricScale
@@ -57,6 +57,8 @@ from metricgold_ros.node.parameters import PARAMETERS, ParamSpec, check_paramete
 from metricgold_ros.node.runtime import FrameStats, Mailbox, RateLimiter, StampCache, StatsSnapshot
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from metricgold_ros.model import MetricGoldPipeline
 
 NODE_NAME = 'depth_node'
@@ -313,8 +315,8 @@ class DepthNode(Node):
 
     # -- inference faults ------------------------------------------------------------------
 
-    def _infer(self, rgb: Any, calibration: Optional[Calibration], options: Any
-               ) -> Optional[FrameResult]:
+    def _infer(self, rgb: 'np.ndarray', calibration: Optional[Calibration],
+               options: FrameOptions) -> Optional[FrameResult]:
         """The frame's result; None when inference failed (logged) and the frame is skipped."""
         outcome = self._processor.process(rgb, calibration, options)
         if outcome.failure is None:

@@ -6,7 +6,8 @@ import threading
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
-from typing import Callable, Deque, Dict, Generic, Hashable, List, Mapping, Optional, Tuple, TypeVar
+from typing import (Callable, Deque, Dict, Generic, Hashable, List, Mapping, Optional, Tuple,
+                    TypeVar)
 
 import numpy as np
 

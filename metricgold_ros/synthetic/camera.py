@@ -1,8 +1,8 @@
 """A camera process that plays a synthetic sequence over DDS: Image + CameraInfo at a fixed rate.
 
 The sequence walks through a generated room, then drives down a generated street
-(``metricgold_ros.synthetic.scenes``), so whoever receives the node's depth can regenerate the exact
-ground truth of every frame from its index. Used by the demo and the soak test::
+(:mod:`metricgold_ros.synthetic.scenes`), so whoever receives the node's depth can regenerate
+the exact ground truth of every frame from its index. Used by the demo and the soak test::
 
     python -m metricgold_ros.synthetic.camera --rate 5 --frames 40 --stamps-out stamps.json
 

@@ -27,6 +27,8 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from metricgold_ros.atomic import write_json_atomic
+from metricgold_ros.model_paths import model_or_untrained
 from metricgold_ros.ros_env import loopback_env, use_loopback
 
 CAMERA_NS = '/camera'
@@ -44,24 +46,6 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument('--timeout', type=float, default=150.0,
                         help='give up after this many seconds (default 150)')
     return parser.parse_args(argv)
-
-
-def _model_path(args: argparse.Namespace) -> Path:
-    if args.model is not None:
-        return args.model
-    from metricgold_ros.model_paths import bundled_model_path
-
-    bundled = bundled_model_path()
-    if bundled is not None:
-        return bundled
-    from metricgold_ros.model import build_tiny_checkpoint, save_checkpoint
-
-    path = args.out / '.untrained-model'
-    print('demo: no bundled model found; using a randomly initialised tiny model '
-          f'({path}) - depth will be meaningless', flush=True)
-    if not path.exists():
-        save_checkpoint(path, build_tiny_checkpoint())
-    return path
 
 
 class Recorder:
@@ -195,7 +179,7 @@ def _write_outputs(args, recorder: Recorder, stamps: Dict[str, int], frames, ela
         'abs_rel_without_fit_outdoor': mean('abs_rel', without_fit.get('outdoor', [])),
         'camera_rate_hz': args.rate, 'image_size': args.size, 'wall_s': round(elapsed_s, 1),
     }
-    (args.out / 'summary.json').write_text(json.dumps(summary, indent=2) + '\n')
+    write_json_atomic(args.out / 'summary.json', summary)
     return summary
 
 
@@ -213,7 +197,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
-    model = _model_path(args)
+    model = model_or_untrained(args.model, args.out, lambda line: print(f'demo: {line}',
+                                                                       flush=True))
     env = loopback_env()
     use_loopback(int(env['ROS_DOMAIN_ID']))
     bin_dir = Path(sys.executable).parent

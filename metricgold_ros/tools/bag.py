@@ -23,7 +23,8 @@ from typing import Any, Dict, Iterator, List, Optional
 
 from metricgold_ros import messages
 from metricgold_ros.constants import FRAME_STAGES
-from metricgold_ros.depth_frame import OUTPUT_TOPICS, DepthFrameProcessor, frame_messages
+from metricgold_ros.depth_frame import (OUTPUT_TOPICS, DepthFrameProcessor, FrameOptions,
+                                        frame_messages)
 from metricgold_ros.errors import BagError, InputError
 from metricgold_ros.faults import GuardedProcessor
 from metricgold_ros.image_encodings import DEFAULT_PIXEL_BUDGET
@@ -239,7 +240,7 @@ def _copied(reader: Any, connections: List[Any], out: bag_output.OutputBag,
 
 
 def _process(reader: Any, path: Path, out: bag_output.OutputBag, plan: _Plan,
-             processor: GuardedProcessor, options: Any, args: argparse.Namespace,
+             processor: GuardedProcessor, options: FrameOptions, args: argparse.Namespace,
              stats: _Run) -> None:
     """Copy the input topics and add each image's outputs, in log-time order."""
     types = messages.rosbags_types(out.typestore)
@@ -274,7 +275,8 @@ def _process(reader: Any, path: Path, out: bag_output.OutputBag, plan: _Plan,
 
 
 def _frame(reader: Any, path: Path, out: bag_output.OutputBag, plan: _Plan,
-           processor: GuardedProcessor, options: Any, types: Any, stats: _Run,
+           processor: GuardedProcessor, options: FrameOptions,
+           types: messages.MessageTypes, stats: _Run,
            connection: Any, log_ns: int, raw: bytes) -> None:
     """One image: decode, pair CameraInfo, run the shared per-frame code, write outputs."""
     start = time.perf_counter()

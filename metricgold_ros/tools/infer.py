@@ -30,14 +30,14 @@ from metricgold_ros.camera import Calibration, Intrinsics
 from metricgold_ros.tools.options import (
     add_inference_arguments, add_mounting_arguments, add_output_arguments, load_pipeline,
     options_from_args, positive_float)
-from metricgold_ros.depth_frame import DepthFrameProcessor
+from metricgold_ros.depth_frame import DepthFrameProcessor, FrameResult
+from metricgold_ros.depth_traits import MILLIMETRES
 from metricgold_ros.errors import InputError
 from metricgold_ros.faults import GuardedProcessor
 
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp', '.ppm', '.pgm',
                   '.pnm')
 OUTPUT_SUFFIXES = ('_depth.png', '_colored.png')  # our own outputs, skipped in folders
-DEPTH_PNG_MAX_MM = 65535  # uint16 millimetres: 65.535 m is the largest depth a PNG holds
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -227,15 +227,7 @@ def _calibration(args: argparse.Namespace, calibration: Optional[Calibration], w
     return calibration
 
 
-def depth_to_png_mm(depth_m: np.ndarray) -> np.ndarray:
-    """Depth ``[H,W]`` metres -> uint16 millimetres; 0 = invalid; saturates at 65.535 m."""
-    depth = np.asarray(depth_m, dtype=np.float64)
-    valid = np.isfinite(depth) & (depth > 0)
-    mm = np.clip(np.round(np.where(valid, depth, 0.0) * 1000.0), 1, DEPTH_PNG_MAX_MM)
-    return np.where(valid, mm, 0).astype(np.uint16)
-
-
-def save_outputs(out_dir: Path, stem: str, result: Any, warnings: List[str]) -> int:
+def save_outputs(out_dir: Path, stem: str, result: FrameResult, warnings: List[str]) -> int:
     """Write one image's files (each atomically); return how many were written."""
     from metricgold_ros.pointcloud import write_ply
 
@@ -247,7 +239,7 @@ def save_outputs(out_dir: Path, stem: str, result: Any, warnings: List[str]) -> 
         if note not in warnings:
             warnings.append(note)
     else:
-        files[f'{stem}_depth.png'] = _png_bytes(depth_to_png_mm(result.depth))
+        files[f'{stem}_depth.png'] = _png_bytes(MILLIMETRES.encode(result.depth))
     if result.colored_bgr is not None:
         files[f'{stem}_colored.png'] = _png_bytes(result.colored_bgr)
     if result.uncertainty is not None:
