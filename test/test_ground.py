@@ -20,8 +20,9 @@ from metricgold_ros.ground import (NO_CAMERA, NO_FLOOR, OFF, OK, POOR_FIT, Mount
 from metricgold_ros.model import MetricGoldPipeline
 from metricgold_ros.model.checkpoint import ModelMetadata
 from metricgold_ros.model_paths import bundled_model_path
+from metricgold_ros.synthetic.camera import DEMO_MOUNTING
 from metricgold_ros.synthetic.scenes import (CameraPose, camera_sequence, make_scene,
-                                             nominal_mounting, render_sample, render_view)
+                                             render_sample, render_view)
 
 WIDTH, HEIGHT = 96, 72
 
@@ -356,11 +357,10 @@ def test_relative_checkpoint_without_a_fit_publishes_no_metric_outputs(relative_
 
 def test_metric_checkpoint_scaled_by_the_filtered_fit_or_kept(bundled):
     processor, plain = DepthFrameProcessor(bundled), DepthFrameProcessor(bundled)
-    height_m, pitch_deg, roll_deg = nominal_mounting(2, 'outdoor')  # as a robot is configured
-    mounted = FrameOptions(camera_height_m=height_m, camera_pitch_deg=pitch_deg,
-                           camera_roll_deg=roll_deg)
+    height_m, pitch_deg = DEMO_MOUNTING  # the nominal mounting, as a robot is configured
+    mounted = FrameOptions(camera_height_m=height_m, camera_pitch_deg=pitch_deg)
     events = []
-    for sample in camera_sequence(2, 'outdoor', 2, WIDTH, HEIGHT, fps=10.0):
+    for sample in camera_sequence(2, 'outdoor', 2, WIDTH, HEIGHT, 10.0, DEMO_MOUNTING):
         own = plain.process(sample.rgb, calibration_of(sample), FrameOptions())
         fitted = processor.process(sample.rgb, calibration_of(sample), mounted)
         assert fitted.scale.fit.state == OK

@@ -43,11 +43,9 @@ _FURNITURE = [((0.8, 0.6, 0.7), (1.8, 1.0, 0.8)), ((0.5, 0.3, 1.0), (1.5, 0.6, 2
 @dataclass(frozen=True)
 class Sample:
     """A frame: ``rgb`` [H,W,3] uint8, ``depth_m`` [H,W] float32 planar metres (0 = invalid),
-    ``valid`` [H,W] bool, pinhole intrinsics in pixels, ``kind``, scene ``seed``,
-    ``frame_index`` within a ``camera_sequence`` (0 for ``render_sample``) and the camera's
-    mounting over the floor (world y = 0) in the conventions of ``metricgold_ros.ground``:
-    ``camera_height_m``, ``camera_pitch_deg`` (positive: looking down), ``camera_roll_deg``
-    (positive: the image's right side dips)."""
+    ``valid`` [H,W] bool, pinhole intrinsics in pixels, ``kind``, scene ``seed``, ``frame_index``
+    within a ``camera_sequence`` (0 for ``render_sample``) and the camera's mounting over the
+    floor (y = 0) as ``metricgold_ros.ground.Mounting`` takes it (``CameraPose.mounting``)."""
 
     rgb: np.ndarray
     depth_m: np.ndarray
@@ -114,11 +112,8 @@ class CameraPose:
         return np.stack([cr * right + sr * up, sr * right - cr * up, fwd], axis=1)
 
     def mounting(self) -> tuple[float, float, float]:
-        """(camera_height_m, camera_pitch_deg, camera_roll_deg) over the floor at y = 0.
-
-        ``metricgold_ros.ground`` pitches down and rolls the right side down for positive
-        angles; this pose looks up and lifts its right side (+x towards world up): both flip.
-        """
+        """(camera_height_m, camera_pitch_deg, camera_roll_deg) over the floor (y = 0): pitch
+        positive looking down, roll dipping the right side (``ground``'s signs, flipped here)."""
         return (float(self.position_m[1]), -math.degrees(self.pitch_rad),
                 -math.degrees(self.roll_rad))
 
@@ -278,35 +273,18 @@ def camera_sequence(seed: int, kind: str = 'indoor', n_frames: int = 100, width:
 
     Indoors the camera walks a loop at 0.5-1 m/s looking around; outdoors it drives its lane at
     up to 4-10 m/s and eases back near the street's end. Frame k is the pose at time k / fps;
-    the scene and intrinsics depend on neither ``n_frames`` nor ``fps``. ``mounting``
-    ``(camera_height_m, camera_pitch_deg)`` replaces the path's nominal eye height and pitch
-    (the camera still bobs and sways around them), so that several scenes share one mounting;
-    :func:`nominal_mounting` gives the path's own.
+    the scene and intrinsics depend on neither ``n_frames`` nor ``fps``. ``mounting`` (height m,
+    pitch deg down) replaces the path's nominal ones (the camera still bobs around them).
     """
     if n_frames < 0 or fps <= 0:
         raise InputError(f'n_frames={n_frames} must be >= 0 and fps={fps} > 0')
     scene, intrinsics = make_scene(seed, kind), _intrinsics(seed, kind, width, height)
     check_scene_args(kind, width, height)
-    if mounting is not None:
-        height_m, pitch_deg = (float(v) for v in mounting)
-        if not (0.2 <= height_m <= 10.0 and -60.0 <= pitch_deg <= 60.0):
-            raise InputError(f'mounting={mounting!r}: expected (camera_height_m in [0.2, 10], '
-                             'camera_pitch_deg in [-60, 60], positive looking down)')
-        scene.path = (*scene.path[:7], height_m, -math.radians(pitch_deg))
+    if mounting is not None:  # path: (..., eye height m, pitch rad up)
+        scene.path = (*scene.path[:7], float(mounting[0]), -math.radians(mounting[1]))
     for k in range(n_frames):
         yield render_view(scene, _path_pose(scene.path, k / fps), intrinsics, width, height,
                           seed=seed, frame_index=k)
-
-
-def nominal_mounting(seed: int, kind: str = 'indoor') -> tuple[float, float, float]:
-    """The mounting a robot would be configured with along scene ``seed``'s camera path.
-
-    ``(camera_height_m, camera_pitch_deg, camera_roll_deg)`` about which ``camera_sequence``'s
-    camera bobs (indoors +-3 cm, +-2.9 deg of pitch, +-1.1 deg of roll; outdoors +-2 cm,
-    +-0.6 deg of pitch).
-    """
-    path = make_scene(seed, kind).path
-    return path[7], -math.degrees(path[8]), 0.0
 
 
 def render_view(scene: Scene, pose: CameraPose, intrinsics: Sequence[float], width: int,
