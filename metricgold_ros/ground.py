@@ -29,6 +29,7 @@ Numpy only: used by the frame processor (node, bag tool, infer) and the ground-f
 """
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
@@ -70,8 +71,8 @@ class Mounting:
                   ('camera_roll_deg', self.roll_deg, -180.0, 180.0, 'degrees, positive: the '
                    'right side dips'))
         for name, value, low, high, meaning in checks:
-            if not (isinstance(value, (int, float)) and math.isfinite(value)
-                    and low <= value <= high):
+            if not (isinstance(value, numbers.Real) and not isinstance(value, bool)
+                    and math.isfinite(value) and low <= value <= high):
                 raise InputError(f'{name}={value!r} must be a number in [{low:g}, {high:g}] '
                                  f'({meaning}); measure the mounting or set 0 to turn it off')
 
@@ -104,7 +105,7 @@ class GroundFitSettings:
         min_inlier_share: share of those candidates that must agree with the fit, else
             ``poor_fit``.
         min_floor_span_log: the inliers' floor depths (5th to 95th percentile) must span at
-            least this in natural log depth (0.5: a ratio of 1.65), else ``poor_fit``: a wall
+            least this in natural log depth (0.3: a ratio of 1.35), else ``poor_fit``: a wall
             or an object facing the camera matches the floor only in a narrow band of
             distances, a floor matches across its depth.
         max_scale_correction: metric checkpoints: a fitted scale outside ``[1/x, x]`` is taken
