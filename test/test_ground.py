@@ -230,6 +230,14 @@ def test_filter_follows_a_real_step_without_lag():
     assert scale_filter.update(1.6).scale == pytest.approx(1.6)  # no exponential tail
 
 
+@pytest.mark.parametrize('kwargs, match', [({'smoothing': 0.0}, 'smoothing=0.0'),
+                                            ({'gate_log': -1.0}, 'gate_log=-1.0'),
+                                            ({'confirm_frames': 0}, 'confirm_frames=0')])
+def test_filter_refuses_bad_settings(kwargs, match):
+    with pytest.raises(InputError, match=match):
+        ScaleFilter(**kwargs)
+
+
 def test_filter_smooths_jitter():
     rng = np.random.default_rng(0)
     raw = np.exp(0.05 * rng.standard_normal(200))
