@@ -19,7 +19,7 @@ from metricgold_ros.node.depth_node import DepthNode  # noqa: E402
 from ros_helpers import (RosHarness, camera_info_msg, image_msg, stamp_of,  # noqa: E402
                          synthetic_frame, wait_for_publishers, wait_for_subscribers)
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
 CAMERA_HZ = 40.0
 RUN_S = 6.0

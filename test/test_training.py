@@ -242,6 +242,7 @@ def test_config_rejects_unknown_keys_and_reads_yaml_floats(tmp_path):
 
 # -- whole runs -------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_stable_diffusion_start_converts_and_trains(tmp_path, synthetic_root):
     sd2 = _fake_sd2_folder(tmp_path / 'sd2')
     config = _write_config(tmp_path / 'sd2.yaml', synthetic_root,
@@ -262,6 +263,7 @@ def test_stable_diffusion_start_converts_and_trains(tmp_path, synthetic_root):
     assert (tmp_path / 'run2' / 'final' / 'metricgold.json').is_file()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('precision', ['bf16', 'fp16'])
 def test_mixed_precision_trains_on_the_cpu(tmp_path, synthetic_root, tiny_model_dir, precision):
     from accelerate.state import AcceleratorState
@@ -281,6 +283,7 @@ def test_mixed_precision_trains_on_the_cpu(tmp_path, synthetic_root, tiny_model_
     assert next(pipeline.unet.parameters()).dtype == torch.float32  # fp32 master weights
 
 
+@pytest.mark.slow
 def test_resume_matches_an_uninterrupted_run(tmp_path, synthetic_root):
     from safetensors.torch import load_file
 
@@ -315,6 +318,7 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, synthetic_root):
     assert metrics[0]['vae']['depth_abs_rel'] > 0
 
 
+@pytest.mark.slow
 def test_smoke_run_learns(tmp_path):
     """The CI scale proof, run exactly as documented (budget: 5 minutes on 2 CPU cores)."""
     output = tmp_path / 'smoke'

@@ -49,7 +49,7 @@ from metricgold_ros.depth_frame import (OUTPUT_TOPICS, DepthFrameProcessor, Fram
                                         FrameResult, frame_messages)
 from metricgold_ros.errors import InputError, MetricGoldError
 from metricgold_ros.faults import FAULT_ENV, GuardedProcessor, fault_injector_from_env
-from metricgold_ros.model_paths import load_model
+from metricgold_ros.model_paths import load_model, resolve_model_path
 from metricgold_ros.node.parameters import PARAMETERS, ParamSpec, check_parameter, frame_options
 from metricgold_ros.node.runtime import FrameStats, Mailbox, RateLimiter, StampCache, StatsSnapshot
 
@@ -155,16 +155,16 @@ class DepthNode(Node):
     def _load_model(self) -> 'MetricGoldPipeline':
         """The pipeline of ``model_path`` (or the bundled model); CheckpointError names it."""
         start = time.perf_counter()
-        pipeline = load_model(self._values['model_path'], 'model_path',
-                              device=self._values['device'], dtype=self._values['dtype'],
-                              notify=self.get_logger().info)
+        path = resolve_model_path(self._values['model_path'], 'model_path',
+                                  self.get_logger().info)
+        pipeline = load_model(str(path), 'model_path', device=self._values['device'],
+                              dtype=self._values['dtype'])
         meta = pipeline.metadata
         kind = 'RELATIVE depth (no metric scale, no points)' if pipeline.relative else \
             f'metric depth {meta.d_min_m:g}..{meta.d_max_m:g} m'
         self.get_logger().info(
-            f'loaded {self._values["model_path"] or "the bundled model"} on {pipeline.device} '
-            f'({str(pipeline.dtype).replace("torch.", "")}) in '
-            f'{time.perf_counter() - start:.1f} s: {kind}')
+            f'loaded {path} on {pipeline.device} ({str(pipeline.dtype).replace("torch.", "")}) '
+            f'in {time.perf_counter() - start:.1f} s: {kind}')
         return pipeline
 
     # -- callbacks (never block, never raise) ------------------------------------------------
