@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import (FloatingPointRange, IntegerRange, ParameterDescriptor,
                                 SetParametersResult)
+from rclpy.executors import MultiThreadedExecutor
 from rclpy.logging import LoggingSeverity
 from rclpy.node import Node
 from rclpy.parameter import Parameter
@@ -129,6 +130,7 @@ class DepthNode(Node):
         self._mailbox: Mailbox[_Frame] = Mailbox()
         self._infos: StampCache[Calibration] = StampCache()
         self._image_size: Optional[Tuple[int, int]] = None  # (width, height) of the last frame
+        self._executor_checked = False
 
         out_qos = _qos(self._values['output_qos'])
         self._pubs = {name: self.create_publisher(msg_type, name, out_qos)
@@ -170,12 +172,23 @@ class DepthNode(Node):
     # -- callbacks (never block, never raise) ------------------------------------------------
 
     def _on_image(self, msg: Image) -> None:
+        if not self._executor_checked:
+            self._executor_checked = True
+            self._check_executor()
         self._stats.count('received')
         if not self._has_subscribers():
             self._stats.count('idle')
             return
         if self._mailbox.put(_Frame(msg, time.monotonic())):
             self._stats.count('dropped')
+
+    def _check_executor(self) -> None:
+        """Warn once when spun by rclpy's MultiThreadedExecutor (see the module docstring)."""
+        if isinstance(self.executor, MultiThreadedExecutor):
+            self.get_logger().warning(
+                'spun by a MultiThreadedExecutor: before ros2/rclpy#1547 it busy-loops while '
+                'callbacks wait in its pool and can starve inference of the GIL (seen: 10-20x '
+                'slower); spin this node in its own SingleThreadedExecutor or process')
 
     def _on_camera_info(self, msg: CameraInfo) -> None:
         self._infos.add(messages.stamp_ns(msg.header.stamp), messages.calibration_from_info(msg))
