@@ -114,8 +114,8 @@ def node_figures(history: List[Tuple[float, Dict[str, str]]], begin: float, end:
         'stamp_to_publish_ms': {
             'p50': round(float(np.median(p50s)), 1) if p50s else None,
             'p95': round(max(p95s), 1) if p95s else None},
-        'stage_ms_last_period': {k[:-5]: v for k, v in last.items() if k.endswith(' (ms)')
-                                 and not k.startswith('latency')}}
+        'stage_ms_last_period': {k[:-5]: _float(last, k) for k in last
+                                 if k.endswith(' (ms)') and not k.startswith('latency')}}
 
 
 def _node_command(model: Path, cuda: bool, resolution: int, namespace: str) -> List[str]:
