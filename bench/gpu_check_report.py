@@ -29,7 +29,8 @@ def _header(report: Dict[str, Any]) -> List[str]:
              f"{torch_info.get('cudnn', '-')}), diffusers {env.get('diffusers', '-')}, rclpy "
              f"{'yes' if env.get('rclpy', {}).get('ok') else 'missing'}.",
              f"Peak: {env.get('peak_source', '-')}; measured matrix product "
-             f"{_num(env.get('measured_matmul_tflops'), 3)} TFLOP/s ({env.get('measured_matmul')}).",
+             f"{_num(env.get('measured_matmul_tflops'), 3)} TFLOP/s "
+             f"({env.get('measured_matmul')}).",
              f"Run: {report.get('elapsed_s', '-')} s of a {report['budget_s']:.0f} s budget; "
              'sections: ' + ', '.join(f"{k} {v.get('status')}"
                                       for k, v in report['sections'].items()) + '.']
