@@ -38,8 +38,9 @@ import sys
 import threading
 import time
 import traceback
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 for _path in (str(REPO_ROOT / 'bench'), str(REPO_ROOT)):
@@ -560,6 +561,55 @@ def section_matrix(check: Check) -> Dict[str, Any]:
     return out
 
 
+# ----------------------------------------------------------------------------- tuning
+
+
+@contextmanager
+def _untimed_stage(name: str, timings: Dict[str, float]) -> Iterator[None]:
+    """Stand-in for the pipeline's ``_stage``: no per-stage synchronisation, no timing."""
+    timings[name] = 0.0
+    yield
+
+
+def section_tuning(check: Check) -> Dict[str, Any]:
+    """Two settings the pipeline does not have yet, on the node's default cell (ours only).
+
+    ``cudnn.benchmark`` (convolution algorithms tuned once per input size; the camera's size
+    is fixed) and a frame without the pipeline's per-stage ``torch.cuda.synchronize`` (it
+    drains the queue 5 times a frame for the stage timings; patched on this one pipeline
+    object, for the measurement only).
+    """
+    import torch
+
+    cell = {'dtype': check.args.dtypes[0], 'layout': 'eager', 'input': INPUTS[0],
+            'steps': check.args.steps[0], 'ensemble': check.args.ensembles[0]}
+    warmup, repeats = (1, 2) if check.tiny else (3, 9)
+    cuda = check.device.type == 'cuda'
+    variants = [('as is', False, False), ('no per-stage sync', False, True)]
+    if cuda:
+        variants += [('cudnn.benchmark', True, False),
+                     ('cudnn.benchmark + no per-stage sync', True, True)]
+    out: Dict[str, Any] = {'cell': cell_key(cell), 'variants': {},
+                           'skipped': [] if cuda else ['cudnn.benchmark: no cuDNN on a CPU']}
+    default_benchmark = torch.backends.cudnn.benchmark
+    try:
+        for name, benchmark, no_sync in variants:
+            if check.budget.section_left() < 5.0:
+                out['skipped'].append(f'{name}: section budget')
+                continue
+            torch.backends.cudnn.benchmark = benchmark
+            pipeline = make_pipeline(check, cell['dtype'], False)
+            if no_sync:
+                pipeline._stage = _untimed_stage
+            row = measure_cell(check, pipeline, cell, None, warmup, repeats)
+            out['variants'][name] = {'ours_ms': row['ours_ms'],
+                                     'floor_share': row.get('floor_share')}
+            check.log(f"tuning {name}: {row['ours_ms']} ms")
+    finally:
+        torch.backends.cudnn.benchmark = default_benchmark
+    return out
+
+
 # ----------------------------------------------------------------------------- compiled
 
 
@@ -683,6 +733,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     plan = [('environment', section_environment, 60), ('model', section_model, 90),
             ('flops', section_flops, 40),
             ('transfers', section_transfers, 10), ('matrix', section_matrix, 100),
+            ('tuning', section_tuning, 30),
             ('node', section_node, 60 + 1.5 * args.node_seconds + (0 if args.tiny else 60)),
             ('compiled', section_compiled, None)]
     for name, fn, budget_s in plan:

@@ -54,11 +54,11 @@ if ! "$PY" -c 'import diffusers, rclpy' 2>/dev/null; then
                 --disable-pip-version-check --prefix "$PREFIX" "$WHEELS"/*.whl; then
             # The ROS wheels' libraries sit in PREFIX/lib and SITE/ros_*.libs; their
             # bootstrapper (a .pth, not read from PYTHONPATH) would set LD_LIBRARY_PATH.
-            SITES=$("$PY" -c "import sysconfig; v = {'base': '$PREFIX', 'platbase': '$PREFIX'};
-print(':'.join(dict.fromkeys(sysconfig.get_path(k, vars=v) for k in ('purelib', 'platlib'))))")
-            export PYTHONPATH="$SITES${PYTHONPATH:+:$PYTHONPATH}"
             LIBS=$PREFIX/lib
-            for dir in ${SITES//:/ }; do
+            for dir in "$PREFIX"/lib*/python3*/site-packages "$PREFIX"/lib*/python3*/dist-packages
+            do
+                [ -d "$dir" ] || continue
+                export PYTHONPATH="$dir${PYTHONPATH:+:$PYTHONPATH}"
                 for libs in "$dir"/ros_*.libs; do [ -d "$libs" ] && LIBS="$LIBS:$libs"; done
             done
             export LD_LIBRARY_PATH="$LIBS${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"

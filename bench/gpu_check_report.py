@@ -48,21 +48,23 @@ def _matrix(section: Dict[str, Any]) -> List[str]:
     lines = ['', f"#### Ours vs diffusers' MarigoldDepthPipeline (median of "
                  f"{section.get('repeats')} after {section.get('warmup')} warm-ups, "
                  'calls interleaved)', '',
-             '| dtype | layout | input | steps | ensemble | ours ms | diffusers ms | ours / '
-             'diffusers | TFLOP | floor ms | share of floor | max abs log-depth diff '
-             '| peak GiB |',
+             '| dtype | layout | input | steps | ensemble | ours ms | of which pre + post '
+             '| diffusers ms | ours / diffusers | TFLOP | floor ms | share of floor '
+             '| max abs log-depth diff | peak GiB |',
              '| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: '
-             '| ---: |']
+             '| ---: | ---: |']
     for key, row in section.get('cells', {}).items():
         dtype, layout, size, steps, members = key.split('/')
         if 'error' in row:
             lines.append(f"| {dtype} | {layout} | {size} | {steps[1:]} | {members[1:]} | "
-                         f"error: {row['error'][:80]} | | | | | | | |")
+                         f"error: {row['error'][:80]} | | | | | | | | |")
             continue
         diff = row.get('max_abs_log_depth_diff')
+        stages = row.get('stages_ms', {})
+        edges = stages.get('preprocess', 0.0) + stages.get('postprocess', 0.0)
         lines.append(
             f"| {dtype} | {layout} | {size} | {steps[1:]} | {members[1:]} | "
-            f"{_num(row['ours_ms'])} | {_num(row.get('diffusers_ms'))} | "
+            f"{_num(row['ours_ms'])} | {_num(edges, 2)} | {_num(row.get('diffusers_ms'))} | "
             f"{_num(row.get('ratio'), 3)} | {_num(row.get('tflop'), 3)} | "
             f"{_num(row.get('floor_ms'), 2)} | {_share(row.get('floor_share'))} | "
             f"{'-' if diff is None else f'{diff:.1e}'} | {_num(row.get('peak_memory_gib'), 2)} |")
@@ -108,6 +110,14 @@ def _node(section: Dict[str, Any]) -> List[str]:
             f"{_num(node.get('frames_dropped'))} |"]
 
 
+def _tuning(section: Dict[str, Any]) -> List[str]:
+    lines = ['', f"#### Settings not in the pipeline yet ({section.get('cell')}, ours)", '',
+             '| variant | ms | share of floor |', '| --- | ---: | ---: |']
+    for name, row in section.get('variants', {}).items():
+        lines.append(f"| {name} | {_num(row['ours_ms'])} | {_share(row.get('floor_share'))} |")
+    return lines
+
+
 def _transfers(section: Dict[str, Any]) -> List[str]:
     return ['', '#### One 640x480 frame across the bus (median ms)', '',
             '| up, uint8, pageable | up, pinned | down, float32 depth, pageable | down, pinned |',
@@ -122,8 +132,8 @@ def markdown(report: Dict[str, Any]) -> str:
     """The whole report as markdown: header, one table per section, errors and skips."""
     lines = _header(report)
     sections = report['sections']
-    for name, render in (('matrix', _matrix), ('compiled', _compiled), ('node', _node),
-                         ('transfers', _transfers)):
+    for name, render in (('matrix', _matrix), ('tuning', _tuning), ('compiled', _compiled),
+                         ('node', _node), ('transfers', _transfers)):
         if sections.get(name, {}).get('status') in ('ok', 'partial', 'interrupted'):
             lines += render(sections[name])
     notes = []

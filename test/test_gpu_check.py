@@ -20,7 +20,8 @@ sys.path.insert(0, str(REPO_ROOT / 'bench'))
 import gpu_check  # noqa: E402
 import gpu_wheels  # noqa: E402
 
-SECTIONS = ('environment', 'model', 'flops', 'transfers', 'matrix', 'node', 'compiled')
+SECTIONS = ('environment', 'model', 'flops', 'transfers', 'matrix', 'tuning', 'node',
+            'compiled')
 # Ours vs diffusers on the same networks and noise: they differ only by the input resize
 # (uint8 vs float, one grey level at most), 2e-3 to 5e-3 in log depth on the tiny model.
 MAX_LOG_DEPTH_DIFF = 0.05
@@ -63,6 +64,10 @@ def test_tiny_run_writes_every_section(tmp_path, capsys):
         assert 0 < cell['floor_share'] and cell['finite'], key
         assert cell['max_abs_log_depth_diff'] < MAX_LOG_DEPTH_DIFF, key
     assert '| fp32 | eager | 480x640 | 1 | 1 |' in table
+
+    variants = sections['tuning']['variants']
+    assert set(variants) == {'as is', 'no per-stage sync'}
+    assert all(v['ours_ms'] > 0 for v in variants.values())
 
     compiled = sections['compiled']['modes']['default']
     assert all(cell['ours_ms'] > 0 for cell in compiled.values())
