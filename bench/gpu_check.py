@@ -25,6 +25,9 @@ Without CUDA (or with ``--tiny``) the same code runs at tiny sizes in about a mi
 
     bash bench/gpu_check.sh                       # on the GPU machine (see BENCHMARKS.md)
     python bench/gpu_check.py --tiny --out /tmp/gpu_check   # CPU rehearsal
+
+Exit code: 0 every section ran (budget skips allowed), 1 a section failed (its error is in the
+JSON), 2 torch does not import, 3 the hard budget stopped the run (what ran is saved).
 """
 
 import argparse
@@ -754,7 +757,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     check.save(final=True)
     check.log(f"wrote {out_dir / 'gpu_check.json'} and gpu_check.md")
     print(report_md.markdown(check.report), flush=True)
-    return 0
+    return 1 if any(s.get('status') == 'error' for s in check.report['sections'].values()) else 0
 
 
 def _on_deadline(check: Check) -> None:
@@ -765,7 +768,12 @@ def _on_deadline(check: Check) -> None:
             entry['status'] = 'interrupted'
             entry['error'] = 'stopped by the hard time budget (--budget)'
     try:
-        check.save(final=False)
+        for _ in range(3):  # the main thread may be changing the report right now
+            try:
+                check.save(final=False)
+                break
+            except RuntimeError:
+                time.sleep(0.2)
     finally:
         os._exit(3)
 
