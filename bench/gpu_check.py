@@ -104,6 +104,7 @@ class Check:
         self.device: Any = None
         self.checkpoint: Any = None
         self.peak_flops: Optional[float] = None
+        self.children: List[Any] = []  # processes a section started: killed at the deadline
 
     def log(self, text: str) -> None:
         print(f'[gpu_check {self.budget.elapsed():6.1f} s] {text}', flush=True)
@@ -763,6 +764,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _on_deadline(check: Check) -> None:
     """The hard budget ran out: save what there is, mark the section in progress, exit."""
     check.log('hard time budget reached: saving and exiting')
+    for child in check.children:
+        if child.poll() is None:
+            child.kill()
     for entry in check.report['sections'].values():
         if entry.get('status') == 'running':
             entry['status'] = 'interrupted'

@@ -183,6 +183,7 @@ def section_node(check: Any) -> Dict[str, Any]:
              '--image-topic', f'{soak.NS}/camera/image_raw',
              '--info-topic', f'{soak.NS}/camera/camera_info', '--wait-subscribers', '120'],
             env, scratch / 'camera.log')
+        check.children += [node, camera]
         sampler = MemorySampler(check.device, node.pid)
         sampler.start()
         listener = _listener()
