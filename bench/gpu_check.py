@@ -238,7 +238,7 @@ def section_environment(check: Check) -> Dict[str, Any]:
         rate = _matmul_rate(torch, check.device, torch.bfloat16, 8192, 10)
     else:
         peak, source = None, 'unknown: no GPU (CPU rehearsal)'
-        rate = _matmul_rate(torch, check.device, torch.float32, 512, 5)
+        rate = _matmul_rate(torch, check.device, torch.float32, 1024, 5)
     if peak is None:  # the floor then says how far from a plain matrix product on this device
         peak = rate
         source += f'; the floor uses the measured matrix-product rate, {rate / 1e12:.3f} TFLOP/s'
@@ -247,7 +247,7 @@ def section_environment(check: Check) -> Dict[str, Any]:
     out['peak_source'] = source
     out['measured_matmul_tflops'] = round(rate / 1e12, 3)
     out['measured_matmul'] = ('bf16 8192^3, mean of 10 after 3' if check.device.type == 'cuda'
-                              else 'fp32 512^3 on the CPU, mean of 5 after 3')
+                              else 'fp32 1024^3 on the CPU, mean of 5 after 3')
     out['mode'] = 'gpu' if check.device.type == 'cuda' else 'tiny (CPU)'
     return out
 
