@@ -18,6 +18,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / 'bench'))
 
 import gpu_check  # noqa: E402
+import gpu_check_matrix  # noqa: E402
 import gpu_wheels  # noqa: E402
 
 SECTIONS = ('environment', 'model', 'flops', 'transfers', 'matrix', 'tuning', 'node',
@@ -97,14 +98,14 @@ def test_section_budget_stops_cleanly_and_records_skips(tmp_path):
                            layouts=['eager', 'channels_last'], steps=[1, 4], ensembles=[1, 5],
                            max_departures=5, resolution=64)
     check = gpu_check.Check(args, tmp_path)
-    cells = gpu_check.matrix_cells(check)
-    assert len(cells) == 16 and gpu_check.cell_key(cells[0]) == 'fp32/eager/480x640/s1/e1'
+    cells = gpu_check_matrix.matrix_cells(check)
+    assert len(cells) == 16 and gpu_check_matrix.cell_key(cells[0]) == 'fp32/eager/480x640/s1/e1'
     check.budget.section_end = check.budget.start  # the section's time is spent
 
     def setup(_cell):
         raise AssertionError('no cell may start')
 
-    out = gpu_check.run_cells(check, cells, setup, True, 1, 1)
+    out = gpu_check_matrix.run_cells(check, cells, setup, True, 1, 1)
     assert out['cells'] == {} and len(out['skipped']) == 16
     assert all('section budget' in s for s in out['skipped'])
 
