@@ -359,8 +359,9 @@ def section_transfers(check: Check) -> Dict[str, Any]:
 
 def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--out', type=Path, default=Path('gpu_check_out'),
-                        help='folder for gpu_check.json/.md when $OUT is unset')
+    parser.add_argument('--out', type=Path, default=Path('/tmp/metricgold_gpu_check'),
+                        help='folder for gpu_check.json/.md when $OUT is unset '
+                             '(default /tmp/metricgold_gpu_check)')
     parser.add_argument('--budget', type=float, default=450.0,
                         help='hard wall-clock budget of the whole check, s (default 450)')
     parser.add_argument('--tiny', action='store_true',

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU device check of metricgold_ros (bench/gpu_check.py): ours vs diffusers, the FLOP
 # floor, torch.compile, the node end to end. Writes gpu_check.json and gpu_check.md to $OUT
-# (else --out DIR, default gpu_check_out/). See BENCHMARKS.md, "GPU device check".
+# (else --out DIR, default /tmp/metricgold_gpu_check). See BENCHMARKS.md, "GPU device check".
 #
 #   bash bench/gpu_check.sh [gpu_check.py options]   # run (about 7.5 min on a GPU)
 #   bash bench/gpu_check.sh --fetch-wheels           # here, with network: fill .whl/
