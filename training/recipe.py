@@ -12,6 +12,11 @@ depth model, and MetricGold repeats with log-scaled metric depth:
 * :func:`latent_valid_mask` / :func:`masked_mse` - the loss only counts latent pixels whose
   whole 8x8 pixel footprint has valid ground-truth depth.
 * :class:`WarmupExponentialDecay` - linear warm-up, then exponential decay of the learning rate.
+
+And the single-step objective of Garcia et al. ("Fine-Tuning Image-Conditional Diffusion Models
+is Easier than You Think", 2024, "E2E-FT"): :func:`x0_from_velocity` turns the UNet's v output
+at t = T for a zero depth latent into the predicted clean latent, which the frozen VAE decodes
+(:func:`decoded_depth`) for a loss in depth space.
 """
 
 import math
@@ -173,3 +178,28 @@ class WarmupExponentialDecay:
             return self.final_ratio
         span = max(1, self.decay_steps - self.warmup_steps)
         return math.exp((step - self.warmup_steps) / span * math.log(self.final_ratio))
+
+
+def x0_from_velocity(scheduler, sample: torch.Tensor, velocity: torch.Tensor,
+                     timesteps: torch.Tensor) -> torch.Tensor:
+    """Predicted clean latent ``x0 = sqrt(a_t) * x_t - sqrt(1 - a_t) * v`` ``[B,C,h,w]``.
+
+    ``a_t`` is the scheduler's ``alphas_cumprod`` at ``timesteps`` ``[B]`` (the DDPM training
+    schedule, zero-terminal-SNR rescaled or not). For E2E-FT ``sample`` is all zeros and t = T,
+    so ``x0 = -sqrt(1 - a_T) * v`` (``-v`` with a zero-terminal-SNR schedule).
+    """
+    alphas = scheduler.alphas_cumprod.to(device=velocity.device)[timesteps.to(velocity.device)]
+    alphas = alphas.to(torch.float32).reshape(-1, 1, 1, 1)
+    return alphas.sqrt() * sample.float() - (1 - alphas).sqrt() * velocity.float()
+
+
+def decoded_depth(vae: torch.nn.Module, latent: torch.Tensor) -> torch.Tensor:
+    """The VAE's decoding of a scaled depth latent ``[B,4,h,w]``: codec value ``[B,1,H,W]``.
+
+    Divides by ``vae.config.scaling_factor``, decodes, and averages the three channels (the
+    codec's depth image is one value replicated, as the pipeline reads it back). Gradients
+    flow through the decoder to ``latent``; the VAE's own weights may stay frozen.
+    """
+    scale = float(vae.config.scaling_factor)
+    image = vae.decode(latent / scale).sample  # [B,3,H,W]
+    return image.float().mean(dim=1, keepdim=True)
