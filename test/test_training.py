@@ -29,6 +29,7 @@ from training.train import (  # noqa: E402
 from training.vae_stage import depth_as_image  # noqa: E402
 
 SMOKE_CONFIG = REPO_ROOT / 'training' / 'configs' / 'smoke.yaml'
+BUNDLED_MODEL = REPO_ROOT / 'metricgold_ros' / 'models' / 'metricgold-tiny'
 
 
 # -- fixtures ---------------------------------------------------------------------------------
@@ -476,6 +477,38 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, synthetic_root):
                                atol=1e-6, rtol=0)
     assert metrics[0]['val_steps'] == [0, 2, 4]
     assert metrics[0]['vae']['depth_abs_rel'] > 0
+
+
+def test_e2e_ft_objective_learns_and_marks_its_checkpoint(tmp_path, synthetic_root):
+    """Single-step E2E-FT training, camera-aware: loss falls, metricgold.json says so.
+
+    One fixed batch (training on the two frames of the val folder, no flips; validating on
+    the train folder), so that the loss curve shows learning rather than which frames a step
+    drew. It starts from the bundled model, whose VAE decodes depth (a random one would
+    bound what the UNet can reach through it).
+    """
+    config = _write_config(tmp_path / 'e2e.yaml', synthetic_root,
+                           f"  pretrained: '{BUNDLED_MODEL}'\n  canonical_focal_px: 50.0",
+                           steps=12, extra_train='  objective: e2e_ft\n  final_lr_ratio: 1.0')
+    text = config.read_text().replace('checkpoint_every: 2', 'checkpoint_every: 12').replace(
+        'validation: {every: 2', 'validation: {every: 12').replace(
+        f'{synthetic_root}/train', 'SWAP').replace(f'{synthetic_root}/val',
+                                                   f'{synthetic_root}/train').replace(
+        'SWAP', f'{synthetic_root}/val').replace(
+        'cache: true', 'cache: true\n  hflip_p: 0.0').replace('lr: 1.0e-3', 'lr: 3.0e-3')
+    config.write_text(text)
+    assert train_main(['--config', str(config), '--output', str(tmp_path / 'run')]) == 0
+    metrics = json.loads((tmp_path / 'run' / 'metrics.json').read_text())
+    loss = metrics['loss']
+    assert len(loss) == 12 and all(math.isfinite(v) for v in loss)
+    assert np.mean(loss[-3:]) < 0.5 * loss[0], loss
+    final = tmp_path / 'run' / 'final'
+    meta = json.loads((final / 'metricgold.json').read_text())
+    assert meta['e2e_ft'] is True and meta['canonical_focal_px'] == 50.0
+    assert meta['default_denoising_steps'] == 1
+    pipeline = MetricGoldPipeline.from_pretrained(final, device='cpu', dtype='float32')
+    assert pipeline.metadata.e2e_ft and pipeline.metadata.canonical_focal_px == 50.0
+    assert pipeline(np.zeros((48, 64, 3), np.uint8)).depth.shape == (48, 64)
 
 
 def test_smoke_run_learns(tmp_path):
