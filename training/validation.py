@@ -38,7 +38,8 @@ def validate(checkpoint: Checkpoint, items: List[dict], device: torch.device, *,
 
     With ``canonical_focal_px`` (a camera-aware model) each prediction, depth for the canonical
     camera, is multiplied by ``f / canonical_focal_px``, f = the item's mean focal length at
-    the processing resolution. The networks are put in eval mode for the call and back into their previous mode after.
+    the processing resolution. The networks are put in eval mode for the call and back into
+    their previous mode after.
     Returns the metrics and up to ``image_count`` previews ``[H, 3W, 3]`` uint8 RGB:
     input | prediction | ground truth, coloured on the ground truth's range.
     """
