@@ -488,7 +488,8 @@ def test_e2e_ft_objective_learns_and_marks_its_checkpoint(tmp_path, synthetic_ro
     bound what the UNet can reach through it).
     """
     config = _write_config(tmp_path / 'e2e.yaml', synthetic_root,
-                           f"  pretrained: '{BUNDLED_MODEL}'\n  canonical_focal_px: 50.0",
+                           f"  pretrained: '{BUNDLED_MODEL}'\n  canonical_focal_px: 50.0\n"
+                           '  gradient_checkpointing: true',  # through the VAE decoder too
                            steps=12, extra_train='  objective: e2e_ft\n  final_lr_ratio: 1.0')
     text = config.read_text().replace('checkpoint_every: 2', 'checkpoint_every: 12').replace(
         'validation: {every: 2', 'validation: {every: 12').replace(
