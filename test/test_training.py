@@ -417,6 +417,7 @@ def test_stable_diffusion_start_converts_and_trains(tmp_path, synthetic_root):
     assert torch.equal(pipeline.empty_text_embedding, compute_empty_text_embedding(sd2))
     assert pipeline.metadata.d_min_m == 0.5 and pipeline.metadata.d_max_m == 80.0
     assert pipeline.scheduler.config.timestep_spacing == 'trailing'
+    assert pipeline.scheduler.config.rescale_betas_zero_snr  # an SD2 start: Marigold v1.1's
     rgb = np.zeros((48, 64, 3), np.uint8)
     assert pipeline(rgb).depth.shape == (48, 64)
     # Fine-tuning continues from a MetricGold checkpoint (starting point b).
@@ -424,6 +425,9 @@ def test_stable_diffusion_start_converts_and_trains(tmp_path, synthetic_root):
                           steps=1)
     assert train_main(['--config', str(again), '--output', str(tmp_path / 'run2')]) == 0
     assert (tmp_path / 'run2' / 'final' / 'metricgold.json').is_file()
+    continued = json.loads((tmp_path / 'run2' / 'final' / 'scheduler' /
+                            'scheduler_config.json').read_text())
+    assert continued['rescale_betas_zero_snr']  # a checkpoint keeps its own schedule
 
 
 @pytest.mark.parametrize('precision', ['bf16', 'fp16'])
