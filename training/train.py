@@ -248,7 +248,8 @@ class Run:
                                   self.config.model.canonical_focal_px)
         depth, valid = depth_as_image(depth_m, batch['valid'], parts.d_min_m, parts.d_max_m)
         depth, valid = depth.to(self.device), valid.to(self.device)  # [B,3,H,W], [B,1,H,W]
-        rgb_latent, depth_latent = self._encode(rgb, depth, batch['views'])  # [B,4,h,w] each
+        # [B,4,h,w] each (no depth latent for e2e_ft, which compares decoded depth)
+        rgb_latent, depth_latent = self._encode(rgb, depth, batch['views'])
         if self.config.train.objective == 'e2e_ft':
             return self._e2e_ft_loss(rgb_latent, depth, valid)
         return self._diffusion_loss(batch, rgb_latent, depth_latent, valid)
@@ -301,23 +302,27 @@ class Run:
         """RGB and depth latents (frozen VAE, posterior mode, scaled), cached per view.
 
         The RGB latent (an input) is encoded under the run's mixed precision, the depth latent
-        (the target) in float32 (:func:`encode_latents`). With ``data.cache_latents`` every
-        sample is encoded on its own, the first time its view (frame, window, flip) appears, so
-        a resumed run gets the very same numbers.
+        (the target) in float32 (:func:`encode_latents`); ``e2e_ft`` compares decoded depth
+        and needs no depth latent (None). With ``data.cache_latents`` every sample is encoded
+        on its own, the first time its view (frame, window, flip) appears, so a resumed run
+        gets the very same numbers.
         """
-        def encode(rgb: torch.Tensor, depth: torch.Tensor) -> torch.Tensor:
-            return torch.stack(encode_latents(self.vae, rgb, depth, self.accelerator.autocast))
-
+        if self.config.train.objective == 'e2e_ft':
+            depth = None
         if self.latent_cache is None:
             return encode_latents(self.vae, rgb, depth, self.accelerator.autocast)
-        pairs = []
+        latents = []
         for i, view in enumerate(views):
             key = tuple(int(v) for v in view)
             if key not in self.latent_cache:
-                self.latent_cache[key] = encode(rgb[i:i + 1], depth[i:i + 1])
-            pairs.append(self.latent_cache[key][:, 0])  # [2,4,h,w]: rgb, depth
-        stacked = torch.stack(pairs, dim=1)  # [2,B,4,h,w]
-        return stacked[0], stacked[1]
+                self.latent_cache[key] = encode_latents(
+                    self.vae, rgb[i:i + 1], None if depth is None else depth[i:i + 1],
+                    self.accelerator.autocast)
+            latents.append(self.latent_cache[key])  # ([1,4,h,w], [1,4,h,w] or None)
+        rgb_latent = torch.cat([pair[0] for pair in latents])  # [B,4,h,w]
+        if depth is None:
+            return rgb_latent, None
+        return rgb_latent, torch.cat([pair[1] for pair in latents])
 
     def _checkpoint(self):
         parts = self.parts
@@ -412,21 +417,24 @@ def load_training_state(accelerator, folder: Path, ema, device: torch.device) ->
         ema.to(device)
 
 
-def encode_latents(vae: torch.nn.Module, rgb: torch.Tensor, depth: torch.Tensor,
+def encode_latents(vae: torch.nn.Module, rgb: torch.Tensor, depth: Optional[torch.Tensor],
                    autocast) -> tuple:
     """Scaled posterior-mode latents ``([B,4,h,w], [B,4,h,w])`` of ``rgb`` and ``depth``.
 
     RGB is encoded inside ``autocast()`` (the run's mixed precision: the latent is a network
     input); depth in float32 with autocast off, because its latent is the regression target and
-    bf16 would quantise it to 8 significant bits. Both come back as float32.
+    bf16 would quantise it to 8 significant bits. Both come back as float32; with ``depth``
+    None the second is None.
     """
     scale = float(vae.config.scaling_factor)
+    depth_latent = None
     with torch.no_grad():
         with autocast():
-            rgb_latent = vae.encode(rgb).latent_dist.mode() * scale
-        with torch.autocast(device_type=depth.device.type, enabled=False):
-            depth_latent = vae.encode(depth.float()).latent_dist.mode() * scale
-    return rgb_latent.float(), depth_latent.float()
+            rgb_latent = vae.encode(rgb).latent_dist.mode().float() * scale
+        if depth is not None:
+            with torch.autocast(device_type=depth.device.type, enabled=False):
+                depth_latent = vae.encode(depth.float()).latent_dist.mode().float() * scale
+    return rgb_latent, depth_latent
 
 
 def canonical_depth(depth_m: torch.Tensor, focal_px, canonical_focal_px: Optional[float]
