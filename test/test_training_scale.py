@@ -29,6 +29,16 @@ from training.train import main as train_main  # noqa: E402
 WEIGHT_ATOL = 2e-5
 
 
+def _write_vkitti2(root: Path, count: int, *, seed: int, width: int, height: int) -> None:
+    """The synthetic generator's Virtual KITTI 2 writer (``synthetic/vkitti.py`` after the
+    package layout moved it; ``synthetic.py`` before)."""
+    try:
+        from metricgold_ros.synthetic.vkitti import write_vkitti2
+    except ImportError:
+        from metricgold_ros.synthetic import write_vkitti2
+    write_vkitti2(root, count, seed=seed, width=width, height=height)
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(('127.0.0.1', 0))
@@ -37,10 +47,8 @@ def _free_port() -> int:
 
 @pytest.fixture(scope='module')
 def synthetic_train(tmp_path_factory) -> Path:
-    from metricgold_ros.synthetic import write_vkitti2
-
     root = tmp_path_factory.mktemp('synthetic') / 'train'
-    write_vkitti2(root, 4, seed=0, width=64, height=48)
+    _write_vkitti2(root, 4, seed=0, width=64, height=48)
     return root
 
 
@@ -259,8 +267,6 @@ def test_stable_diffusion_2_size_trains_saves_and_infers(tmp_path):
     moments: ~14 GB) plus a transient copy while safetensors writes it; the test needs ~18 GB
     free and skips with the reason when the machine has less.
     """
-    from metricgold_ros.synthetic import write_vkitti2
-
     if _available_memory_gb() < 18:
         pytest.skip(f'SD2-size training needs ~18 GB of free memory, '
                     f'{_available_memory_gb():.1f} GB available')
@@ -268,7 +274,7 @@ def test_stable_diffusion_2_size_trains_saves_and_infers(tmp_path):
     sd2 = _sd2_folder(tmp_path / 'sd2')
     build_s = time.perf_counter() - start
     data = tmp_path / 'data'
-    write_vkitti2(data, 1, seed=7, width=64, height=64)
+    _write_vkitti2(data, 1, seed=7, width=64, height=64)
     config = _sd2_config(tmp_path / 'sd2.yaml', sd2, data)
     env = {**os.environ, 'PYTHONPATH': str(REPO_ROOT), 'OMP_NUM_THREADS': '2'}
     start = time.perf_counter()
