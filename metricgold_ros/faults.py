@@ -143,15 +143,6 @@ class GuardedProcessor:
         self.processor = processor
         self.fallback_resolution = fallback_resolution
         self._stopping = stopping
-        self.stage = ''  # the pipeline stage running now
-        pipeline = processor.pipeline
-        self._hook = getattr(pipeline, 'stage_hook', None)
-        pipeline.stage_hook = self._on_stage
-
-    def _on_stage(self, stage: str) -> None:
-        self.stage = stage
-        if self._hook is not None:
-            self._hook(stage)
 
     def process(self, rgb: np.ndarray, calibration: Optional[Calibration],
                 options: 'FrameOptions') -> Outcome:
@@ -193,7 +184,8 @@ class GuardedProcessor:
                  options: 'FrameOptions'
                  ) -> Tuple[Optional['FrameResult'], Optional[Failure]]:
         """Run the model once: ``(result, None)``, or ``(None, failure)`` after freeing memory."""
-        self.stage = 'setup'
+        pipeline = self.processor.pipeline
+        pipeline.current_stage = 'setup'
         try:
             return self.processor.process(rgb, calibration, options), None
         except MetricGoldError:
@@ -201,7 +193,7 @@ class GuardedProcessor:
         except Exception as err:  # noqa: B902 - any inference fault: reported, frame skipped
             if self._stopping():
                 raise  # shutting down: the caller ends quietly
-            failure = Failure(self.stage, type(err).__name__,
+            failure = Failure(pipeline.current_stage, type(err).__name__,
                               (str(err).splitlines() or [''])[0][:300], is_out_of_memory(err))
         # Out of the except block: the traceback no longer pins the failed stage's tensors.
         self._free_memory(failure.out_of_memory)

@@ -2,6 +2,7 @@
 
 import os
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -85,7 +86,7 @@ class NodeRig:
         self.rgb, self.k = synthetic_frame(3, width, height)
         self.param_client = ros.node.create_client(SetParameters,
                                                    f'{ns}/depth_node/set_parameters')
-        self.rosout = ros.collector(Log, '/rosout', reliable_qos(500))
+        self.rosout = ros.collector(Log, '/rosout', reliable_qos(1000))
         self._stamp = 1_700_000_000_000_000_000
         self._subs = []
 
@@ -149,6 +150,13 @@ class NodeRig:
         assert wait_until(future.done, 10.0), 'set_parameters timed out'
         return future.result().results
 
+    def close(self) -> None:
+        """Take the node off the harness and destroy it (the harness goes on)."""
+        self.drop_collectors()
+        self.node.close()
+        self.ros.executor.remove_node(self.node)
+        self.node.destroy_node()
+
     def errors_naming(self, *words: str):
         """The node's error (and fatal) log lines holding every one of ``words``."""
         return [log.msg for log in self.rosout.messages()
@@ -160,25 +168,38 @@ class NodeRig:
 def node_rig(tiny_model_dir):
     """Factory of :class:`NodeRig`s on one module-wide harness, with the tiny model on the CPU.
 
-    ``node_rig('/ns', image_topic='image_raw', **parameters)``; the node subscribes to
-    ``image`` remapped to ``image_topic``. Every node is shut down with the module.
+    ``node_rig('/ns', image_topic='image_raw', fault=None, rig=NodeRig, **parameters)``: the
+    node subscribes to ``image`` remapped to ``image_topic``; ``fault`` is the
+    ``METRICGOLD_FAULT`` it starts with; ``rig`` a NodeRig subclass. Nodes not closed by their
+    test are shut down with the module.
     """
     pytest.importorskip('rclpy')
     from rclpy.parameter import Parameter
 
+    from metricgold_ros.faults import FAULT_ENV
     from metricgold_ros.node.depth_node import DepthNode
     from ros_helpers import RosHarness, wait_for_publishers, wait_for_subscribers
 
     with RosHarness('node_rig') as ros:
         def make(ns: str, *, image_topic: str = 'image_raw', width: int = 160,
-                 height: int = 120, **parameters) -> NodeRig:
+                 height: int = 120, fault: Optional[str] = None, rig: type = NodeRig,
+                 pub_qos=None, **parameters) -> NodeRig:
             values = {'model_path': str(tiny_model_dir), 'device': 'cpu', **parameters}
-            node = ros.add_node(DepthNode(
-                context=ros.context, namespace=ns,
-                cli_args=['--ros-args', '-r', f'image:={image_topic}'],
-                parameter_overrides=[Parameter(k, value=v) for k, v in values.items()]))
-            rig = NodeRig(ros, node, ns, width, height, image_topic)
-            assert wait_for_subscribers(rig.image_pub) and wait_for_subscribers(rig.info_pub)
-            assert wait_for_publishers(rig.rosout.subscription)
-            return rig
+            saved = os.environ.pop(FAULT_ENV, None)
+            if fault is not None:
+                os.environ[FAULT_ENV] = fault
+            try:
+                node = DepthNode(context=ros.context, namespace=ns,
+                                 cli_args=['--ros-args', '-r', f'image:={image_topic}'],
+                                 parameter_overrides=[Parameter(k, value=v)
+                                                      for k, v in values.items()])
+            finally:
+                os.environ.pop(FAULT_ENV, None)
+                if saved is not None:
+                    os.environ[FAULT_ENV] = saved
+            ros.add_node(node)
+            made = rig(ros, node, ns, width, height, image_topic, pub_qos)
+            assert wait_for_subscribers(made.image_pub) and wait_for_subscribers(made.info_pub)
+            assert wait_for_publishers(made.rosout.subscription)
+            return made
         yield make

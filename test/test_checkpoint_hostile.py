@@ -186,6 +186,7 @@ def node_runs(tiny_model_dir, tmp_path_factory):
     return results
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', PROCESS_CASES)
 def test_node_start_with_corrupt_checkpoint(node_runs, name):
     code, stderr, executed = node_runs[name]

@@ -4,7 +4,6 @@ synthetic depth (no model: the answer is known), then in the frame processor wit
 
 import dataclasses
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -18,7 +17,6 @@ from metricgold_ros.errors import InputError
 from metricgold_ros.ground import (NO_CAMERA, NO_FLOOR, OFF, OK, POOR_FIT, Mounting,
                                    ScaleFilter, fit_ground, floor_depth_m)
 from metricgold_ros.model import MetricGoldPipeline
-from metricgold_ros.model.checkpoint import ModelMetadata
 from metricgold_ros.model_paths import bundled_model_path
 from metricgold_ros.synthetic.camera import DEMO_MOUNTING
 from metricgold_ros.synthetic.scenes import (CameraPose, camera_sequence, make_scene,
@@ -291,13 +289,6 @@ def test_two_fields_of_view_give_the_same_metric_depth():
 # In the frame processor (node, bag tool and infer share it) ------------------------------
 
 
-@dataclass(frozen=True)
-class CameraAwareMetadata(ModelMetadata):
-    """A checkpoint's metadata with the canonical focal length of a camera-aware one."""
-
-    canonical_focal_px: float = 100.0
-
-
 def calibration_of(sample) -> Calibration:
     return Calibration(camera_of(sample))
 
@@ -392,7 +383,7 @@ def street_header():
 def camera_aware(tiny_model_dir):
     """The tiny model as a camera-aware checkpoint (canonical focal 100 px)."""
     pipeline = MetricGoldPipeline.from_pretrained(tiny_model_dir, device='cpu', dtype='float32')
-    pipeline.metadata = CameraAwareMetadata(**dataclasses.asdict(pipeline.metadata))
+    pipeline.metadata = dataclasses.replace(pipeline.metadata, canonical_focal_px=100.0)
     return pipeline
 
 

@@ -53,8 +53,11 @@ class ModelMetadata:
         default_processing_resolution: longer image side (px) fed to the networks; ``None``
             as above.
         relative: True for affine-invariant Marigold checkpoints (output in [0, 1], not metres).
-        e2e_ft: True for single-step end-to-end fine-tuned checkpoints (E2E-FT, Martin Garcia
-            et al. 2024): zero latent in at t = T, the predicted x0 out; one step, deterministic.
+        canonical_focal_px: camera-aware checkpoints: the canonical focal length (px) that
+            training scaled depth targets to (``depth * f_c / f``, f = mean of fx and fy at the
+            training resolution); inference multiplies by ``f / f_c``. None: not camera-aware.
+        e2e_ft: True for single-step E2E-FT checkpoints (zero depth latent at t = T, the
+            predicted x0 out, deterministic).
     """
 
     d_min_m: float
@@ -62,6 +65,7 @@ class ModelMetadata:
     default_denoising_steps: Optional[int] = 1
     default_processing_resolution: Optional[int] = 768
     relative: bool = False
+    canonical_focal_px: Optional[float] = None
     e2e_ft: bool = False
 
     def validate(self, source: str) -> 'ModelMetadata':
@@ -83,6 +87,11 @@ class ModelMetadata:
             raise CheckpointError(
                 f'{source}: default_processing_resolution='
                 f'{self.default_processing_resolution!r}, expected an integer >= 8 (pixels)')
+        if self.canonical_focal_px is not None and not (
+                math.isfinite(self.canonical_focal_px) and self.canonical_focal_px > 0):
+            raise CheckpointError(
+                f'{source}: canonical_focal_px={self.canonical_focal_px!r}, expected a focal '
+                'length in pixels > 0, or null for a checkpoint that is not camera-aware')
         return self
 
 
@@ -219,20 +228,26 @@ def _load_metadata(path: Path, model_index: dict, scheduler_config: dict) -> Mod
         ).validate(str(path / 'model_index.json'))
     data = _read_json(meta_path)
     try:
-        e2e_ft = data.get('e2e_ft', False)
-        if not isinstance(e2e_ft, bool):
-            raise TypeError(f"'e2e_ft' is {e2e_ft!r}, not true or false")
         meta = ModelMetadata(
             d_min_m=float(data['d_min']), d_max_m=float(data['d_max']),
             default_denoising_steps=int(data.get('default_denoising_steps', 1)),
             default_processing_resolution=int(data.get('default_processing_resolution', 768)),
-            e2e_ft=e2e_ft)
+            canonical_focal_px=(None if data.get('canonical_focal_px') is None
+                                else float(data['canonical_focal_px'])),
+            e2e_ft=_json_bool(data.get('e2e_ft', False), 'e2e_ft'))
     except (KeyError, TypeError, ValueError) as err:
         raise CheckpointError(
-            f'{meta_path}: bad or missing field {err}; expected numbers d_min, d_max (metres), '
-            'integers default_denoising_steps, default_processing_resolution and an optional '
-            'boolean e2e_ft') from err
+            f'{meta_path}: bad or missing field {err}; expected numbers d_min, d_max (metres) '
+            'and integers default_denoising_steps, default_processing_resolution (optional: '
+            'canonical_focal_px, a number or null; e2e_ft, true or false)') from err
     return meta.validate(str(meta_path))
+
+
+def _json_bool(value: object, key: str) -> bool:
+    """A JSON true/false (a string such as "false" would be truthy)."""
+    if not isinstance(value, bool):
+        raise ValueError(f'{key}={value!r} is not true or false')
+    return value
 
 
 def _load_embedding(path: Path, unet: torch.nn.Module, cache_embedding: bool,
@@ -387,6 +402,9 @@ def save_checkpoint(path: Union[str, Path], checkpoint: Checkpoint, *,
             fields.pop('relative')
             fields['d_min'] = fields.pop('d_min_m')
             fields['d_max'] = fields.pop('d_max_m')
+            for key, default in (('canonical_focal_px', None), ('e2e_ft', False)):
+                if fields[key] == default:  # older readers never see keys they do not know
+                    fields.pop(key)
             fields['format_version'] = FORMAT_VERSION
             fields['depth_codec'] = 'log: x = 2*log(d/d_min)/log(d_max/d_min) - 1'
             (tmp / METADATA_FILE).write_text(json.dumps(fields, indent=2) + '\n')

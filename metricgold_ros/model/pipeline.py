@@ -148,6 +148,7 @@ class MetricGoldPipeline:
         self.latent_scale = float(self.vae.config.scaling_factor)
         # Debug hook (tests, fault drills): called with the stage name before each stage.
         self.stage_hook: Optional[Callable[[str], None]] = None
+        self.current_stage = ''  # the stage running now (or that last ran): fault reports
         self._warned_ensemble = False
 
     @classmethod
@@ -374,6 +375,7 @@ class MetricGoldPipeline:
 
     @contextmanager
     def _stage(self, name: str, timings: Dict[str, float]) -> Iterator[None]:
+        self.current_stage = name
         if self.stage_hook is not None:
             self.stage_hook(name)
         start = time.perf_counter()

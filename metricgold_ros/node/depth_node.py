@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import (FloatingPointRange, IntegerRange, ParameterDescriptor,
                                 SetParametersResult)
+from rclpy.executors import MultiThreadedExecutor
 from rclpy.logging import LoggingSeverity
 from rclpy.node import Node
 from rclpy.parameter import Parameter
@@ -52,7 +53,7 @@ from metricgold_ros.depth_frame import (OUTPUT_TOPICS, DepthFrameProcessor, Fram
 from metricgold_ros.errors import InputError, MetricGoldError
 from metricgold_ros.faults import FAULT_ENV, GuardedProcessor, fault_injector_from_env
 from metricgold_ros.metric_scale import MetricScale
-from metricgold_ros.model_paths import load_model
+from metricgold_ros.model_paths import load_model, resolve_model_path
 from metricgold_ros.node.parameters import PARAMETERS, ParamSpec, check_parameter, frame_options
 from metricgold_ros.node.runtime import FrameStats, Mailbox, RateLimiter, StampCache, StatsSnapshot
 
@@ -134,6 +135,7 @@ class DepthNode(Node):
         self._infos: StampCache[Calibration] = StampCache()
         self._image_size: Optional[Tuple[int, int]] = None  # (width, height) of the last frame
         self._scale: Optional[MetricScale] = None  # the last frame's, for /diagnostics
+        self._executor_checked = False
 
         out_qos = _qos(self._values['output_qos'])
         self._pubs = {name: self.create_publisher(msg_type, name, out_qos)
@@ -160,28 +162,39 @@ class DepthNode(Node):
     def _load_model(self) -> 'MetricGoldPipeline':
         """The pipeline of ``model_path`` (or the bundled model); CheckpointError names it."""
         start = time.perf_counter()
-        pipeline = load_model(self._values['model_path'], 'model_path',
-                              device=self._values['device'], dtype=self._values['dtype'],
-                              notify=self.get_logger().info)
+        path = resolve_model_path(self._values['model_path'], 'model_path',
+                                  self.get_logger().info)
+        pipeline = load_model(str(path), 'model_path', device=self._values['device'],
+                              dtype=self._values['dtype'])
         meta = pipeline.metadata
         kind = 'RELATIVE depth (metric, with points, only while the ground fit finds the ' \
             'floor: set camera_height_m)' if pipeline.relative else \
             f'metric depth {meta.d_min_m:g}..{meta.d_max_m:g} m'
         self.get_logger().info(
-            f'loaded {self._values["model_path"] or "the bundled model"} on {pipeline.device} '
-            f'({str(pipeline.dtype).replace("torch.", "")}) in '
-            f'{time.perf_counter() - start:.1f} s: {kind}')
+            f'loaded {path} on {pipeline.device} ({str(pipeline.dtype).replace("torch.", "")}) '
+            f'in {time.perf_counter() - start:.1f} s: {kind}')
         return pipeline
 
     # -- callbacks (never block, never raise) ------------------------------------------------
 
     def _on_image(self, msg: Image) -> None:
+        if not self._executor_checked:
+            self._executor_checked = True
+            self._check_executor()
         self._stats.count('received')
         if not self._has_subscribers():
             self._stats.count('idle')
             return
         if self._mailbox.put(_Frame(msg, time.monotonic())):
             self._stats.count('dropped')
+
+    def _check_executor(self) -> None:
+        """Warn once when spun by rclpy's MultiThreadedExecutor (see the module docstring)."""
+        if isinstance(self.executor, MultiThreadedExecutor):
+            self.get_logger().warning(
+                'spun by a MultiThreadedExecutor: before ros2/rclpy#1547 it busy-loops while '
+                'callbacks wait in its pool and can starve inference of the GIL (seen: 10-20x '
+                'slower); spin this node in its own SingleThreadedExecutor or process')
 
     def _on_camera_info(self, msg: CameraInfo) -> None:
         self._infos.add(messages.stamp_ns(msg.header.stamp), messages.calibration_from_info(msg))

@@ -9,11 +9,14 @@ Malformed values are argparse usage errors (exit code 2); a model that cannot be
 import argparse
 import dataclasses
 import math
+import os
+import sys
 from typing import TYPE_CHECKING, Any, Callable
 
 from metricgold_ros.colorize import COLORMAPS
 from metricgold_ros.constants import DTYPE_CHOICES
 from metricgold_ros.depth_frame import FrameOptions
+from metricgold_ros.faults import FAULT_ENV, fault_injector_from_env
 from metricgold_ros.model_paths import load_model
 
 if TYPE_CHECKING:
@@ -166,6 +169,15 @@ def options_from_args(args: argparse.Namespace) -> FrameOptions:
 
 
 def load_pipeline(args: argparse.Namespace) -> 'MetricGoldPipeline':
-    """The MetricGoldPipeline that ``--model``/``--device``/``--dtype`` ask for."""
-    return load_model(getattr(args, 'model', None), '--model', device=args.device,
-                      dtype=args.dtype, allow_pickle=args.allow_pickle)
+    """The MetricGoldPipeline that ``--model``/``--device``/``--dtype`` ask for.
+
+    Debug only, as in the node: ``METRICGOLD_FAULT`` injects faults into its stages.
+    """
+    pipeline = load_model(getattr(args, 'model', None), '--model', device=args.device,
+                          dtype=args.dtype, allow_pickle=args.allow_pickle)
+    faults = fault_injector_from_env(os.environ)
+    if faults is not None:
+        print(f'metricgold: WARNING: {FAULT_ENV}={faults.spec!r}: injecting faults into the '
+              'pipeline (debug only)', file=sys.stderr)
+        pipeline.stage_hook = faults
+    return pipeline
