@@ -299,6 +299,21 @@ def test_mounting_publishes_the_metric_scale(fresh):
         assert diag.wait_for(lambda m: any('metric scale' in s.name for s in m.status), 5.0)
         refused = rig.set_params(camera_pitch_deg=120.0)
         assert not refused[0].successful and 'camera_pitch_deg' in refused[0].reason
+        # Looking up (no floor: a warning), then no mounting (off: info): each change of
+        # state is logged at its own severity and the frames are still served.
+        depth = rig.collect(Image, 'depth/image')
+        assert wait_for_publishers(depth.subscription)
+        for params, state in (({'camera_pitch_deg': -60.0}, 'no_floor'),
+                              ({'camera_height_m': 0.0}, None)):
+            assert all(r.successful for r in rig.set_params(**params))
+            stamp = rig.send()
+            assert _wait_stamp(depth, stamp) is not None
+            if state is not None:
+                msg = _wait_stamp(scale, stamp)
+                assert {kv.key: kv.value for kv in msg.status[0].values}['state'] == state
+        assert wait_until(lambda: [m for m in rig.rosout.messages()
+                                   if 'metric scale: ground fit off' in m.msg], 5.0)
+        assert not rig.errors_naming('unexpected')
     finally:
         rig.set_params(camera_height_m=0.0, camera_pitch_deg=0.0, camera_roll_deg=0.0)
         rig.ros.node.destroy_subscription(diag.subscription)

@@ -320,11 +320,16 @@ class DepthNode(Node):
         for note in scale.notes:
             self.get_logger().warning(note)
         previous = self._scale.fit.state if self._scale is not None else 'off'
-        if scale.fit.state != previous:
-            log = self.get_logger().info if scale.fit.ok or scale.fit.state == 'off' else \
-                self.get_logger().warning
-            log(f'metric scale: {scale.message}', throttle_duration_sec=ERROR_PERIOD_S)
         self._scale = scale
+        if scale.fit.state == previous:
+            return
+        # One call site per severity: rclpy refuses to throttle one site at two severities.
+        if scale.fit.ok or scale.fit.state == 'off':
+            self.get_logger().info(f'metric scale: {scale.message}',
+                                   throttle_duration_sec=ERROR_PERIOD_S)
+        else:
+            self.get_logger().warning(f'metric scale: {scale.message}',
+                                      throttle_duration_sec=ERROR_PERIOD_S)
 
     # -- inference faults ------------------------------------------------------------------
 
