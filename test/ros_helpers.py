@@ -169,7 +169,8 @@ class Collector:
 
 def stamp_of(msg: Any) -> int:
     """Header stamp in integer nanoseconds."""
-    return int(msg.header.stamp.sec) * 10 ** 9 + int(msg.header.stamp.nanosec)
+    from metricgold_ros.messages import stamp_ns
+    return stamp_ns(msg.header.stamp)
 
 
 class RosHarness:

@@ -20,9 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from metricgold_ros.constants import LATENT_FACTOR
 from metricgold_ros.errors import InputError
-
-LATENT_FACTOR = 8  # the SD VAE downsamples by 8: processed sizes must be multiples of it
 
 
 def check_rgb(rgb: np.ndarray) -> np.ndarray:

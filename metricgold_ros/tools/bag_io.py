@@ -11,6 +11,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from metricgold_ros import messages
 from metricgold_ros.camera import Calibration
+from metricgold_ros.depth_frame import OUTPUT_TOPICS
 from metricgold_ros.errors import BagError
 
 IMAGE_TYPE = 'sensor_msgs/msg/Image'
@@ -18,7 +19,8 @@ COMPRESSED_TYPE = 'sensor_msgs/msg/CompressedImage'
 CAMERA_INFO_TYPE = 'sensor_msgs/msg/CameraInfo'
 IMAGE_TYPES = (IMAGE_TYPE, COMPRESSED_TYPE)
 # Output topics of an earlier run: never auto-detected as the camera image.
-OUTPUT_SUFFIXES = ('depth/image', 'depth/colored', 'depth/uncertainty')
+OUTPUT_SUFFIXES = tuple(t for t in OUTPUT_TOPICS if t.startswith('depth/') and
+                        t != 'depth/camera_info')
 TRANSPORT_SUFFIXES = ('/compressed',)
 TRUNCATED_HINT = ('the bag is truncated or corrupt (an interrupted recording?): for rosbag2 try '
                   '`ros2 bag reindex`, for ROS 1 `rosbag reindex`')
