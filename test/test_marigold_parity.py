@@ -187,7 +187,7 @@ def e2e_model(tmp_path, threads):
     path = save_checkpoint(tmp_path / 'e2e', build_tiny_checkpoint(seed=2))
     meta_path = path / 'metricgold.json'
     meta = json.loads(meta_path.read_text())
-    assert meta['e2e_ft'] is False  # the field is written for every MetricGold checkpoint
+    assert meta.get('e2e_ft', False) is False  # written only when true
     meta['e2e_ft'] = True
     meta_path.write_text(json.dumps(meta))
     return path
