@@ -363,7 +363,7 @@ class ScaleFilter:
     """
 
     def __init__(self, smoothing: float = 0.3, gate_log: float = 0.25,
-                 confirm_frames: int = 2) -> None:
+                 confirm_frames: int = 3) -> None:
         if not 0.0 < smoothing <= 1.0:
             raise InputError(f'smoothing={smoothing!r} must be in (0, 1] (1: no smoothing)')
         if not gate_log > 0.0:

@@ -217,14 +217,16 @@ def test_filter_rejects_an_outlier():
     assert scale_filter.scale == pytest.approx(1.02 ** 0.3, rel=1e-6)
 
 
-def test_filter_follows_a_real_step_without_lag():
-    scale_filter = ScaleFilter(confirm_frames=2)
+@pytest.mark.parametrize('confirm_frames', [2, 3])  # 3: the default
+def test_filter_follows_a_real_step_without_lag(confirm_frames):
+    scale_filter = ScaleFilter(confirm_frames=confirm_frames)
     for _ in range(5):
         scale_filter.update(1.0)
-    first = scale_filter.update(1.6)  # could be an outlier...
-    assert first.event == 'outlier' and first.scale == pytest.approx(1.0)
-    second = scale_filter.update(1.6)  # ...a second agreeing frame: the scene changed
-    assert second.event == 'jump' and second.scale == pytest.approx(1.6)
+    for _ in range(confirm_frames - 1):  # could be outliers...
+        step = scale_filter.update(1.6)
+        assert step.event == 'outlier' and step.scale == pytest.approx(1.0)
+    step = scale_filter.update(1.6)  # ...confirm_frames agreeing frames: the scene changed
+    assert step.event == 'jump' and step.scale == pytest.approx(1.6)
     assert scale_filter.update(1.6).scale == pytest.approx(1.6)  # no exponential tail
 
 
