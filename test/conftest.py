@@ -55,3 +55,7 @@ def fast_model(monkeypatch, tiny_pipeline):
     torch.set_num_threads(1)  # tiny inputs; one thread stays fast on a busy shared machine
     yield tiny_pipeline
     torch.set_num_threads(threads)
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line('markers', 'slow: starts processes or takes more than ~10 s')
