@@ -135,13 +135,13 @@ def plan_jobs(inputs: Sequence[str], output: str) -> List[Job]:
     if not out.resolve().parent.is_dir():
         raise BagError(f'OUTPUT {out}: folder {out.resolve().parent} does not exist; create '
                        'it first')
-    bags = find_bags(inputs)
     resolved_out = out.resolve()
     for text in inputs:
         inp = Path(text).resolve()
         if resolved_out == inp or inp in resolved_out.parents or resolved_out in inp.parents:
             raise BagError(f'OUTPUT {out} overlaps INPUT {text}; write the new bags somewhere '
                            'else')
+    bags = find_bags(inputs)
     return [Job(i, str(bag), str(out / name), name) for i, (bag, name) in enumerate(bags)]
 
 
