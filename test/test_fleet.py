@@ -217,10 +217,10 @@ def test_local_worker_killed_mid_bag(tmp_path, tiny_model_dir):
 @pytest.fixture(scope='module')
 def local_ray():
     """A Ray cluster on this machine for the module: 2 CPUs, no dashboard, loopback only."""
-    ray = pytest.importorskip('ray')
     from metricgold_ros.tools.fleet_ray import keep_local_environment
 
-    keep_local_environment()
+    keep_local_environment()  # before Ray is imported
+    ray = pytest.importorskip('ray')
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={'env_vars': {'PYTHONPATH': str(REPO_ROOT)}})
     try:

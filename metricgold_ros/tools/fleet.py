@@ -409,9 +409,9 @@ def run(args: argparse.Namespace, inputs: Sequence[str]) -> int:
         if pending:
             backend = _backend(args, settings, len(pending))
             try:
-                workers = backend.describe()
                 schedule(pending, backend, board, args.retries)
             finally:
+                workers = backend.describe()
                 backend.stop()
     except KeyboardInterrupt:
         interrupted = True

@@ -34,6 +34,7 @@ def keep_local_environment() -> None:
 
     Ray picks the node address by routing towards a public address unless multi-node
     clusters are disabled, which makes it bind to 127.0.0.1; usage statistics are off.
+    Ray reads these when it is imported: call this first.
     """
     os.environ.setdefault('RAY_USAGE_STATS_ENABLED', '0')
     os.environ.setdefault('RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER', '0')
@@ -44,6 +45,8 @@ def connect(address: str) -> bool:
 
     A driver that already called ``ray.init`` (a test, a notebook) keeps its connection.
     """
+    if address == 'local':
+        keep_local_environment()  # read when ray is imported
     try:
         import ray
     except ImportError:
@@ -54,9 +57,7 @@ def connect(address: str) -> bool:
     env = {'PYTHONPATH': os.environ['PYTHONPATH']} if os.environ.get('PYTHONPATH') else {}
     kwargs: Dict[str, Any] = {'include_dashboard': False, 'log_to_driver': False,
                               'runtime_env': {'env_vars': env} if env else None}
-    if address == 'local':
-        keep_local_environment()
-    else:
+    if address != 'local':
         kwargs['address'] = address
     try:
         ray.init(**kwargs)
@@ -155,6 +156,7 @@ class RayBackend:
                         for i in range(count)}
         self._deaths: Dict[str, int] = {name: 0 for name in self._actors}
         self._busy: Dict[str, Tuple[int, int, Any]] = {}  # actor -> (bag, attempt, ref)
+        self._recovering: Dict[str, Any] = {}  # restarting actor -> its ready() call
         self._errors: List[str] = []
         self._check_ready()
 
@@ -177,10 +179,11 @@ class RayBackend:
         self.info['model_load_s'] = [s['model_load_s'] for s in states]
 
     def describe(self) -> Dict[str, Any]:
-        return dict(self.info)
+        return dict(self.info, actor_deaths=self._deaths)
 
     def idle(self) -> List[str]:
-        return [name for name in self._actors if name not in self._busy]
+        return [name for name in self._actors
+                if name not in self._busy and name not in self._recovering]
 
     def alive(self) -> bool:
         return bool(self._actors)
@@ -197,15 +200,20 @@ class RayBackend:
         import ray
 
         refs = {ref: name for name, (_, _, ref) in self._busy.items()}
-        ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=timeout) if refs \
+        pings = {ref: name for name, ref in self._recovering.items()}
+        waiting = list(refs) + list(pings)
+        ready, _ = ray.wait(waiting, num_returns=len(waiting), timeout=timeout) if waiting \
             else ([], [])
-        if not refs:
+        if not waiting:
             time.sleep(timeout)
+        for ref in ready:
+            if ref in pings:
+                self._recovered(pings[ref], ref)
         current = {index: attempt for index, attempt, _ in self._busy.values()}
         events: List[Tuple[Any, ...]] = [
             (kind, index, n) for kind, index, attempt, n in ray.get(self._tally.drain.remote())
             if current.get(index) == attempt]
-        for ref in ready:
+        for ref in [r for r in ready if r in refs]:
             name = refs[ref]
             index, _, _ = self._busy.pop(name)
             try:
@@ -217,12 +225,31 @@ class RayBackend:
         return events
 
     def _lost(self, name: str, err: Exception) -> str:
+        """An actor died under a bag: no new bag for it until Ray has restarted it."""
         self._deaths[name] += 1
         reason = f'Ray actor {name} died ({type(err).__name__})'
         self._errors.append(reason)
-        if self._deaths[name] > ACTOR_RESTARTS:
-            del self._actors[name]  # Ray gave it up too
+        self._recovering[name] = self._actors[name].ready.remote()
         return reason
+
+    def _recovered(self, name: str, ref: Any) -> None:
+        """A restarting actor answered: back to work, ask again later, or given up."""
+        import ray
+
+        try:
+            state = ray.get(ref)
+        except ray.exceptions.ActorUnavailableError:  # still restarting
+            time.sleep(0.05)
+            self._recovering[name] = self._actors[name].ready.remote()
+            return
+        except ray.exceptions.RayActorError as err:  # out of restarts: gone for good
+            self._errors.append(f'Ray actor {name} is gone ({type(err).__name__})')
+            del self._recovering[name], self._actors[name]
+            return
+        del self._recovering[name]
+        if state['error']:
+            self._errors.append(f'the model could not be loaded: {state["error"]}')
+            del self._actors[name]
 
     def stop(self) -> None:
         """Release the actors; shut Ray down when this run started it."""
@@ -237,7 +264,7 @@ class RayBackend:
             ray.kill(actor, no_restart=True)
         if getattr(self, '_tally', None) is not None:
             ray.kill(self._tally, no_restart=True)
-        self._actors, self._busy, self._tally = {}, {}, None
+        self._actors, self._busy, self._recovering, self._tally = {}, {}, {}, None
         if self.started:
             ray.shutdown()
             self.started = False
