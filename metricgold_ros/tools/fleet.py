@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from metricgold_ros.errors import BagError, MetricGoldError
+from metricgold_ros.tools.options import non_negative_int, positive_int
 
 BAG_SUFFIXES = ('.bag', '.mcap', '.db3')
 RECORD_SUFFIX = '.metricgold.json'
@@ -263,8 +264,9 @@ class Board:
         """Record a bag's outcome and print one line about it (not with --quiet)."""
         index = outcome.job.index
         self.outcomes[index] = outcome
-        if outcome.status == 'skipped' and self.bar is not None:
-            self.bar.total -= self.totals[index]
+        if outcome.status != 'ok' and self.bar is not None:  # its frames will not come
+            self.bar.total -= self.totals[index] - self.done_frames[index]
+            self.bar.refresh()
         if not self.quiet:
             self._print(_outcome_line(outcome))
         self._postfix()
@@ -347,7 +349,7 @@ def from_dict(data: Dict[str, Any]) -> Outcome:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of many-bag runs (``metricgold bag IN... OUT``)."""
     group = parser.add_argument_group('many bags (several INPUTs, or folders to search)')
-    group.add_argument('--workers', type=_positive, metavar='N',
+    group.add_argument('--workers', type=positive_int, metavar='N',
                        help='worker processes, each with the model loaded once (default: one '
                             'per GPU, else one per 4 CPU cores); with --ray, at most N actors')
     group.add_argument('--ray', nargs='?', const='auto', metavar='ADDRESS',
@@ -356,19 +358,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             '(start one on this machine, loopback only). One actor per GPU, '
                             'else per --cpus-per-worker CPUs; bags and OUTPUT must be at the '
                             'same path on every node')
-    group.add_argument('--cpus-per-worker', type=_positive, default=1, metavar='N',
+    group.add_argument('--cpus-per-worker', type=positive_int, default=1, metavar='N',
                        help='CPUs of one Ray actor without GPUs (default 1)')
-    group.add_argument('--retries', type=int, default=DEFAULT_RETRIES, metavar='N',
+    group.add_argument('--retries', type=non_negative_int, default=DEFAULT_RETRIES,
+                       metavar='N',
                        help='runs more of a bag whose worker died (default %(default)s)')
     group.add_argument('--summary-json', metavar='PATH',
                        help='write per-bag summaries (frames, seconds, frames/s, errors) and '
                             'the total as JSON')
-
-
-def _positive(text: str) -> int:
-    from metricgold_ros.tools.options import positive_int
-
-    return positive_int(text)
 
 
 def run(args: argparse.Namespace, inputs: Sequence[str]) -> int:
@@ -379,8 +376,6 @@ def run(args: argparse.Namespace, inputs: Sequence[str]) -> int:
     """
     from metricgold_ros.tools.options import resolve_model_path
 
-    if args.retries < 0:
-        args._parser.error(f'--retries {args.retries}: must be >= 0')
     jobs = plan_jobs(inputs, args.output)
     from metricgold_ros.tools.fleet_workers import job_settings
 
@@ -403,16 +398,19 @@ def run(args: argparse.Namespace, inputs: Sequence[str]) -> int:
                 'replace it')))
         else:
             pending.append(job)
+    from metricgold_ros.tools.bag import _sigterm_as_interrupt
+
     workers: Dict[str, Any] = {}
     interrupted = False
     try:
-        if pending:
-            backend = _backend(args, settings, len(pending))
-            try:
-                schedule(pending, backend, board, args.retries)
-            finally:
-                workers = backend.describe()
-                backend.stop()
+        with _sigterm_as_interrupt():
+            if pending:
+                backend = _backend(args, settings, len(pending))
+                try:
+                    schedule(pending, backend, board, args.retries)
+                finally:
+                    workers = backend.describe()
+                    backend.stop()
     except KeyboardInterrupt:
         interrupted = True
     finally:
@@ -438,7 +436,7 @@ def schedule(jobs: Sequence[Job], backend: Any, board: Board, retries: int) -> N
     """Hand bags to idle workers until each is done, failed, or its worker died too often."""
     from collections import deque
 
-    queue = deque(jobs)
+    queue = deque(sorted(jobs, key=lambda job: -job.frames_estimate))  # longest first
     by_index = {job.index: job for job in jobs}
     attempts: Dict[int, int] = {}
     running: Dict[int, str] = {}

@@ -12,6 +12,7 @@ on every node (a shared file system). ``--ray local`` starts a one-machine clust
 on loopback: no dashboard, no usage statistics, every Ray process bound to 127.0.0.1.
 """
 
+import logging
 import os
 import time
 from typing import Any, Dict, List, Optional, Tuple
@@ -56,6 +57,7 @@ def connect(address: str) -> bool:
         return False
     env = {'PYTHONPATH': os.environ['PYTHONPATH']} if os.environ.get('PYTHONPATH') else {}
     kwargs: Dict[str, Any] = {'include_dashboard': False, 'log_to_driver': False,
+                              'logging_level': logging.WARNING,
                               'runtime_env': {'env_vars': env} if env else None}
     if address != 'local':
         kwargs['address'] = address
@@ -108,9 +110,14 @@ class _BagWorker:
         job_ = Job(**job)
         if self.error is not None:
             return to_dict(Outcome(job_, 'failed', error=f'model: {self.error}'))
+        import ray
+
         pending = [0, time.monotonic()]
+        context = ray.get_runtime_context()
 
         def on_frames(n: int) -> None:
+            if context.is_canceled():  # the driver was interrupted: abort, drop the partial
+                raise KeyboardInterrupt('cancelled by the driver')
             pending[0] += n
             if time.monotonic() - pending[1] >= FRAME_REPORT_PERIOD_S:
                 tally.add.remote('frames', job_.index, attempt, pending[0])
@@ -129,7 +136,23 @@ class RayBackend:
 
     def __init__(self, address: str, settings: Dict[str, Any], jobs: int, *,
                  workers: Optional[int] = None, cpus_per_worker: int = 1) -> None:
+        self._actors: Dict[str, Any] = {}
+        self._busy: Dict[str, Tuple[int, int, Any]] = {}  # actor -> (bag, attempt, ref)
+        self._recovering: Dict[str, Any] = {}  # restarting actor -> its ready() call
+        self._deaths: Dict[str, int] = {}
+        self._errors: List[str] = []
+        self._tally: Any = None
+        self.info: Dict[str, Any] = {'backend': 'ray', 'address': address}
         self.started = connect(address)
+        try:
+            self._start(settings, jobs, workers, cpus_per_worker)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, settings: Dict[str, Any], jobs: int, workers: Optional[int],
+               cpus_per_worker: int) -> None:
+        """Size the pool from the cluster's resources, start the actors, wait for models."""
         import ray
 
         resources = ray.cluster_resources()
@@ -142,22 +165,17 @@ class RayBackend:
             threads = cpus_per_worker
         count = min(count, jobs, workers or count)
         if count < 1:
-            self.stop()
             raise RayError(f'the Ray cluster has {cpus} CPUs and {gpus} GPUs: no room for one '
                            f'worker of {cpus_per_worker} CPUs (lower --cpus-per-worker)')
-        self.info = {'backend': 'ray', 'address': address, 'actors': count,
-                     'gpus_per_actor': 1 if gpus else 0,
-                     'cpus_per_actor': options['num_cpus'], 'cluster_cpus': cpus,
-                     'cluster_gpus': gpus}
+        self.info.update(actors=count, gpus_per_actor=1 if gpus else 0,
+                         cpus_per_actor=options['num_cpus'], cluster_cpus=cpus,
+                         cluster_gpus=gpus, nodes=len(ray.nodes()))
         worker_class = ray.remote(_BagWorker).options(
             max_restarts=ACTOR_RESTARTS, max_task_retries=0, **options)
         self._tally = ray.remote(_Tally).options(num_cpus=0).remote()
         self._actors = {f'ray-{i}': worker_class.remote(settings, threads)
                         for i in range(count)}
-        self._deaths: Dict[str, int] = {name: 0 for name in self._actors}
-        self._busy: Dict[str, Tuple[int, int, Any]] = {}  # actor -> (bag, attempt, ref)
-        self._recovering: Dict[str, Any] = {}  # restarting actor -> its ready() call
-        self._errors: List[str] = []
+        self._deaths = {name: 0 for name in self._actors}
         self._check_ready()
 
     def _check_ready(self) -> None:
@@ -255,14 +273,14 @@ class RayBackend:
         """Release the actors; shut Ray down when this run started it."""
         import ray
 
-        refs = [ref for _, _, ref in getattr(self, '_busy', {}).values()]
-        for ref in refs:  # interrupted: let the bags abort, removing their partial output
+        refs = [ref for _, _, ref in self._busy.values()]
+        for ref in refs:  # interrupted: the bags abort at their next frame (removing partials)
             ray.cancel(ref)
         if refs:
             ray.wait(refs, num_returns=len(refs), timeout=STOP_WAIT_S)
-        for actor in getattr(self, '_actors', {}).values():
+        for actor in self._actors.values():
             ray.kill(actor, no_restart=True)
-        if getattr(self, '_tally', None) is not None:
+        if self._tally is not None:
             ray.kill(self._tally, no_restart=True)
         self._actors, self._busy, self._recovering, self._tally = {}, {}, {}, None
         if self.started:

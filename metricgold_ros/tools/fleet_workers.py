@@ -57,15 +57,17 @@ def convert_job(job: Job, settings: Dict[str, Any], pipeline: Any,
 
     args = argparse.Namespace(**settings)
     args.input, args.output, args.quiet = job.input, job.output, True
+    started_at = time.time()
     try:
         Path(job.output).parent.mkdir(parents=True, exist_ok=True)
         remove_stale_partials(job.output)
         convert = getattr(bag, 'convert', _premerge_convert)
         summary = convert(args, pipeline=pipeline, progress=_Progress(on_total, on_frames))
+        summary.update(started_at=round(started_at, 3), finished_at=round(time.time(), 3))
         write_record(job, summary)
     except MetricGoldError as err:
         return Outcome(job, 'failed', error=str(err))
-    except (OSError, RuntimeError, ValueError, MemoryError) as err:  # a bug or a machine fault
+    except Exception as err:  # noqa: B902 - a bug or a machine fault fails this bag only
         return Outcome(job, 'failed', error=f'{type(err).__name__}: {err}')
     return Outcome(job, 'ok', summary=summary)
 
@@ -110,6 +112,16 @@ def default_workers(jobs: int) -> Tuple[int, int]:
     return max(1, min(jobs, gpus or max(1, cores // 4))), gpus
 
 
+def threads_per_worker(workers: int) -> int:
+    """Torch threads of each of ``workers`` processes: OMP_NUM_THREADS when set, else the
+    cores shared out (threads beyond the free cores only wait on each other)."""
+    if os.environ.get('OMP_NUM_THREADS', '').isdigit():
+        return max(1, int(os.environ['OMP_NUM_THREADS']))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else \
+        (os.cpu_count() or 1)
+    return max(1, cores // workers)
+
+
 def _worker_main(conn: Connection, settings: Dict[str, Any], threads: int) -> None:
     """A worker process: load the model, then convert the bags the driver sends, one by one."""
     try:
@@ -141,9 +153,7 @@ class LocalBackend:
                  workers: Optional[int] = None) -> None:
         count, gpus = default_workers(jobs)
         self.count = min(workers, jobs) if workers else count
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else \
-            (os.cpu_count() or 1)
-        self.threads = max(1, cores // self.count)
+        self.threads = threads_per_worker(self.count)
         self.gpus = gpus
         self.settings = settings
         self._context = multiprocessing.get_context('spawn')
