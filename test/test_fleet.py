@@ -104,6 +104,23 @@ def test_completion_record_needs_the_bag_and_the_same_input(tmp_path):
     assert fleet.completed(job) is None
 
 
+def test_usage_and_data_errors(tmp_path, capsys):
+    bag = write_camera_bag(tmp_path / 'in', count=1)
+    for argv in ([bag.path, tmp_path / 'o', '--workers', '2'],  # one bag: no workers
+                 [bag.path, bag.path, tmp_path / 'o', '--retries', '-1'],
+                 [bag.path, bag.path, tmp_path / 'o', '--workers', '0']):
+        with pytest.raises(SystemExit) as info:
+            main(['bag', *map(str, argv)])
+        assert info.value.code == 2, argv
+    capsys.readouterr()
+    (tmp_path / 'file').write_text('')
+    code, _, err = run_cli(capsys, bag.path, bag.path, tmp_path / 'file')
+    assert code == 1 and err.startswith('ERROR: ') and 'is a file' in err
+    code, _, err = run_cli(capsys, bag.path, tmp_path / 'missing', tmp_path / 'o')
+    assert code == 1 and 'missing: no such file' in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['file', 'in']
+
+
 # -- local worker processes -------------------------------------------------------------------
 
 

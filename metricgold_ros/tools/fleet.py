@@ -1,11 +1,12 @@
-"""Many bags at once for ``metricgold bag``: discovery, completion records, the run's summary.
+"""Many bags at once for ``metricgold bag``: discovery, completion records, scheduling.
 
 ``metricgold bag IN... OUT`` with several inputs, or a folder to search, writes one output bag
 per input bag under ``OUT`` at the bag's path relative to the folder it was found in (a
 ``.bag``/``.mcap``/``.db3`` file ``x.bag`` becomes the rosbag2 folder ``x``). Each bag is
-converted exactly as the single-bag mode converts it (:func:`convert_job` calls the same code),
-on local worker processes (:mod:`metricgold_ros.tools.fleet_workers`) or on a Ray cluster
-(:mod:`metricgold_ros.tools.fleet_ray`), each worker loading the model once.
+converted by the single-bag code (``fleet_workers.convert_job`` calls ``bag.convert``), on
+local worker processes (:mod:`metricgold_ros.tools.fleet_workers`) or on a Ray cluster
+(:mod:`metricgold_ros.tools.fleet_ray`), each worker loading the model once. Progress, the
+per-bag lines and the summary are :mod:`metricgold_ros.tools.fleet_summary`'s.
 
 A finished bag gets a completion record beside it, ``NAME.metricgold.json`` (its summary and
 the input's size and modification time), written atomically after the bag was renamed into
@@ -17,11 +18,9 @@ is refused unless ``--overwrite``. Times are seconds unless a name says ``_ns``.
 import argparse
 import json
 import os
-import sys
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from metricgold_ros.errors import BagError, MetricGoldError
 from metricgold_ros.tools.options import non_negative_int, positive_int
@@ -221,123 +220,13 @@ def estimate_frames(job: Job, image_topic: Optional[str], max_frames: Optional[i
     return min(count, max_frames) if max_frames else count
 
 
-# -- the run's bar, report and summary ------------------------------------------------------
-
-
-class Board:
-    """Progress over all frames of all bags (one tqdm bar on a terminal) and the outcomes."""
-
-    def __init__(self, jobs: Sequence[Job], quiet: bool) -> None:
-        self.jobs = list(jobs)
-        self.totals = {job.index: job.frames_estimate for job in jobs}
-        self.done_frames = {job.index: 0 for job in jobs}
-        self.outcomes: Dict[int, Outcome] = {}
-        self.quiet = quiet
-        self.start = time.perf_counter()
-        self.bar: Any = None
-        if not quiet and sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=sum(self.totals.values()), unit='frame', desc='depth',
-                            dynamic_ncols=True)
-        self._postfix()
-
-    def total(self, index: int, frames: int) -> None:
-        """A worker counted the frames of bag ``index``: correct the bar's total."""
-        self.totals[index] = frames
-        if self.bar is not None:
-            self.bar.total = sum(self.totals.values())
-            self.bar.refresh()
-
-    def frames(self, index: int, n: int) -> None:
-        self.done_frames[index] += n
-        if self.bar is not None:
-            self.bar.update(n)
-
-    def restart(self, index: int) -> None:
-        """Bag ``index`` runs again (its worker died): its frames count again."""
-        if self.bar is not None and self.done_frames[index]:
-            self.bar.update(-self.done_frames[index])
-        self.done_frames[index] = 0
-
-    def finish(self, outcome: Outcome) -> None:
-        """Record a bag's outcome and print one line about it (not with --quiet)."""
-        index = outcome.job.index
-        self.outcomes[index] = outcome
-        if outcome.status != 'ok' and self.bar is not None:  # its frames will not come
-            self.bar.total -= self.totals[index] - self.done_frames[index]
-            self.bar.refresh()
-        if not self.quiet:
-            self._print(_outcome_line(outcome))
-        self._postfix()
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-
-    def _print(self, line: str) -> None:
-        if self.bar is not None:
-            self.bar.write(line)
-        else:
-            print(line, flush=True)
-
-    def _postfix(self) -> None:
-        if self.bar is not None:
-            self.bar.set_postfix_str(f'bags {len(self.outcomes)}/{len(self.jobs)}')
-
-    def summary(self, workers: Dict[str, Any]) -> Dict[str, Any]:
-        """Per-bag summaries (frames, seconds, frames/s, errors) and the total."""
-        wall_s = time.perf_counter() - self.start
-        bags = []
-        for job in self.jobs:
-            outcome = self.outcomes.get(job.index) or Outcome(job, 'not run')
-            bags.append({'input': job.input, 'output': job.output, 'status': outcome.status,
-                         'frames': outcome.summary.get('frames', 0),
-                         'seconds': outcome.summary.get('seconds'),
-                         'fps': outcome.summary.get('fps'), 'error': outcome.error,
-                         'attempts': outcome.attempts, 'worker': outcome.worker,
-                         'summary': outcome.summary})
-        done = [b for b in bags if b['status'] == 'ok']
-        frames = sum(b['frames'] for b in done)
-        return {
-            'bags': len(bags),
-            'ok': len(done),
-            'skipped': sum(b['status'] == 'skipped' for b in bags),
-            'failed': [b['input'] for b in bags if b['status'] not in ('ok', 'skipped')],
-            'frames': frames,
-            'seconds': round(wall_s, 3),
-            'fps': round(frames / wall_s, 3) if wall_s > 0 else None,
-            'workers': workers,
-            'per_bag': bags,
-        }
-
-
-def _outcome_line(outcome: Outcome) -> str:
-    job = outcome.job
-    if outcome.status == 'ok':
-        s = outcome.summary
-        return (f'ok      {job.name}: {s.get("frames")} frames in {s.get("seconds")} s '
-                f'({s.get("fps")} frames/s)')
-    if outcome.status == 'skipped':
-        return f'skipped {job.name}: complete from an earlier run'
-    return f'FAILED  {job.name} ({job.input}): {outcome.error}'
-
-
-def write_summary(path: str, data: Dict[str, Any]) -> None:
-    """``--summary-json PATH``, written atomically."""
-    target = Path(path)
-    temp = target.with_name(f'.{target.name}.tmp-{os.getpid()}')
-    temp.write_text(json.dumps(data, indent=1) + '\n')
-    os.replace(temp, target)
-
-
-def to_dict(outcome: Outcome) -> Dict[str, Any]:
-    """An Outcome as plain data (what a worker sends back)."""
-    return asdict(outcome)
+def to_dict(item: Any) -> Dict[str, Any]:
+    """A Job or Outcome as plain data (what crosses to and from a worker process)."""
+    return asdict(item)
 
 
 def from_dict(data: Dict[str, Any]) -> Outcome:
+    """The Outcome that :func:`to_dict` made plain."""
     values = dict(data)
     values['job'] = Job(**values['job'])
     return Outcome(**values)
@@ -374,32 +263,32 @@ def run(args: argparse.Namespace, inputs: Sequence[str]) -> int:
     0 when every bag is done (now or before), 1 when any failed (listed on stderr), 130 on
     Ctrl-C (finished bags stay, unfinished ones leave nothing).
     """
+    from metricgold_ros.tools.bag import _sigterm_as_interrupt
+    from metricgold_ros.tools.fleet_summary import Board, report, write_summary
+    from metricgold_ros.tools.fleet_workers import job_settings
     from metricgold_ros.tools.options import resolve_model_path
 
     jobs = plan_jobs(inputs, args.output)
-    from metricgold_ros.tools.fleet_workers import job_settings
-
     settings = job_settings(args)
     settings['model'] = str(resolve_model_path(args.model))  # fail early, say it once
-    pending, board_jobs = [], []
+    pending: List[Job] = []
+    settled: List[Outcome] = []
     for job in jobs:
-        job = Job(job.index, job.input, job.output, job.name,
-                  estimate_frames(job, args.image_topic, args.max_frames))
-        board_jobs.append(job)
-    board = Board(board_jobs, args.quiet)
-    for job in board_jobs:
         earlier = None if args.overwrite else completed(job)
         if earlier is not None:
-            board.finish(Outcome(job, 'skipped', summary=earlier))
+            settled.append(Outcome(job, 'skipped', summary=earlier))
         elif not args.overwrite and Path(job.output).exists():
-            board.finish(Outcome(job, 'failed', error=(
-                f'OUTPUT {job.output} exists without a completion record ({record_path(job.output).name}'
-                '; written by another tool or an interrupted run?): pass --overwrite to '
-                'replace it')))
+            settled.append(Outcome(job, 'failed', error=(
+                f'OUTPUT {job.output} exists without a completion record '
+                f'({record_path(job.output).name}; written by another tool or an interrupted '
+                'run?): pass --overwrite to replace it')))
         else:
-            pending.append(job)
-    from metricgold_ros.tools.bag import _sigterm_as_interrupt
-
+            pending.append(replace(job, frames_estimate=estimate_frames(
+                job, args.image_topic, args.max_frames)))
+    board = Board(sorted(pending + [o.job for o in settled], key=lambda job: job.index),
+                  args.quiet)
+    for outcome in settled:
+        board.finish(outcome)
     workers: Dict[str, Any] = {}
     interrupted = False
     try:
@@ -418,7 +307,7 @@ def run(args: argparse.Namespace, inputs: Sequence[str]) -> int:
     data = board.summary(workers)
     if args.summary_json:
         write_summary(args.summary_json, data)
-    return _report(args, data, interrupted)
+    return report(args, data, interrupted)
 
 
 def _backend(args: argparse.Namespace, settings: Dict[str, Any], jobs: int) -> Any:
@@ -432,7 +321,7 @@ def _backend(args: argparse.Namespace, settings: Dict[str, Any], jobs: int) -> A
     return fleet_workers.LocalBackend(settings, jobs, workers=args.workers)
 
 
-def schedule(jobs: Sequence[Job], backend: Any, board: Board, retries: int) -> None:
+def schedule(jobs: Sequence[Job], backend: Any, board: Any, retries: int) -> None:
     """Hand bags to idle workers until each is done, failed, or its worker died too often."""
     from collections import deque
 
@@ -477,24 +366,3 @@ def schedule(jobs: Sequence[Job], backend: Any, board: Board, retries: int) -> N
                                          worker=worker, error=(
                                              f'its worker died on each of {attempts[index]} '
                                              f'attempts (last: {event[2]})')))
-
-
-def _report(args: argparse.Namespace, data: Dict[str, Any], interrupted: bool) -> int:
-    from metricgold_ros.tools.cli import EXIT_DATA_ERROR, EXIT_INTERRUPTED, EXIT_OK
-
-    if args.quiet:
-        print(json.dumps(data))
-    else:
-        print(f'{data["ok"]} of {data["bags"]} bags written ({data["skipped"]} complete '
-              f'before), {data["frames"]} frames in {data["seconds"]:.1f} s '
-              f'({data["fps"]} frames/s) under {args.output}')
-    if interrupted:
-        print('Interrupted.', file=sys.stderr)
-        return EXIT_INTERRUPTED
-    failed = [b for b in data['per_bag'] if b['status'] == 'failed']
-    if failed:
-        print(f'ERROR: {len(failed)} of {data["bags"]} bags failed:', file=sys.stderr)
-        for bag in failed:
-            print(f'  {bag["input"]}: {bag["error"]}', file=sys.stderr)
-        return EXIT_DATA_ERROR
-    return EXIT_OK

@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from metricgold_ros.errors import MetricGoldError
 from metricgold_ros.tools.fleet import Job, from_dict, to_dict
-from metricgold_ros.tools.fleet_workers import convert_job, load_worker_pipeline, to_dict_job
+from metricgold_ros.tools.fleet_workers import convert_job, load_worker_pipeline
 
 FRAME_REPORT_PERIOD_S = 0.5  # an actor sends its frame count at most this often
 ACTOR_RESTARTS = 3  # Ray restarts a dead actor this often before it is given up
@@ -210,7 +210,7 @@ class RayBackend:
         return self._errors[-1] if self._errors else 'every Ray actor died'
 
     def submit(self, worker: str, job: Job, attempt: int) -> None:
-        ref = self._actors[worker].convert.remote(to_dict_job(job), attempt, self._tally)
+        ref = self._actors[worker].convert.remote(to_dict(job), attempt, self._tally)
         self._busy[worker] = (job.index, attempt, ref)
 
     def poll(self, timeout: float) -> List[Tuple[Any, ...]]:

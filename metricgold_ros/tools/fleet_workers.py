@@ -195,7 +195,7 @@ class LocalBackend:
 
     def submit(self, worker: str, job: Job, attempt: int) -> None:
         self._busy[worker] = job.index
-        self._conns[worker].send(to_dict_job(job))
+        self._conns[worker].send(to_dict(job))
 
     def poll(self, timeout: float) -> List[Tuple[Any, ...]]:
         """Messages from the workers; a worker that died yields ``('died', index, reason)``."""
@@ -268,10 +268,6 @@ class LocalBackend:
         self._procs.clear()
         self._conns.clear()
 
-
-def to_dict_job(job: Job) -> Dict[str, Any]:
-    return {'index': job.index, 'input': job.input, 'output': job.output, 'name': job.name,
-            'frames_estimate': job.frames_estimate}
 
 
 def _premerge_convert(args: argparse.Namespace, *, pipeline: Any, progress: Any) -> Dict:
