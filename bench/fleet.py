@@ -4,7 +4,7 @@ Writes ``--bags`` rosbag2 (mcap) camera bags of ``--frames`` 640x480 JPEG Compre
 frames (rendered indoor walks, CameraInfo beside each, as a recording holds them) and converts
 the same bags four ways, each into a fresh folder:
 
-- ``loop``: one process, the model loaded once, the bags one after another through
+- ``loop``: one child process, the model loaded once, the bags one after another through
   ``bag.convert`` (what the workers run): the floor that worker processes are measured against;
   every mode runs torch on one thread per process (``OMP_NUM_THREADS=1``), so that the modes
   differ only in how many processes share the work;
@@ -90,6 +90,22 @@ def common_flags(model: Path, resolution: int) -> List[str]:
 
 
 def run_loop(inputs: Path, out: Path, model: Path, resolution: int) -> Dict[str, Any]:
+    """The loop in a child process started like the CLI's (``OMP_NUM_THREADS=1``)."""
+    result = out.with_suffix('.json')
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS='1')
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, __file__, '--loop-child', str(inputs), str(out), str(model),
+         str(resolution), str(result)], env=env, cwd=REPO_ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f'loop failed ({proc.returncode}): {proc.stderr[-2000:]}')
+    data = json.loads(result.read_text())
+    data['wall_s'] = time.perf_counter() - start
+    data['fps_wall'] = data['frames'] / data['wall_s']
+    return data
+
+
+def loop_child(inputs: Path, out: Path, model: Path, resolution: int) -> Dict[str, Any]:
     """The bags one after another in this process, the model loaded once (1 thread)."""
     from metricgold_ros.tools import bag, fleet
     from metricgold_ros.tools.fleet_workers import job_settings, load_worker_pipeline
@@ -160,7 +176,13 @@ def main(argv: Any = None) -> int:
     parser.add_argument('--modes', default='loop,workers1,workers2,ray2',
                         help='comma-separated subset of loop, workers1, workers2, ray2')
     parser.add_argument('--json', help='write the results here')
+    parser.add_argument('--loop-child', nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.loop_child:
+        inputs, out, model, resolution, result = args.loop_child
+        data = loop_child(Path(inputs), Path(out), Path(model), int(resolution))
+        Path(result).write_text(json.dumps(data))
+        return 0
     work = Path(tempfile.mkdtemp(prefix='fleet-bench-'))
     try:
         if args.model:
@@ -174,6 +196,7 @@ def main(argv: Any = None) -> int:
         inputs.mkdir()
         start = time.perf_counter()
         write_bags(inputs, args.bags, args.frames, 640, 480)
+        args.input_bytes = sum(f.stat().st_size for f in inputs.rglob('*') if f.is_file())
         print(f'wrote {args.bags} bags x {args.frames} frames in '
               f'{time.perf_counter() - start:.1f} s', file=sys.stderr)
         load_before = os.getloadavg()
@@ -190,6 +213,9 @@ def main(argv: Any = None) -> int:
                                        '--ray local, 2 CPU actors',
                                        ['--ray', 'local', '--cpus-per-worker', '1',
                                         '--workers', '2']))
+            results[-1]['output_bytes_per_frame'] = round(
+                sum(f.stat().st_size for f in out.rglob('*') if f.is_file())
+                / results[-1]['frames'])
             print(f'{results[-1]["mode"]}: {results[-1]["fps_wall"]:.2f} frames/s',
                   file=sys.stderr)
             shutil.rmtree(out, ignore_errors=True)
@@ -224,6 +250,7 @@ def report(results: List[Dict[str, Any]], args: argparse.Namespace, load_before:
         for r in results:
             r.pop('per_bag')
         data = {'bags': args.bags, 'frames_per_bag': args.frames, 'size': '640x480',
+                'input_bytes_per_frame': round(args.input_bytes / (args.bags * args.frames)),
                 'processing_resolution': args.resolution, 'cpu_count': os.cpu_count(),
                 'load_average_before': load_before, 'load_average_after': load_after,
                 'results': results}

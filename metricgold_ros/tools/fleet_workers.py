@@ -98,18 +98,30 @@ class _Progress:
 # -- local worker processes -----------------------------------------------------------------
 
 
-def default_workers(jobs: int) -> Tuple[int, int]:
-    """``(workers, GPUs)``: one worker per GPU, else one per 4 CPU cores; at most ``jobs``."""
-    gpus = 0
-    try:
-        import torch
+def gpu_count(device: str) -> int:
+    """CUDA GPUs the workers may use, without importing torch in the driver.
 
-        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    except ImportError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else \
+    0 for ``--device cpu``; else CUDA_VISIBLE_DEVICES' entries when it is set, or the GPUs
+    the NVIDIA driver lists (``/proc/driver/nvidia/gpus``).
+    """
+    if device == 'cpu':
+        return 0
+    visible = os.environ.get('CUDA_VISIBLE_DEVICES')
+    if visible is not None:
+        entries = [e for e in visible.split(',') if e.strip()]
+        return 0 if not entries or entries[0].strip() == '-1' else len(entries)
+    listed = Path('/proc/driver/nvidia/gpus')
+    return len(list(listed.iterdir())) if listed.is_dir() else 0
+
+
+def default_workers(jobs: int, gpus: int) -> int:
+    """One worker per GPU, else one per 4 CPU cores; at most ``jobs``."""
+    return max(1, min(jobs, gpus or max(1, _cores() // 4)))
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else \
         (os.cpu_count() or 1)
-    return max(1, min(jobs, gpus or max(1, cores // 4))), gpus
 
 
 def threads_per_worker(workers: int) -> int:
@@ -117,9 +129,7 @@ def threads_per_worker(workers: int) -> int:
     cores shared out (threads beyond the free cores only wait on each other)."""
     if os.environ.get('OMP_NUM_THREADS', '').isdigit():
         return max(1, int(os.environ['OMP_NUM_THREADS']))
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else \
-        (os.cpu_count() or 1)
-    return max(1, cores // workers)
+    return max(1, _cores() // workers)
 
 
 def _worker_main(conn: Connection, settings: Dict[str, Any], threads: int) -> None:
@@ -151,8 +161,8 @@ class LocalBackend:
 
     def __init__(self, settings: Dict[str, Any], jobs: int, *,
                  workers: Optional[int] = None) -> None:
-        count, gpus = default_workers(jobs)
-        self.count = min(workers, jobs) if workers else count
+        gpus = gpu_count(str(settings.get('device', 'auto')))
+        self.count = min(workers, jobs) if workers else default_workers(jobs, gpus)
         self.threads = threads_per_worker(self.count)
         self.gpus = gpus
         self.settings = settings
@@ -170,7 +180,7 @@ class LocalBackend:
     def _start_worker(self) -> None:
         name = f'local-{self._started}'
         settings = dict(self.settings)
-        if self.gpus and settings.get('device', 'auto') == 'auto':
+        if self.gpus and settings.get('device', 'auto') in ('auto', 'cuda'):
             settings['device'] = f'cuda:{self._started % self.gpus}'
         self._started += 1
         ours, theirs = self._context.Pipe(duplex=True)
