@@ -228,6 +228,37 @@ def test_local_worker_killed_mid_bag(tmp_path, tiny_model_dir):
     assert summary['workers']['backend'] == 'local'
 
 
+@pytest.mark.slow
+def test_ctrl_c_keeps_finished_bags_and_leaves_nothing_partial(tmp_path, tiny_model_dir):
+    for i in range(3):
+        write_camera_bag(tmp_path / 'in' / f'bag{i}', count=12, width=320, height=240, seed=i)
+    out = tmp_path / 'out'
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS='1')
+    proc = subprocess.Popen(
+        [sys.executable, '-m', 'metricgold_ros.tools.cli', 'bag', str(tmp_path / 'in'),
+         str(out), '--model', str(tiny_model_dir), '--processing-resolution', '128',
+         '--workers', '1', '--quiet'],
+        cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while writer_of_partial(proc.pid, out) is None and proc.poll() is None:
+            assert time.monotonic() < deadline, 'no worker was ever seen writing a bag'
+            time.sleep(0.05)
+        time.sleep(0.3)
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal: the whole process group
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130, err.decode()
+    assert 'Interrupted.' in err.decode() and 'Traceback' not in err.decode()
+    finished = {p.name for p in out.iterdir() if p.is_dir()}
+    assert len(finished) < 3
+    check_complete(out, {name: 12 for name in finished})
+
+
 # -- a local Ray cluster (2 CPUs, loopback) ---------------------------------------------------
 
 
