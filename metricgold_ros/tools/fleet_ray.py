@@ -56,13 +56,10 @@ def connect(address: str) -> bool:
     if ray.is_initialized():
         return False
     env = {'PYTHONPATH': os.environ['PYTHONPATH']} if os.environ.get('PYTHONPATH') else {}
-    kwargs: Dict[str, Any] = {'include_dashboard': False, 'log_to_driver': False,
-                              'logging_level': logging.WARNING,
-                              'runtime_env': {'env_vars': env} if env else None}
-    if address != 'local':
-        kwargs['address'] = address
-    try:
-        ray.init(**kwargs)
+    try:  # 'local' starts a new cluster even where RAY_ADDRESS names one
+        ray.init(address=address, include_dashboard=False, log_to_driver=False,
+                 logging_level=logging.WARNING,
+                 runtime_env={'env_vars': env} if env else None)
     except (ConnectionError, RuntimeError, ValueError) as err:
         raise RayError(f'--ray {address}: cannot connect to a Ray cluster ({err}); start one '
                        "with `ray start --head`, give its address, or use --ray local") from err
