@@ -6,6 +6,7 @@ worker with SIGKILL while it writes a bag and check that every output is complet
 nothing partial is left under a final name.
 """
 
+import contextlib
 import json
 import os
 import signal
@@ -211,7 +212,10 @@ def kill_a_worker_mid_run(tmp_path, tiny_model_dir, extra):
         os.kill(victim, signal.SIGKILL)
         _, err = proc.communicate(timeout=240)
     finally:
-        if proc.poll() is None:
+        if proc.poll() is None:  # a failed test leaves no workers (or Ray) behind either
+            for pid in descendants(proc.pid):
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
             proc.kill()
             proc.wait()
     assert proc.returncode == 0, err.decode()
