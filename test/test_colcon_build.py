@@ -13,7 +13,7 @@ import pytest
 
 from ros_helpers import REPO_ROOT, ros_env
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
 PACKAGE = 'metricgold_ros'
 # What an ament_python package is made of; everything else in the checkout (.venv, .git,
