@@ -266,11 +266,11 @@ def run(args: argparse.Namespace, inputs: Sequence[str]) -> int:
     from metricgold_ros.tools.bag import _sigterm_as_interrupt
     from metricgold_ros.tools.fleet_summary import Board, report, write_summary
     from metricgold_ros.tools.fleet_workers import job_settings
-    from metricgold_ros.tools.options import resolve_model_path
+    from metricgold_ros.model_paths import resolve_model_path
 
     jobs = plan_jobs(inputs, args.output)
     settings = job_settings(args)
-    settings['model'] = str(resolve_model_path(args.model))  # fail early, say it once
+    settings['model'] = str(resolve_model_path(args.model, '--model'))  # fail early, once
     pending: List[Job] = []
     settled: List[Outcome] = []
     for job in jobs:

@@ -61,8 +61,8 @@ def convert_job(job: Job, settings: Dict[str, Any], pipeline: Any,
     try:
         Path(job.output).parent.mkdir(parents=True, exist_ok=True)
         remove_stale_partials(job.output)
-        convert = getattr(bag, 'convert', _premerge_convert)
-        summary = convert(args, pipeline=pipeline, progress=_Progress(on_total, on_frames))
+        summary = bag.convert(args, pipeline=pipeline,
+                              progress=_Progress(on_total, on_frames))
         summary.update(started_at=round(started_at, 3), finished_at=round(time.time(), 3))
         write_record(job, summary)
     except MetricGoldError as err:
@@ -278,35 +278,3 @@ class LocalBackend:
         self._procs.clear()
         self._conns.clear()
 
-
-
-def _premerge_convert(args: argparse.Namespace, *, pipeline: Any, progress: Any) -> Dict:
-    """TEMPORARY: bag.run with an injected pipeline and progress, until bag.py has convert."""
-    import time as _time
-
-    from metricgold_ros.depth_frame import DepthFrameProcessor
-    from metricgold_ros.errors import BagError
-    from metricgold_ros.tools import bag, bag_io, bag_output
-    from metricgold_ros.tools.options import options_from_args
-
-    input_path, output = Path(args.input), Path(args.output)
-    if not input_path.exists():
-        raise BagError(f'INPUT {input_path}: no such file or folder')
-    bag_output.check_output(output, input_path, args.overwrite)
-    options = options_from_args(args)
-    stats = bag._Run(quiet=True, skip_bad=args.skip_bad_frames, pixel_budget=args.max_pixels)
-    with bag._sigterm_as_interrupt(), bag_io.open_bag(input_path) as reader:
-        plan = bag._plan(reader, input_path, args, stats)
-        start = _time.perf_counter()
-        saved = bag._progress_bar
-        bag._progress_bar = lambda total, quiet: progress.start(total)
-        try:
-            with bag_output.OutputBag(output, storage=args.storage,
-                                      overwrite=args.overwrite) as out:
-                bag._process(reader, input_path, out, plan, DepthFrameProcessor(pipeline),
-                             options, args, stats)
-                out.commit()
-        finally:
-            bag._progress_bar = saved
-        seconds = _time.perf_counter() - start
-    return bag.summary(output.resolve(), plan, out.counts, stats, seconds, 0.0)
