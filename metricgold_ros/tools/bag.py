@@ -1,5 +1,8 @@
 """``metricgold bag INPUT OUTPUT``: add metric depth and point clouds to a rosbag.
 
+With several INPUTs, or a folder to search, OUTPUT is a folder and the bags are converted by
+worker processes or on a Ray cluster (:mod:`metricgold_ros.tools.fleet`), each as here.
+
 Every image of one camera topic goes through the same per-frame code as the live node
 (:class:`~metricgold_ros.depth_frame.DepthFrameProcessor` and ``frame_messages``), in order,
 none dropped. The new rosbag2 bag holds the input topics (ROS 1 input converted to ROS 2
@@ -28,7 +31,7 @@ from metricgold_ros.depth_frame import (OUTPUT_TOPICS, DepthFrameProcessor, Fram
 from metricgold_ros.errors import BagError, InputError
 from metricgold_ros.faults import GuardedProcessor
 from metricgold_ros.image_encodings import DEFAULT_PIXEL_BUDGET
-from metricgold_ros.tools import bag_io, bag_output
+from metricgold_ros.tools import bag_io, bag_output, fleet, fleet_summary
 from metricgold_ros.tools.options import (
     add_inference_arguments, add_mounting_arguments, add_output_arguments, load_pipeline,
     options_from_args, positive_int)
@@ -36,9 +39,12 @@ from metricgold_ros.tools.options import (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``bag`` sub-command's flags."""
-    parser.add_argument('input', metavar='INPUT',
-                        help='rosbag2 folder, .mcap or .db3 file, or ROS 1 .bag')
-    parser.add_argument('output', metavar='OUTPUT', help='new rosbag2 folder to write')
+    parser.add_argument('input', metavar='INPUT', nargs='+',
+                        help='rosbag2 folder, .mcap or .db3 file, or ROS 1 .bag; several, or '
+                             'folders to search for them, for many bags at once')
+    parser.add_argument('output', metavar='OUTPUT',
+                        help='new rosbag2 folder to write (with many bags: the folder to write '
+                             'them to, each at its path relative to the INPUT it was found in)')
     topics = parser.add_argument_group('topics')
     topics.add_argument('--image-topic', metavar='TOPIC',
                         help='Image or CompressedImage topic (default: the only one)')
@@ -71,6 +77,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_inference_arguments(parser)
     parser.add_argument('--quiet', '-q', action='store_true',
                         help='no progress bar; print only a final JSON summary line')
+    fleet.add_arguments(parser)
     parser.set_defaults(_parser=parser)
 
 
@@ -104,6 +111,7 @@ class _Run:
     stages_s: Dict[str, float] = field(default_factory=dict)
     warnings: List[str] = field(default_factory=list)
     progress: Any = None
+    progress_source: Any = None  # a fleet worker's: ``.start(total)`` returns its bar
 
     def add(self, stage: str, seconds: float) -> None:
         self.stages_s[stage] = self.stages_s.get(stage, 0.0) + seconds
@@ -129,18 +137,54 @@ class _Run:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Process the bag; raise MetricGoldError for data problems (exit 1)."""
+    """Process the bag (or many); raise MetricGoldError for data problems (exit 1)."""
     _check_usage(args)
+    if fleet.wants_fleet(args.input):
+        return fleet.run(args, args.input)
+    if args.ray is not None or args.workers:
+        args._parser.error('--ray and --workers are for many bags: give several INPUTs or '
+                           'a folder of bags')
+    args.input = args.input[0]
+    output, plan, counts, stats, seconds, load_s = _convert(args)
+    _report(args, output, plan, counts, stats, seconds, load_s)
+    if args.summary_json:
+        fleet_summary.write_summary(args.summary_json, summary(
+            output.resolve(), plan, counts, stats, seconds, load_s))
+    _raise_failures(output, stats)
+    return 0
+
+
+def convert(args: argparse.Namespace, *, pipeline: Any,
+            progress: Any = None) -> Dict[str, Any]:
+    """One bag with a loaded ``pipeline`` (a fleet worker's); the run's :func:`summary`.
+
+    ``progress.start(total)`` returns the progress bar to use instead of the terminal's. A bag
+    with frames whose inference failed raises BagError (its output stays, as with one bag).
+    """
+    output, plan, counts, stats, seconds, load_s = _convert(args, pipeline, progress)
+    _raise_failures(output, stats)
+    return summary(output.resolve(), plan, counts, stats, seconds, load_s)
+
+
+def _raise_failures(output: Path, stats: '_Run') -> None:
+    if stats.failures:
+        raise BagError(f'inference failed on {len(stats.failures)} image(s), skipped; {output} '
+                       f'holds the other {stats.frames}. First: {stats.failures[0]}')
+
+
+def _convert(args: argparse.Namespace, pipeline: Any = None, progress: Any = None) -> tuple:
+    """``(output, plan, counts, stats, seconds, load_s)`` of converting the bag."""
     input_path, output = Path(args.input), Path(args.output)
     if not input_path.exists():
         raise BagError(f'INPUT {input_path}: no such file or folder')
     bag_output.check_output(output, input_path, args.overwrite)
     options = options_from_args(args)
-    stats = _Run(quiet=args.quiet, skip_bad=args.skip_bad_frames, pixel_budget=args.max_pixels)
+    stats = _Run(quiet=args.quiet, skip_bad=args.skip_bad_frames, pixel_budget=args.max_pixels,
+                 progress_source=progress)
     with _sigterm_as_interrupt(), bag_io.open_bag(input_path) as reader:
         plan = _plan(reader, input_path, args, stats)
         start = time.perf_counter()
-        pipeline = load_pipeline(args)
+        pipeline = load_pipeline(args) if pipeline is None else pipeline
         load_s = time.perf_counter() - start
         start = time.perf_counter()
         with bag_output.OutputBag(output, storage=args.storage,
@@ -153,11 +197,7 @@ def run(args: argparse.Namespace) -> int:
             stats.add('finalize', time.perf_counter() - finish)
             stats.add('writer_thread', out.writer_busy_s)  # overlaps the model
         seconds = time.perf_counter() - start
-    _report(args, output, plan, out.counts, stats, seconds, load_s)
-    if stats.failures:
-        raise BagError(f'inference failed on {len(stats.failures)} image(s), skipped; {output} '
-                       f'holds the other {stats.frames}. First: {stats.failures[0]}')
-    return 0
+    return output, plan, out.counts, stats, seconds, load_s
 
 
 def _check_usage(args: argparse.Namespace) -> None:
@@ -247,7 +287,8 @@ def _process(reader: Any, path: Path, out: bag_output.OutputBag, plan: _Plan,
     copied = _copied(reader, list(reader.connections), out, stats) if args.copy else []
     copied_ids = {connection.id for connection in copied}
     wanted = copied + [c for c in plan.image_connections if c.id not in copied_ids]
-    stats.progress = _progress_bar(plan.total, args.quiet)
+    stats.progress = stats.progress_source.start(plan.total) if stats.progress_source \
+        else _progress_bar(plan.total, args.quiet)
     try:
         tick = time.perf_counter()
         for connection, log_ns, raw in bag_io.guarded_messages(
