@@ -137,11 +137,14 @@ def start(cmd: List[str], env: Dict[str, str], cwd: Optional[Path] = None
 
 
 def stop(process: 'subprocess.Popen[str]', timeout_s: float = 20.0) -> Optional[int]:
-    """SIGINT ``process`` (as Ctrl-C would), then SIGKILL its group if it hangs; its exit code."""
+    """SIGINT ``process``'s group (Ctrl-C), then SIGKILL the group if it hangs; its exit code.
+
+    The group, as a terminal does: ``ros2 run`` leaves the signal to its child.
+    """
     import signal
 
     if process.poll() is None:
-        process.send_signal(signal.SIGINT)
+        os.killpg(process.pid, signal.SIGINT)
         try:
             process.wait(timeout_s)
         except subprocess.TimeoutExpired:

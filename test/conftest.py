@@ -8,7 +8,10 @@ import pytest
 from metricgold_ros.ros_env import free_domain_id, use_loopback
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO_ROOT.parent / 'shared' / 'data'
+# ../shared/data beside the checkout; METRICGOLD_SHARED_DATA names it for a checkout elsewhere
+# (a git worktree).
+SHARED_DATA = Path(os.environ.get('METRICGOLD_SHARED_DATA')
+                   or REPO_ROOT.parent / 'shared' / 'data')
 
 
 # Set before any test imports rclpy: discovery never leaves loopback, runs never mix.
