@@ -15,8 +15,6 @@ export ROS_AUTOMATIC_DISCOVERY_RANGE := LOCALHOST
 # The ros2 tools find the PyPI ROS 2 wheels' packages through the ament index in the venv
 # (a sourced ROS 2 sets its own).
 export AMENT_PREFIX_PATH ?= $(CURDIR)/$(VENV)
-# Large images and clouds between processes (see config/fastdds_large_data.xml); yours is kept.
-export FASTDDS_DEFAULT_PROFILES_FILE ?= $(CURDIR)/config/fastdds_large_data.xml
 
 .PHONY: demo test venv clean
 

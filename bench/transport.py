@@ -42,10 +42,9 @@ from typing import Any, Dict, List, Optional, Sequence
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from metricgold_ros.ros_env import free_domain_id, loopback_env  # noqa: E402
+from metricgold_ros.ros_env import (PROFILE_ENV, free_domain_id, loopback_env,  # noqa: E402
+                                    with_large_data_profile)
 
-PROFILE_ENV = 'FASTDDS_DEFAULT_PROFILES_FILE'
-PACKAGE_PROFILE = REPO / 'config' / 'fastdds_large_data.xml'
 NAMESPACE = '/bench'
 START_TIMEOUT_S = 120.0
 DRAIN_S = 4.0  # after the last camera frame: the node's last frame and diagnostics go out
@@ -202,7 +201,7 @@ def run_once(size: str, profile: str, args: argparse.Namespace, model: Path) -> 
     env.setdefault('OMP_NUM_THREADS', '2')
     env.pop(PROFILE_ENV, None)
     if profile == 'package':
-        env[PROFILE_ENV] = str(PACKAGE_PROFILE)
+        with_large_data_profile(env)
     me = [sys.executable, str(Path(__file__).resolve())]
     node = _Process([sys.executable, '-m', 'metricgold_ros.node.depth_node', '--ros-args',
                      '--params-file', str(REPO / 'config' / 'depth.yaml'),
