@@ -112,22 +112,25 @@ def harness() -> Iterator[RosHarness]:
 
 
 def test_launch_starts_the_node_with_its_arguments_and_shuts_down_cleanly(
-        workspace, ros2, tiny_model_dir, harness, tmp_path):
+        workspace, ros2, harness, tmp_path):
+    """The bundled model (no model_path), namespace, topics and params_file."""
     started = time.monotonic()
     width, height = 160, 120
     params = _params_file(tmp_path / 'params.yaml', output_scale=0.5, processing_resolution=64,
                           stats_period=0.0)
     process, output = _launch(ros2, workspace, {
         'namespace': 'lt', 'image': 'cam/image', 'camera_info': 'cam/info',
-        'params_file': str(params), 'model_path': str(tiny_model_dir)})
+        'params_file': str(params)})
     publisher = None
     try:
         assert output.wait_for('listening on', START_TIMEOUT_S), output.text()
         text = output.text()
-        assert f'loaded {tiny_model_dir}' in text, text  # model_path
+        installed = workspace / 'install' / PACKAGE
+        assert 'using the bundled model metricgold-tiny' in text, text
+        assert f'({installed}' in text, text  # the installed copy of the bundled model
         assert 'listening on /lt/cam/image + /lt/cam/info' in text, text  # namespace, topics
         env = _child_env(text)
-        share = workspace / 'install' / PACKAGE / 'share' / PACKAGE
+        share = installed / 'share' / PACKAGE
         assert env.get(PROFILE_ENV) == str(share / 'config' / 'fastdds_large_data.xml'), env
         # Reliable subscribers: what the outputs' default QoS (REP 2003) must serve.
         depth = harness.collector(Image, '/lt/depth/image', reliable_qos(),
@@ -187,6 +190,7 @@ def test_launch_with_compressed_transport_takes_the_real_jpeg(
     publisher = None
     try:
         assert output.wait_for('listening on', START_TIMEOUT_S), output.text()
+        assert f'loaded {tiny_model_dir}' in output.text(), output.text()  # model_path
         assert 'listening on /lc/raspicam/image/compressed' in output.text(), output.text()
         depth = harness.collector(Image, '/lc/depth/image', sensor_qos(),
                                   keep=lambda msg: (msg.width, msg.height))
