@@ -148,3 +148,21 @@ def test_corrupt_data_is_logged_and_the_next_frame_served(rig):
         [log.msg for log in rig.rosout.messages()]
     stamp = rig.send(good.tobytes(), 'jpeg', (k, (160, 120)))
     assert rig.depth_of(stamp) is not None
+
+
+def test_raw_camera_with_compressed_transport_gets_a_hint(tiny_model_dir):
+    """Nothing on <image>/compressed but a publisher on <image>: the warning says what to set."""
+    with RosHarness('hint_test') as ros:
+        ros.add_node(DepthNode(
+            context=ros.context, namespace='/hint',
+            cli_args=['--ros-args', '-r', 'image:=image_raw'],
+            parameter_overrides=[Parameter('model_path', value=str(tiny_model_dir)),
+                                 Parameter('device', value='cpu'),
+                                 Parameter('image_transport', value='compressed'),
+                                 Parameter('stats_period', value=0.0)]))
+        rosout = ros.collector(Log, '/rosout', reliable_qos(200))
+        ros.publisher(Image, '/hint/image_raw')  # a raw camera: never matches the node
+        assert wait_for_publishers(rosout.subscription)
+        hint = rosout.wait_for(lambda log: 'image_transport:=raw' in log.msg, 15.0)
+        assert hint is not None and '/hint/image_raw/compressed' in hint.msg, \
+            [log.msg for log in rosout.messages()]
