@@ -37,7 +37,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -147,7 +147,8 @@ def subscriber_main(args: argparse.Namespace) -> int:
 
 # -- one run -----------------------------------------------------------------------------------
 
-def _size(text: str) -> tuple:
+def _size(text: str) -> Tuple[int, int]:
+    """(width, height) of 'WxH'."""
     width, height = (int(value) for value in text.lower().split('x'))
     return width, height
 
@@ -167,6 +168,7 @@ class _Process:
             self.lines.append(line)
 
     def wait_for(self, needle: str, timeout_s: float) -> bool:
+        """Whether a line containing ``needle`` was printed within ``timeout_s``."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline and self.proc.poll() is None:
             if any(needle in line for line in self.lines):
@@ -187,6 +189,7 @@ class _Process:
         return ''.join(self.lines)
 
     def last_json(self) -> Dict[str, Any]:
+        """The last JSON object the process printed (its result)."""
         for line in reversed(self.lines):
             if line.startswith('{'):
                 return json.loads(line)
@@ -194,7 +197,18 @@ class _Process:
 
 
 def run_once(size: str, profile: str, args: argparse.Namespace, model: Path) -> Dict[str, Any]:
-    """One camera -> node -> two subscribers run; the counts."""
+    """One camera -> node -> two subscribers run in a fresh domain; the counts.
+
+    Args:
+        size: camera image size, 'WxH'.
+        profile: 'package' (the package's Fast DDS profile in every process) or 'none'.
+        args: the command line (rate, seconds, extra node parameters).
+        model: the checkpoint folder for depth_node.
+
+    Returns:
+        A row: sent, node_received, published, dropped_newest_frame, and per subscriber QoS
+        the distinct depth images and clouds received.
+    """
     env = loopback_env(domain_id=free_domain_id())
     env['PYTHONPATH'] = os.pathsep.join(filter(None, [str(REPO), env.get('PYTHONPATH')]))
     env['PYTHONUNBUFFERED'] = '1'
@@ -267,6 +281,7 @@ def markdown(rows: List[Dict[str, Any]]) -> str:
 
 
 def bench_main(args: argparse.Namespace) -> int:
+    """Every size x profile run with one tiny random model; rows printed as JSON lines."""
     from metricgold_ros.model.checkpoint import save_checkpoint
     from metricgold_ros.model.tiny import build_tiny_checkpoint
 
@@ -309,6 +324,7 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The benchmark, or one of its camera / subscriber processes; the exit code."""
     args = _parse_args(argv)
     if args.role == 'camera':
         return camera_main(args)
