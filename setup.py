@@ -27,7 +27,7 @@ setup(
     license='Apache-2.0',
     entry_points={
         'console_scripts': [
-            'depth_node = metricgold_ros.node.depth_node:main',
+            'depth_node = metricgold_ros.node.main:main',
             'metricgold = metricgold_ros.tools.cli:main',
         ],
     },

@@ -59,7 +59,7 @@ def frame_flops(unet: torch.nn.Module, vae: torch.nn.Module, height: int, width:
     image = torch.zeros(1, 3, height, width, device=device)
     latent = torch.zeros(1, 4, height // 8, width // 8, device=device)
     unet_in = torch.zeros(1, 8, height // 8, width // 8, device=device)
-    text = torch.zeros(1, TEXT_TOKENS, 1024, device=device)
+    text = torch.zeros(1, TEXT_TOKENS, unet.config.cross_attention_dim, device=device)
     timestep = torch.tensor(999, device=device)
     with torch.no_grad():
         return {

@@ -46,7 +46,7 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from metricgold_ros.model_paths import bundled_model_path  # noqa: E402
+from metricgold_ros.model_paths import model_or_untrained  # noqa: E402
 from metricgold_ros.ros_env import loopback_env, use_loopback  # noqa: E402
 
 NS = '/soak'
@@ -171,18 +171,6 @@ class Listener:
         rclpy.try_shutdown()
 
 
-def _model(args: argparse.Namespace, scratch: Path) -> Path:
-    if args.model is not None:
-        return args.model
-    bundled = bundled_model_path()
-    if bundled is not None:
-        return bundled
-    path = scratch / 'metricgold-tiny-random'
-    subprocess.run([sys.executable, '-m', 'metricgold_ros.tools.cli', 'init-model', str(path),
-                    '--tiny'], check=True, cwd=REPO_ROOT, stdout=subprocess.DEVNULL)
-    return path
-
-
 def _spawn(cmd: List[str], env: Dict[str, str], log: Path) -> subprocess.Popen:
     """Start ``cmd`` with stdout and stderr to the file ``log``.
 
@@ -244,7 +232,7 @@ def soak(args: argparse.Namespace) -> Dict[str, Any]:
     env.setdefault('OMP_NUM_THREADS', '2')
     env['PYTHONUNBUFFERED'] = '1'
     with tempfile.TemporaryDirectory(prefix='soak-') as scratch:
-        model = _model(args, Path(scratch))
+        model = model_or_untrained(args.model, Path(scratch))
         script = Path(sys.executable).parent / 'depth_node'
         node_cmd = [str(script) if script.is_file() else sys.executable,
                     *([] if script.is_file() else ['-m', 'metricgold_ros.node.depth_node']),

@@ -15,7 +15,6 @@ with the same number of UNet evaluations; the node keeps warm start off unless o
 """
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -27,7 +26,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from metricgold_ros.tools import bench  # noqa: E402  (after the path fix for a source checkout)
+from metricgold_ros.tools.bench_sweep import HELD_OUT_SEED  # noqa: E402
+from metricgold_ros.atomic import write_json_atomic  # noqa: E402
 from metricgold_ros.errors import MetricGoldError  # noqa: E402
+from metricgold_ros.model_paths import load_model  # noqa: E402
 
 STATIC_CHANGE = 0.01  # a pixel is static when its GT depth changed by less than 1 %
 # (name, steps, warm_start_strength or None for a cold start)
@@ -90,8 +92,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument('--frames', type=int, default=20, help='frames per sequence (20)')
     parser.add_argument('--size', default='640x480', help='frame size WIDTHxHEIGHT')
     parser.add_argument('--kinds', default='indoor,outdoor', help='sequence kinds')
-    parser.add_argument('--seed', type=int, default=bench.HELD_OUT_SEED,
-                        help=f'scene seed (default {bench.HELD_OUT_SEED}, held out)')
+    parser.add_argument('--seed', type=int, default=HELD_OUT_SEED,
+                        help=f'scene seed (default {HELD_OUT_SEED}, held out)')
     parser.add_argument('--threads', type=int, default=1, help='CPU threads (default 1)')
     parser.add_argument('--device', default='cpu', help="'cpu', 'cuda' or 'auto'")
     parser.add_argument('--dtype', default='float32', help='float32, float16, bfloat16')
@@ -107,11 +109,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     from metricgold_ros.synthetic.scenes import camera_sequence
 
-    bench._set_threads(args.threads)
+    bench.set_threads(args.threads)
     width, height = (int(v) for v in args.size.lower().split('x'))
-    pipeline = bench._load_pipeline(argparse.Namespace(
-        model=args.model, device=args.device, dtype=args.dtype, channels_last=False,
-        compile=False, steps=None, processing_resolution=None, repeats=None, warmup=None))
+    pipeline = load_model(args.model, '--model', device=args.device, dtype=args.dtype)
     sequences = [list(camera_sequence(args.seed, kind, args.frames, width, height))
                  for kind in args.kinds.split(',')]
     pipeline(sequences[0][0].rgb)  # warm-up
@@ -146,7 +146,7 @@ def _run(args: argparse.Namespace) -> int:
             'model': str(args.model or 'bundled'), 'frames_per_sequence': args.frames,
             'size': args.size, 'kinds': args.kinds, 'seed': args.seed,
             'static_change': STATIC_CHANGE, 'rows': rows, **summary}
-        Path(args.json).write_text(json.dumps(report, indent=2) + '\n', encoding='utf-8')
+        write_json_atomic(args.json, report)
         print(f'wrote {args.json}')
     return 0
 

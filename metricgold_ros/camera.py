@@ -1,12 +1,25 @@
-"""Pinhole intrinsics: the one place that validates and rescales K for the whole project."""
+"""Pinhole intrinsics and the CameraInfo policy: the one place that validates, rescales and
+pairs K with an image, for the node, the bag tool and ``infer`` alike.
+
+The policy: a CameraInfo that cannot be used (no/zero/NaN K, NaN/inf D, another aspect ratio
+than the image) never stops depth; the frame gets depth without ``depth/camera_info`` and
+points, and the adapter reports :attr:`Calibration.problem` (rate-limited in the node, as a
+warning offline).
+"""
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
 from metricgold_ros.errors import InputError
+
+# Relative difference of aspect ratios below which CameraInfo of another size is taken to be
+# the same camera resized (e.g. info for 1280x720, image downscaled to 640x360).
+ASPECT_TOLERANCE = 0.01
+# Coefficients of each distortion model: an empty D becomes this many zeros.
+DISTORTION_SIZES = {'plumb_bob': 5, 'rational_polynomial': 8, 'equidistant': 4}
 
 
 def _pixel_count(name: str, value: object) -> int:
@@ -96,3 +109,66 @@ class Intrinsics:
     def p(self) -> np.ndarray:
         """3x4 projection matrix P = [K | 0] (a monocular, rectified camera), float64."""
         return np.hstack([self.k, np.zeros((3, 1))])
+
+    def for_image(self, width: int, height: int) -> 'Intrinsics':
+        """Intrinsics of an image of ``width`` x ``height`` taken by this camera (maybe resized).
+
+        Raises ``InputError`` when the aspect ratios differ: that is another camera or a crop,
+        and scaling K would silently bend the cloud.
+        """
+        if (self.width, self.height) == (width, height):
+            return self
+        if abs((self.width / self.height) / (width / height) - 1.0) > ASPECT_TOLERANCE:
+            raise InputError(
+                f'camera_info is for {self.width}x{self.height} but the image is '
+                f'{width}x{height} (another aspect ratio): check that camera_info belongs to '
+                'this image topic, or publish the rectified/cropped camera_info')
+        return self.scaled_to(width, height)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """One camera calibration, read once: usable intrinsics, or why there are none.
+
+    ``d`` always has the distortion model's length when the model is known (an empty D is
+    zeros); ``problem`` names what is wrong and the fix when ``camera`` is None.
+    """
+
+    camera: Optional[Intrinsics]
+    problem: Optional[str] = None
+    distortion_model: str = 'plumb_bob'
+    d: Tuple[float, ...] = ()
+
+    @classmethod
+    def from_fields(cls, k: Sequence[float], d: Sequence[float], distortion_model: str,
+                    width: int, height: int) -> 'Calibration':
+        """The calibration of CameraInfo fields (K row-major 3x3, D, model, image size)."""
+        model = str(distortion_model) or 'plumb_bob'
+        try:
+            coefficients = tuple(float(v) for v in d)
+        except (TypeError, ValueError):
+            coefficients = (math.nan,)
+        if not coefficients:
+            coefficients = (0.0,) * DISTORTION_SIZES.get(model, 0)
+        try:
+            if not all(math.isfinite(v) for v in coefficients):
+                raise InputError(f'D: {list(coefficients)[:8]} holds NaN/inf; fix the camera '
+                                 'calibration (distortion coefficients)')
+            camera = Intrinsics.from_k(k, width=int(width), height=int(height))
+        except InputError as err:
+            return cls(None, str(err), model, coefficients)
+        return cls(camera, None, model, coefficients)
+
+    @classmethod
+    def of(cls, camera: Intrinsics) -> 'Calibration':
+        """A rectified camera known by its intrinsics alone (``infer --fx``, a YAML)."""
+        return cls(camera, None, 'plumb_bob', (0.0,) * DISTORTION_SIZES['plumb_bob'])
+
+    def for_image(self, width: int, height: int) -> Tuple[Optional[Intrinsics], Optional[str]]:
+        """``(intrinsics of a width x height image, None)`` or ``(None, the problem)``."""
+        if self.camera is None:
+            return None, self.problem
+        try:
+            return self.camera.for_image(width, height), None
+        except InputError as err:
+            return None, str(err)

@@ -7,6 +7,7 @@ from typing import Dict, Optional, Tuple
 import cv2
 import numpy as np
 
+from metricgold_ros.depth_traits import valid_depth
 from metricgold_ros.errors import InputError
 
 COLORMAPS: Dict[str, int] = {
@@ -14,7 +15,6 @@ COLORMAPS: Dict[str, int] = {
     for name in dir(cv2) if name.startswith('COLORMAP_')
 }
 _SAMPLE_PIXELS = 4096  # the auto range looks at about this many pixels, on a regular grid
-_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 @lru_cache(maxsize=None)
@@ -26,11 +26,6 @@ def _lut(colormap: int) -> np.ndarray:
     return lut
 
 
-def _valid(depth_m: np.ndarray) -> np.ndarray:
-    """Finite, positive depth (NaN compares False)."""
-    return (depth_m > 0) & (depth_m <= _FLOAT32_MAX)
-
-
 def auto_range(depth_m: np.ndarray) -> Tuple[float, float]:
     """2nd and 98th percentile of the valid depth (metres), from a ~4096-pixel grid sample.
 
@@ -38,9 +33,9 @@ def auto_range(depth_m: np.ndarray) -> Tuple[float, float]:
     """
     step = max(1, int(math.sqrt(depth_m.size / _SAMPLE_PIXELS)))
     sample = depth_m[::step, ::step]
-    sample = sample[_valid(sample)]
+    sample = sample[valid_depth(sample)]
     if sample.size == 0:
-        sample = depth_m[_valid(depth_m)]  # tiny or sparse images: use every pixel
+        sample = depth_m[valid_depth(depth_m)]  # tiny or sparse images: use every pixel
     if sample.size == 0:
         return 1.0, 10.0
     # nearest-rank percentiles by partial sort: 4x cheaper than np.percentile here
@@ -82,5 +77,5 @@ def colorize_depth(depth_m: np.ndarray, d_min: Optional[float] = None,
     offset = 255.0 - scale * math.log(d_min)
     clipped = np.clip(depth_m.astype(np.float32, copy=False), d_min, d_max)  # NaN stays NaN
     index = cv2.convertScaleAbs(cv2.log(clipped), alpha=scale, beta=offset)  # rounds, saturates
-    np.multiply(index, _valid(depth_m), out=index)
+    np.multiply(index, valid_depth(depth_m), out=index)
     return cv2.applyColorMap(index, _lut(COLORMAPS[colormap]))

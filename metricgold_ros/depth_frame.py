@@ -4,24 +4,31 @@
 colour visualisation, the intrinsics of the depth image and the point cloud as numpy arrays;
 ``frame_messages`` turns them into ROS messages of either type system (rclpy or rosbags), all
 stamped with the input frame's header. Neither imports rclpy.
+
+The CameraInfo policy (:mod:`metricgold_ros.camera`) is applied here, once per frame: a
+calibration that cannot serve this image leaves depth untouched and ``FrameResult.
+camera_problem`` says why there are no points; the adapters report it.
 """
 
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
 
 import numpy as np
 
 from metricgold_ros import messages
-from metricgold_ros.camera import Intrinsics
+from metricgold_ros.camera import Calibration, Intrinsics
 from metricgold_ros.colorize import colorize_depth
 from metricgold_ros.errors import InputError
 from metricgold_ros.pointcloud import Cloud, depth_to_points
 
-# Relative difference of aspect ratios below which CameraInfo of another size is taken to be
-# the same camera resized (e.g. info for 1280x720, image downscaled to 640x360).
-ASPECT_TOLERANCE = 0.01
+if TYPE_CHECKING:
+    from metricgold_ros.model import MetricGoldPipeline
+
+# The topics every adapter publishes or writes (relative to its output namespace), in order.
+OUTPUT_TOPICS = ('depth/image', 'depth/camera_info', 'depth/colored', 'depth/uncertainty',
+                 'points')
 
 
 @dataclass
@@ -43,14 +50,17 @@ class FrameOptions:
     points_stride: int = 1
     points_rgb: bool = False
     max_depth_m: float = math.inf
+    uncertainty: bool = True  # publish/write the ensemble spread when ensemble_size > 1
 
 
 @dataclass
 class FrameResult:
     """Outputs of one frame, at the depth image's size ``[H,W]``.
 
-    ``intrinsics`` describe the depth image (``None`` without CameraInfo); ``cloud`` is
-    ``None`` without intrinsics, for relative models, or when points are off.
+    ``intrinsics`` describe the depth image (``None`` without a usable calibration, then
+    ``camera_problem`` says why when there was one); ``cloud`` is ``None`` without intrinsics,
+    for relative models, or when points are off. ``distortion_model``/``distortion`` are the
+    input calibration's: the depth image shares the input image's geometry.
     """
 
     depth: np.ndarray
@@ -60,30 +70,15 @@ class FrameResult:
     colored_bgr: Optional[np.ndarray]
     cloud: Optional[Cloud]
     timings_s: Dict[str, float] = field(default_factory=dict)
-
-
-def camera_for_image(camera: Intrinsics, width: int, height: int) -> Intrinsics:
-    """Intrinsics of an image of ``width`` x ``height`` taken by ``camera`` (maybe resized).
-
-    Raises ``InputError`` when the aspect ratios differ: that is another camera or a crop,
-    and scaling K would silently bend the cloud.
-    """
-    if (camera.width, camera.height) == (width, height):
-        return camera
-    aspect_info = camera.width / camera.height
-    aspect_image = width / height
-    if abs(aspect_info / aspect_image - 1.0) > ASPECT_TOLERANCE:
-        raise InputError(
-            f'camera_info is for {camera.width}x{camera.height} but the image is '
-            f'{width}x{height} (another aspect ratio): check that camera_info belongs to this '
-            'image topic, or publish the rectified/cropped camera_info')
-    return camera.scaled_to(width, height)
+    camera_problem: Optional[str] = None
+    distortion_model: str = 'plumb_bob'
+    distortion: Tuple[float, ...] = ()
 
 
 class DepthFrameProcessor:
     """Runs the pipeline on frames of one stream, keeping the warm-start latent between them."""
 
-    def __init__(self, pipeline: Any) -> None:
+    def __init__(self, pipeline: 'MetricGoldPipeline') -> None:
         self.pipeline = pipeline
         self._previous_latent = None
 
@@ -91,16 +86,21 @@ class DepthFrameProcessor:
         """Forget the previous frame (stream restarted, resolution changed, seek)."""
         self._previous_latent = None
 
-    def process(self, rgb: np.ndarray, camera: Optional[Intrinsics],
+    def process(self, rgb: np.ndarray, calibration: Optional[Calibration],
                 options: FrameOptions) -> FrameResult:
-        """Depth and its derived products for one RGB uint8 ``[H,W,3]`` frame."""
+        """Depth and its derived products for one RGB uint8 ``[H,W,3]`` frame.
+
+        ``calibration`` is the frame's camera (None: none known); one that does not fit the
+        image gives depth without intrinsics and points (``FrameResult.camera_problem``).
+        """
         height, width = rgb.shape[:2]
         if not 0.0 < options.output_scale <= 1.0:
             raise InputError(f'output_scale={options.output_scale}, expected a number in (0, 1]')
         out_h = max(1, round(height * options.output_scale))
         out_w = max(1, round(width * options.output_scale))
-        # Validate intrinsics before spending time on inference.
-        depth_camera = camera_for_image(camera, out_w, out_h) if camera is not None else None
+        # The depth image's intrinsics, known before any inference time is spent.
+        depth_camera, camera_problem = (None, None) if calibration is None else \
+            calibration.for_image(out_w, out_h)
         prediction = self.pipeline(
             rgb, denoising_steps=options.denoising_steps, ensemble_size=options.ensemble_size,
             processing_resolution=options.processing_resolution, seed=options.seed,
@@ -125,8 +125,12 @@ class DepthFrameProcessor:
             cloud = depth_to_points(prediction.depth_m, depth_camera, options.points_stride,
                                     options.max_depth_m, colour)
             timings['cloud'] = time.perf_counter() - start
-        return FrameResult(prediction.depth, prediction.relative, prediction.uncertainty,
-                           depth_camera, colored, cloud, timings)
+        return FrameResult(
+            prediction.depth, prediction.relative,
+            prediction.uncertainty if options.uncertainty else None, depth_camera, colored,
+            cloud, timings, camera_problem,
+            calibration.distortion_model if calibration is not None else 'plumb_bob',
+            calibration.d if calibration is not None else ())
 
 
 def _resize_rgb(rgb: np.ndarray, width: int, height: int) -> np.ndarray:
@@ -135,9 +139,8 @@ def _resize_rgb(rgb: np.ndarray, width: int, height: int) -> np.ndarray:
     return cv2.resize(rgb, (width, height), interpolation=cv2.INTER_AREA)
 
 
-def frame_messages(types: Any, header: Any, result: FrameResult,
-                   distortion_model: str = 'plumb_bob',
-                   distortion: Optional[Any] = None) -> Dict[str, Any]:
+def frame_messages(types: 'messages.MessageTypes', header: Any,
+                   result: FrameResult) -> Dict[str, Any]:
     """ROS messages for ``result`` keyed by output topic (relative to the output namespace).
 
     ``types`` is :func:`messages.rclpy_types` or :func:`messages.rosbags_types`; every message
@@ -147,7 +150,8 @@ def frame_messages(types: Any, header: Any, result: FrameResult,
     out: Dict[str, Any] = {'depth/image': messages.depth_image_msg(types, header, result.depth)}
     if result.intrinsics is not None:
         out['depth/camera_info'] = messages.camera_info_msg(
-            types, header, result.intrinsics, distortion_model=distortion_model, d=distortion)
+            types, header, result.intrinsics, distortion_model=result.distortion_model,
+            d=result.distortion or None)
     if result.colored_bgr is not None:
         out['depth/colored'] = messages.bgr8_image_msg(types, header, result.colored_bgr)
     if result.uncertainty is not None:

@@ -17,6 +17,7 @@ from typing import Dict, List, Optional, Tuple, Union
 import cv2
 import numpy as np
 
+from metricgold_ros.depth_traits import png_encoding, valid_depth
 from metricgold_ros.errors import InputError
 
 METRIC_KEYS = ('abs_rel', 'sq_rel', 'rmse', 'rmse_log', 'log10',
@@ -37,7 +38,7 @@ def _mask(pred: np.ndarray, gt_m: np.ndarray, valid: Optional[np.ndarray],
     if valid is not None and valid.shape != gt_m.shape:
         raise InputError(f'valid mask shape {valid.shape} != depth shape {gt_m.shape}')
     with np.errstate(invalid='ignore'):  # NaN compares False, which is what we want
-        mask = np.isfinite(gt_m) & (gt_m > 0) & np.isfinite(pred)
+        mask = valid_depth(gt_m) & np.isfinite(pred)
         if positive_pred:
             mask &= pred > 0
     return mask if valid is None else mask & valid.astype(bool)
@@ -255,7 +256,7 @@ def read_depth_png(path: Path, units_per_m: float) -> np.ndarray:
     if raw is None or raw.dtype != np.uint16 or raw.ndim != 2:
         what = 'unreadable' if raw is None else f'{raw.dtype} with shape {raw.shape}'
         raise InputError(f'{path}: depth PNG must be 1-channel 16-bit, got {what}')
-    return np.where(raw == 0, np.nan, raw / units_per_m)
+    return png_encoding(units_per_m).decode(raw, np.float64)
 
 
 def read_pred(path: Path) -> np.ndarray:

@@ -11,12 +11,11 @@ from typing import Any, NamedTuple, Optional, Sequence
 
 import numpy as np
 
-from metricgold_ros.camera import Intrinsics
+from metricgold_ros.camera import DISTORTION_SIZES, Calibration, Intrinsics
+from metricgold_ros.depth_traits import valid_depth
 from metricgold_ros.errors import InputError
 from metricgold_ros.image_encodings import decode_compressed, image_to_rgb, rgb_to_buffer
 from metricgold_ros.pointcloud import Cloud
-
-_DISTORTION_SIZES = {'plumb_bob': 5, 'rational_polynomial': 8, 'equidistant': 4}
 
 
 @dataclass(frozen=True)
@@ -128,7 +127,7 @@ def depth_image_msg(types: MessageTypes, header: Any, depth_m: np.ndarray) -> An
     """32FC1 depth in metres, NaN where invalid (NaN, inf, <= 0), as REP 118 asks."""
     depth_m = _check_2d_float('depth_m', depth_m)
     out = depth_m.astype('<f4', copy=True)
-    np.copyto(out, np.float32(np.nan), where=~((out > 0) & (out < np.inf)))
+    np.copyto(out, np.float32(np.nan), where=~valid_depth(out))
     return _image(types, header, out.shape[0], out.shape[1], '32FC1', 4 * out.shape[1], out)
 
 
@@ -158,7 +157,7 @@ def camera_info_msg(types: MessageTypes, header: Any, intr: Intrinsics,
     depth image made from a rectified image.
     """
     if d is None:
-        d = [0.0] * _DISTORTION_SIZES.get(distortion_model, 0)
+        d = [0.0] * DISTORTION_SIZES.get(distortion_model, 0)
     roi = types.RegionOfInterest(x_offset=0, y_offset=0, height=0, width=0, do_rectify=False)
     return types.CameraInfo(
         header=_header(types, header), height=intr.height, width=intr.width,
@@ -191,10 +190,21 @@ def rgb_from_msg(msg: Any, *, pixel_budget: Optional[int] = None) -> np.ndarray:
     return image_to_rgb(*image_fields(msg), pixel_budget=pixel_budget)
 
 
-def intrinsics_from_camera_info(msg: Any) -> Intrinsics:
-    """Intrinsics of a CameraInfo of either type system (``k`` in ROS 2, ``K`` in ROS 1)."""
+def stamp_ns(stamp: Any) -> int:
+    """Integer nanoseconds of a ``builtin_interfaces/Time`` (rclpy, rosbags, ROS 1 alike)."""
+    return int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
+
+
+def calibration_from_info(msg: Any) -> Calibration:
+    """The :class:`Calibration` of a CameraInfo of either type system or ROS version.
+
+    ROS 2 names the fields ``k``/``d``, ROS 1 ``K``/``D``. Never raises: what cannot be used is
+    the calibration's ``problem``.
+    """
     k = msg.k if hasattr(msg, 'k') else getattr(msg, 'K', None)
+    d = msg.d if hasattr(msg, 'd') else getattr(msg, 'D', ())
     if k is None:
-        raise InputError(f'camera_info: a {type(msg).__name__} has no k/K field; pass a '
-                         'sensor_msgs/CameraInfo')
-    return Intrinsics.from_k(k, width=int(msg.width), height=int(msg.height))
+        return Calibration(None, f'camera_info: a {type(msg).__name__} has no k/K field; pass '
+                           'a sensor_msgs/CameraInfo')
+    return Calibration.from_fields(k, d, str(getattr(msg, 'distortion_model', '')),
+                                   getattr(msg, 'width', 0), getattr(msg, 'height', 0))

@@ -1,7 +1,17 @@
-"""Where the bundled model lives, found without importing torch or ament at module import."""
+"""Finding and loading the model: a given folder, else the bundled one, else a clear error.
 
+The one implementation behind the node's ``model_path``, the tools' ``--model``, the bench,
+the demo and the soak script. Nothing here imports torch or ament at module import.
+"""
+
+import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import TYPE_CHECKING, Callable, List, Optional
+
+from metricgold_ros.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from metricgold_ros.model import MetricGoldPipeline
 
 PACKAGE = 'metricgold_ros'
 BUNDLED_MODEL = 'metricgold-tiny'
@@ -44,10 +54,90 @@ def bundled_model_notice(path: Path, option: str) -> str:
             f'decisions (see its MODEL_CARD.md); set {option} for a real checkpoint')
 
 
-def missing_model_message(parameter: str = 'model_path') -> str:
-    """What to tell a user who started without a model: the parameter, the command, the doc."""
+def missing_model_message(option: str = 'model_path') -> str:
+    """What to tell a user who started without a model: the option, the command, the doc."""
     looked = ', '.join(str(path) for path in bundled_model_candidates())
-    return (f'{parameter} is not set and no bundled model is installed (looked in {looked}). '
+    usage = f'{option} DIR' if option.startswith('-') else f'-p {option}:=DIR'
+    return (f'{option} is not set and no bundled model is installed (looked in {looked}). '
             'Create one with `metricgold init-model DIR --tiny` (untrained, for smoke tests) or '
-            f'download a trained MetricGold checkpoint, then pass -p {parameter}:=DIR; see '
+            f'download a trained MetricGold checkpoint, then pass {usage}; see '
             f'{README_MODEL_SECTION}.')
+
+
+def _said(option: str, value: object) -> str:
+    """``--model /x`` for a flag, ``model_path='/x'`` for a node parameter."""
+    return f'{option} {value}' if option.startswith('-') else f'{option}={str(value)!r}'
+
+
+def _stderr(line: str) -> None:
+    print(f'metricgold: {line}', file=sys.stderr)
+
+
+def resolve_model_path(given: Optional[str], option: str,
+                       notify: Callable[[str], None] = _stderr) -> Path:
+    """The model folder: ``given``, else the bundled model (said once through ``notify``).
+
+    Args:
+        given: the user's folder; empty or None for the bundled model.
+        option: how the user sets it (``'model_path'``, ``'--model'``), for the messages.
+    Raises:
+        CheckpointError: ``given`` is not a folder, or none was given and none is installed.
+    """
+    if given:
+        path = Path(given).expanduser()
+        if not path.is_dir():
+            raise CheckpointError(
+                f'{_said(option, given)}: no such folder. Pass a local MetricGold checkpoint '
+                'folder (`metricgold init-model DIR --tiny` writes an untrained one for smoke '
+                f'tests; see {README_MODEL_SECTION})')
+        return path
+    path = bundled_model_path()
+    if path is None:
+        raise CheckpointError(missing_model_message(option))
+    notify(bundled_model_notice(path, option))
+    return path
+
+
+def load_model(given: Optional[str], option: str, *, device: str = 'auto',
+               dtype: str = 'auto', allow_pickle: bool = False,
+               notify: Callable[[str], None] = _stderr, **kwargs: bool
+               ) -> 'MetricGoldPipeline':
+    """The pipeline of :func:`resolve_model_path`'s folder on ``device``.
+
+    Every way a folder can fail to load (missing or corrupt files, wrong architecture, a
+    loader's own exception) ends in a :class:`CheckpointError` that names the folder, never a
+    traceback. ``kwargs`` go to :meth:`MetricGoldPipeline.from_pretrained`.
+    """
+    path = resolve_model_path(given, option, notify)
+    from metricgold_ros.model import MetricGoldPipeline  # torch/diffusers: imported when needed
+
+    try:
+        return MetricGoldPipeline.from_pretrained(path, device=device, dtype=dtype,
+                                                  allow_pickle=allow_pickle, **kwargs)
+    except CheckpointError as err:
+        raise CheckpointError(f'{_said(option, path)}: {err}') from err
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError, ImportError) as err:
+        raise CheckpointError(f'{_said(option, path)} cannot be loaded: '
+                              f'{type(err).__name__}: {err}') from err
+
+
+def model_or_untrained(given: Optional[Path], scratch: Path,
+                       notify: Callable[[str], None] = _stderr) -> Path:
+    """``given``, else the bundled model, else an untrained tiny model written in ``scratch``.
+
+    For the demo and the soak run, which must run on a clone without trained weights; the
+    untrained model's depth is meaningless, and ``notify`` says so.
+    """
+    if given is not None:
+        return resolve_model_path(str(given), '--model', notify)
+    bundled = bundled_model_path()
+    if bundled is not None:
+        return bundled
+    from metricgold_ros.model import build_tiny_checkpoint, save_checkpoint
+
+    path = scratch / '.untrained-model'
+    notify(f'no bundled model found; using a randomly initialised tiny model ({path}): depth '
+           'will be meaningless')
+    if not path.exists():
+        save_checkpoint(path, build_tiny_checkpoint())
+    return path

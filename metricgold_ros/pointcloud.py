@@ -2,7 +2,6 @@
 
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import List, Optional, Tuple, Union
@@ -10,11 +9,12 @@ from typing import List, Optional, Tuple, Union
 import cv2
 import numpy as np
 
+from metricgold_ros.atomic import atomic_file
 from metricgold_ros.camera import Intrinsics
+from metricgold_ros.depth_traits import valid_depth
 from metricgold_ros.errors import InputError
 
 FLOAT32 = 7  # sensor_msgs/PointField.FLOAT32
-_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclass(frozen=True)
@@ -102,8 +102,7 @@ def depth_to_points(depth_m: np.ndarray, intr: Intrinsics, stride: int = 1,
     z = flat[:, :, 2]
     z[...] = depth_s
     # One comparison pair rejects NaN, inf, <= 0 and too far: NaN compares False.
-    limit = min(float(max_depth_m), _FLOAT32_MAX)
-    np.copyto(z, np.float32(np.nan), where=~((depth_s > 0) & (depth_s <= limit)))
+    np.copyto(z, np.float32(np.nan), where=~valid_depth(depth_s, max_depth_m))
     np.multiply(z, ray_x, out=flat[:, :, 0])  # NaN z gives NaN x, y
     np.multiply(z, ray_y, out=flat[:, :, 1])
     if rgb is not None:
@@ -149,16 +148,7 @@ def write_ply(path: Union[str, 'os.PathLike[str]'], cloud: Cloud) -> int:
             vertices[name] = colours[:, i]
             header.append(f'property uchar {name}')
     header.append('end_header')
-    folder = os.path.dirname(os.path.abspath(os.fspath(path)))
-    fd, tmp_path = tempfile.mkstemp(prefix='.tmp-', suffix='.ply', dir=folder)
-    try:
-        os.chmod(tmp_path, 0o644)  # mkstemp's 0600 would hide the cloud from other users
-        with os.fdopen(fd, 'wb') as handle:
-            handle.write(('\n'.join(header) + '\n').encode('ascii'))
-            handle.write(vertices.tobytes())
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.unlink(tmp_path)
-        raise
+    with atomic_file(path) as handle:
+        handle.write(('\n'.join(header) + '\n').encode('ascii'))
+        handle.write(vertices.tobytes())
     return int(vertices.size)

@@ -69,17 +69,18 @@ def compressed_msg(types: Any, header: Any, rgb: np.ndarray, codec: str,
 
 
 def camera_info_msg(types: Any, header: Any, camera: Intrinsics, ros1: bool = False,
-                    k: Optional[Any] = None, size: Optional[Any] = None) -> Any:
+                    k: Optional[Any] = None, size: Optional[Any] = None,
+                    d: Optional[Any] = None) -> Any:
     """sensor_msgs/CameraInfo of ``camera`` (plumb_bob, zero distortion).
 
-    ``k`` (9 numbers) and ``size`` ``(width, height)`` override the camera's, to make a
+    ``k`` (9 numbers), ``size`` ``(width, height)`` and ``d`` override the camera's, to make a
     broken calibration.
     """
     roi = types['sensor_msgs/msg/RegionOfInterest'](
         x_offset=0, y_offset=0, height=0, width=0, do_rectify=False)
     k = camera.k.reshape(-1) if k is None else np.asarray(k, np.float64)
     width, height = (camera.width, camera.height) if size is None else size
-    arrays = {'d': np.zeros(5), 'k': k, 'r': np.eye(3).reshape(-1),
+    arrays = {'d': np.zeros(5) if d is None else np.asarray(d, np.float64), 'k': k, 'r': np.eye(3).reshape(-1),
               'p': camera.p.reshape(-1)}
     if ros1:
         arrays = {key.upper(): value for key, value in arrays.items()}
@@ -103,14 +104,15 @@ def write_camera_bag(path: Path, *, storage: str = 'mcap', ros1: bool = False,
                      info_topic: str = '/camera/camera_info',
                      info_offset_ns: int = 0, extra_topic: bool = True,
                      declared_encoding: Optional[str] = None, info_k: Optional[Any] = None,
-                     info_size: Optional[Any] = None, seed: int = 0) -> CameraBag:
+                     info_size: Optional[Any] = None, info_d: Optional[Any] = None,
+                     seed: int = 0) -> CameraBag:
     """Write a camera recording: ``count`` images, CameraInfo beside each, a chatter topic.
 
     ``compressed`` ('jpeg'/'png') writes CompressedImage instead of Image. CameraInfo is
     stamped ``info_offset_ns`` after its image (0: the same stamp) and logged just before it.
     ``ros1`` writes a ROS 1 ``.bag`` (``path`` should end in .bag) instead of rosbag2.
     ``declared_encoding`` overrides the Image's encoding field (a wrong or unsupported one);
-    ``info_k`` / ``info_size`` the CameraInfo's K and (width, height).
+    ``info_k`` / ``info_size`` / ``info_d`` the CameraInfo's K, (width, height) and D.
     """
     from rosbags.typesys import Stores, get_typestore
 
@@ -132,7 +134,7 @@ def write_camera_bag(path: Path, *, storage: str = 'mcap', ros1: bool = False,
             stamps.append(stamp)
             if conn_info is not None:
                 info = camera_info_msg(types, _header(types, stamp + info_offset_ns, ros1, i),
-                                       camera, ros1, info_k, info_size)
+                                       camera, ros1, info_k, info_size, info_d)
                 writer.write(conn_info, stamp, serialize(info, 'sensor_msgs/msg/CameraInfo'))
             header = _header(types, stamp, ros1, i)
             msg = compressed_msg(types, header, rgb, compressed) if compressed else \

@@ -2,6 +2,7 @@
 
 import os
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -58,3 +59,150 @@ def fast_model(monkeypatch, tiny_pipeline):
     torch.set_num_threads(1)  # tiny inputs; one thread stays fast on a busy shared machine
     yield tiny_pipeline
     torch.set_num_threads(threads)
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line(
+        'markers', 'slow: starts processes or runs over ~10 s; `pytest -m "not slow"` is the '
+        'quick loop (CI runs everything)')
+
+
+class NodeRig:
+    """The one node rig: a DepthNode in namespace ``ns`` on a RosHarness, a camera publisher
+    pair (``image_topic``, ``camera_info``), output collectors, a parameter client and /rosout.
+
+    Build it with the ``node_rig`` fixture; ROS is imported only when one is made.
+    """
+
+    def __init__(self, ros, node, ns: str, width: int = 160, height: int = 120,
+                 image_topic: str = 'image_raw', qos=None) -> None:
+        from rcl_interfaces.msg import Log
+        from rcl_interfaces.srv import SetParameters
+        from sensor_msgs.msg import CameraInfo, Image
+
+        from ros_helpers import reliable_qos, synthetic_frame
+
+        self.ros, self.node, self.ns = ros, node, ns
+        self.width, self.height = width, height
+        self.image_pub = ros.publisher(Image, f'{ns}/{image_topic}', qos)
+        self.info_pub = ros.publisher(CameraInfo, f'{ns}/camera_info', qos)
+        self.rgb, self.k = synthetic_frame(3, width, height)
+        self.param_client = ros.node.create_client(SetParameters,
+                                                   f'{ns}/depth_node/set_parameters')
+        self.rosout = ros.collector(Log, '/rosout', reliable_qos(1000))
+        self._stamp = 1_700_000_000_000_000_000
+        self._subs = []
+
+    def next_stamp(self) -> int:
+        self._stamp += 10_000_000
+        return self._stamp
+
+    def collect(self, msg_type, topic: str):
+        """A collector of ``ns/topic``, removed again by :meth:`drop_collectors`."""
+        collector = self.ros.collector(msg_type, f'{self.ns}/{topic}')
+        self._subs.append(collector.subscription)
+        return collector
+
+    def outputs(self, *topics):
+        """Collectors of the node's output ``topics``, each matched to the node's publisher."""
+        from ros_helpers import wait_for_publishers
+        from metricgold_ros.node.depth_node import OUTPUTS
+
+        collectors = {t: self.collect(OUTPUTS[t], t) for t in topics}
+        for collector in collectors.values():
+            assert wait_for_publishers(collector.subscription)
+        return collectors
+
+    def drop_collectors(self) -> None:
+        for sub in self._subs:
+            self.ros.node.destroy_subscription(sub)
+        self._subs = []
+
+    def send(self, rgb=None, info_k=None, info_size=None, encoding='bgr8', padding=0,
+             image=None, info_d=(0.0,) * 5) -> int:
+        """Publish CameraInfo (unless ``info_k`` is False) and an Image with a fresh stamp."""
+        from ros_helpers import camera_info_msg, image_msg
+
+        stamp = self.next_stamp()
+        if info_k is not False:
+            self.info_pub.publish(camera_info_msg(
+                stamp, *(info_size or (self.width, self.height)), info_k or self.k, d=info_d))
+        self.image_pub.publish(image(stamp) if image is not None else
+                               image_msg(self.rgb if rgb is None else rgb, stamp, encoding,
+                                         row_padding=padding))
+        return stamp
+
+    def set_params(self, **values) -> list:
+        """Set parameters through the node's SetParameters service (as `ros2 param set`)."""
+        from rcl_interfaces.msg import Parameter as ParameterMsg
+        from rcl_interfaces.msg import ParameterType, ParameterValue
+        from rcl_interfaces.srv import SetParameters
+
+        from ros_helpers import wait_until
+
+        assert self.param_client.wait_for_service(timeout_sec=10.0)
+        types = {bool: ParameterType.PARAMETER_BOOL, int: ParameterType.PARAMETER_INTEGER,
+                 float: ParameterType.PARAMETER_DOUBLE, str: ParameterType.PARAMETER_STRING}
+        fields = {bool: 'bool_value', int: 'integer_value', float: 'double_value',
+                  str: 'string_value'}
+        request = SetParameters.Request(parameters=[
+            ParameterMsg(name=name, value=ParameterValue(type=types[type(value)],
+                                                         **{fields[type(value)]: value}))
+            for name, value in values.items()])
+        future = self.param_client.call_async(request)
+        assert wait_until(future.done, 10.0), 'set_parameters timed out'
+        return future.result().results
+
+    def close(self) -> None:
+        """Take the node off the harness and destroy it (the harness goes on)."""
+        self.drop_collectors()
+        self.node.close()
+        self.ros.executor.remove_node(self.node)
+        self.node.destroy_node()
+
+    def errors_naming(self, *words: str):
+        """The node's error (and fatal) log lines holding every one of ``words``."""
+        return [log.msg for log in self.rosout.messages()
+                if log.level >= 40 and log.name.endswith(self.ns.strip('/') + '.depth_node')
+                and all(word in log.msg for word in words)]
+
+
+@pytest.fixture(scope='module')
+def node_rig(tiny_model_dir):
+    """Factory of :class:`NodeRig`s on one module-wide harness, with the tiny model on the CPU.
+
+    ``node_rig('/ns', image_topic='image_raw', fault=None, rig=NodeRig, **parameters)``: the
+    node subscribes to ``image`` remapped to ``image_topic``; ``fault`` is the
+    ``METRICGOLD_FAULT`` it starts with; ``rig`` a NodeRig subclass. Nodes not closed by their
+    test are shut down with the module.
+    """
+    pytest.importorskip('rclpy')
+    from rclpy.parameter import Parameter
+
+    from metricgold_ros.faults import FAULT_ENV
+    from metricgold_ros.node.depth_node import DepthNode
+    from ros_helpers import RosHarness, wait_for_publishers, wait_for_subscribers
+
+    with RosHarness('node_rig') as ros:
+        def make(ns: str, *, image_topic: str = 'image_raw', width: int = 160,
+                 height: int = 120, fault: Optional[str] = None, rig: type = NodeRig,
+                 pub_qos=None, **parameters) -> NodeRig:
+            values = {'model_path': str(tiny_model_dir), 'device': 'cpu', **parameters}
+            saved = os.environ.pop(FAULT_ENV, None)
+            if fault is not None:
+                os.environ[FAULT_ENV] = fault
+            try:
+                node = DepthNode(context=ros.context, namespace=ns,
+                                 cli_args=['--ros-args', '-r', f'image:={image_topic}'],
+                                 parameter_overrides=[Parameter(k, value=v)
+                                                      for k, v in values.items()])
+            finally:
+                os.environ.pop(FAULT_ENV, None)
+                if saved is not None:
+                    os.environ[FAULT_ENV] = saved
+            ros.add_node(node)
+            made = rig(ros, node, ns, width, height, image_topic, pub_qos)
+            assert wait_for_subscribers(made.image_pub) and wait_for_subscribers(made.info_pub)
+            assert wait_for_publishers(made.rosout.subscription)
+            return made
+        yield make

@@ -3,7 +3,7 @@
 Importing torch and diffusers costs 3-10 s of CPU per process on the shared CI machine, more
 than everything a start-up or shutdown test checks. The zygote imports them (and rclpy) once;
 each node is then a ``fork()`` of it that restores the default signal handlers, takes the
-given environment, sends stdout/stderr to files and calls :func:`metricgold_ros.node.depth_node.main`
+given environment, sends stdout/stderr to files and calls :func:`metricgold_ros.node.main.main`
 as the ``depth_node`` console script does (so it ends with the same ``os._exit``). Signals go
 straight to the child's pid. test_node_process.py covers the console script itself. Linux only.
 """
@@ -30,7 +30,7 @@ try:
 except ImportError:
     pass
 from metricgold_ros import colorize, depth_frame, pointcloud  # noqa: F401
-from metricgold_ros.node import depth_node  # noqa: F401
+from metricgold_ros.node import main as node_main  # noqa: F401
 from metricgold_ros.model import MetricGoldPipeline, load_checkpoint  # noqa: F401
 children = set()
 print(json.dumps({'ready': os.getpid()}), flush=True)
@@ -51,7 +51,7 @@ for line in sys.stdin:
                     os.close(out)
                 sys.stdin = open(os.devnull)
                 sys.argv = ['depth_node', *cmd['args']]
-                code = depth_node.main(cmd['args'], exit_process=True)
+                code = node_main.main(cmd['args'], exit_process=True)
             except BaseException:
                 traceback.print_exc()
             finally:

@@ -60,7 +60,6 @@ def header(stamp_ns: int, frame_id: str = 'camera_optical_frame') -> Any:
 def image_msg(rgb: np.ndarray, stamp_ns: int, encoding: str = 'rgb8',
               frame_id: str = 'camera_optical_frame', row_padding: int = 0) -> Any:
     """sensor_msgs/Image of ``rgb`` in a writable encoding, rows padded by ``row_padding``."""
-    from sensor_msgs.msg import Image
 
     from metricgold_ros.image_encodings import rgb_to_buffer
     data, step = rgb_to_buffer(rgb, encoding)
@@ -83,12 +82,13 @@ def raw_image_msg(stamp_ns: int, encoding: str, height: int, width: int, step: i
 
 
 def camera_info_msg(stamp_ns: int, width: int, height: int,
-                    k: Sequence[float], frame_id: str = 'camera_optical_frame') -> Any:
-    """sensor_msgs/CameraInfo with K = ``(fx, fy, cx, cy)`` and plumb_bob zeros."""
+                    k: Sequence[float], frame_id: str = 'camera_optical_frame',
+                    d: Sequence[float] = (0.0,) * 5) -> Any:
+    """sensor_msgs/CameraInfo with K = ``(fx, fy, cx, cy)``, plumb_bob with ``d``."""
     from sensor_msgs.msg import CameraInfo
     fx, fy, cx, cy = k
     return CameraInfo(header=header(stamp_ns, frame_id), width=width, height=height,
-                      distortion_model='plumb_bob', d=[0.0] * 5,
+                      distortion_model='plumb_bob', d=[float(v) for v in d],
                       k=[fx, 0.0, cx, 0.0, fy, cy, 0.0, 0.0, 1.0],
                       r=[1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0],
                       p=[fx, 0.0, cx, 0.0, 0.0, fy, cy, 0.0, 0.0, 0.0, 1.0, 0.0])
@@ -169,7 +169,8 @@ class Collector:
 
 def stamp_of(msg: Any) -> int:
     """Header stamp in integer nanoseconds."""
-    return int(msg.header.stamp.sec) * 10 ** 9 + int(msg.header.stamp.nanosec)
+    from metricgold_ros.messages import stamp_ns
+    return stamp_ns(msg.header.stamp)
 
 
 class RosHarness:

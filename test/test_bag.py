@@ -270,6 +270,7 @@ def test_calibration_lookup():
     assert bag_io.CalibrationTable([], []).lookup(5) == (None, 'none')
 
 
+@pytest.mark.slow
 def test_interrupt_leaves_no_output(tmp_path, tiny_model_dir):
     bag = write_camera_bag(tmp_path / 'in', count=40, width=320, height=240,
                            extra_topic=False)

@@ -111,6 +111,7 @@ def _check_disk_full(runs, how, words):
         assert result['left'] == [], f'{how} {storage}: left behind {result["left"]}'
 
 
+@pytest.mark.slow
 def test_disk_full_on_a_small_tmpfs(disk_full_runs):
     """A real filesystem that runs out of space (ENOSPC) in the middle of the output."""
     if disk_full_runs['skip']:

@@ -20,6 +20,7 @@ from metricgold_ros.model import image_ops
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_quick_bench_writes_the_headline_numbers(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / 'bench.json'
     assert main(['bench', '--quick', '--model', str(tiny_model_dir), '--json', str(out),
@@ -59,6 +60,7 @@ def test_bench_refuses_bad_numbers(tiny_model_dir, capsys):
     assert '--sweep-steps' in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_warm_start_study_runs(tiny_model_dir, tmp_path):
     spec = importlib.util.spec_from_file_location('warm_start', REPO_ROOT / 'bench' /
                                                   'warm_start.py')

@@ -15,6 +15,7 @@ CHECK_PER_KIND = 12  # the first images of the held-out split behind the card's 
 TOLERANCE = 0.20
 
 
+@pytest.mark.slow
 def test_bundled_model_matches_its_reported_accuracy(tmp_path):
     model = bundled_model_path()
     assert model is not None, 'the bundled model metricgold_ros/models/metricgold-tiny is missing'

@@ -138,6 +138,26 @@ def test_vkitti2_split_archives_and_missing_files(tmp_path):
         VirtualKitti2Dataset(tmp_path / 'nowhere')
 
 
+def test_vkitti2_reads_both_cameras_and_selects_scenes(tmp_path):
+    """Marigold trains on Camera_0 and Camera_1 and holds Scene01 out (issue 13)."""
+    depth_cm = np.full((H, W), 700, np.uint16)
+    rows = ['frame cameraID K[0,0] K[1,1] K[0,2] K[1,2]', '0 0 20 20 15.5 11.5',
+            '0 1 21 21 15.5 11.5']
+    for scene in ('Scene01', 'Scene02'):
+        base = tmp_path / scene / 'clone'
+        for camera in ('Camera_0', 'Camera_1'):
+            _write_rgb(base / 'frames' / 'rgb' / camera / 'rgb_00000.jpg', _rgb(0))
+            _write_png16(base / 'frames' / 'depth' / camera / 'depth_00000.png', depth_cm)
+        (base / 'intrinsic.txt').write_text('\n'.join(rows) + '\n')
+    names = [item.name for item in VirtualKitti2Dataset(tmp_path).items]
+    assert names == [f'{scene}/clone/{camera}/00000' for scene in ('Scene01', 'Scene02')
+                     for camera in ('Camera_0', 'Camera_1')]
+    train = VirtualKitti2Dataset(tmp_path, scenes=['Scene02'])
+    assert [item.name for item in train.items] == names[2:]
+    assert [train[i]['intrinsics'][0] for i in range(2)] == [20.0, 21.0]
+    assert len(VirtualKitti2Dataset(tmp_path, cameras=['Camera_0'], scenes=['Scene01'])) == 1
+
+
 def test_synthetic_writer_round_trips_through_the_vkitti2_loader(tmp_path):
     assert write_vkitti2(tmp_path, 2, seed=11, width=48, height=36) == 4
     data = VirtualKitti2Dataset(tmp_path)

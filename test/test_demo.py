@@ -10,6 +10,7 @@ import pytest
 from conftest import REPO_ROOT
 
 
+@pytest.mark.slow
 def test_make_demo_short_mode(tmp_path):
     if shutil.which('make') is None:
         pytest.skip('make is not installed')

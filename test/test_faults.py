@@ -13,18 +13,17 @@ import pytest
 
 pytest.importorskip('rclpy')
 
-from rcl_interfaces.msg import Log  # noqa: E402
-from rclpy.parameter import Parameter  # noqa: E402
 from sensor_msgs.msg import CameraInfo, Image, PointCloud2  # noqa: E402
 
-from metricgold_ros.node.depth_node import DepthNode  # noqa: E402
 from metricgold_ros.errors import InputError  # noqa: E402
-from metricgold_ros.node.support import (FAULT_ENV, FaultInjector, StampCache,  # noqa: E402
-                                         check_parameter, default_values)
+from metricgold_ros.faults import FAULT_ENV, FaultInjector  # noqa: E402
+from metricgold_ros.node.parameters import PARAMETERS, check_parameter  # noqa: E402
+from metricgold_ros.node.runtime import StampCache  # noqa: E402
 from node_zygote import start_node, wait_for_text  # noqa: E402
+from conftest import NodeRig  # noqa: E402
 from ros_helpers import (REPO_ROOT, RosHarness, camera_info_msg, image_array,  # noqa: E402
                          image_msg, reliable_qos, ros_env, stamp_of, synthetic_frame,
-                         wait_for_publishers, wait_for_subscribers, wait_until)
+                         wait_for_publishers, wait_until)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -35,37 +34,15 @@ OUT_TIMEOUT_S = 20.0
 EXIT_TIMEOUT_S = 2.0
 
 
-@pytest.fixture(scope='module')
-def ros():
-    with RosHarness('faults_test') as harness:
-        harness.rosout = harness.collector(Log, '/rosout', reliable_qos(500))
-        yield harness
+class FaultRig(NodeRig):
+    """The node rig with collectors of every output this module checks."""
 
-
-class Cam:
-    """A node under test in namespace ``ns``, a camera publisher pair and output collectors."""
-
-    counter = 0
-
-    def __init__(self, ros, model_dir, monkeypatch, fault=None, **params):
-        Cam.counter += 1
-        self.ros, self.ns = ros, f'/fault{Cam.counter}'
-        if fault is None:
-            monkeypatch.delenv(FAULT_ENV, raising=False)
-        else:
-            monkeypatch.setenv(FAULT_ENV, fault)
-        values = {'model_path': str(model_dir), 'device': 'cpu', 'stats_period': 0.0,
-                  'processing_resolution': RESOLUTION, 'publish_colored': False,
-                  'qos': 'reliable', **params}
-        self.node = DepthNode(context=ros.context, namespace=self.ns, parameter_overrides=[
-            Parameter(k, value=v) for k, v in values.items()])
-        ros.executor.add_node(self.node)  # removed again by close()
-        self.image_pub = ros.publisher(Image, f'{self.ns}/image')
-        self.info_pub = ros.publisher(CameraInfo, f'{self.ns}/camera_info')
-        self.depth = ros.collector(Image, f'{self.ns}/depth/image')
-        self.info_out = ros.collector(CameraInfo, f'{self.ns}/depth/camera_info')
-        self.points = ros.collector(PointCloud2, f'{self.ns}/points')
-        assert wait_for_subscribers(self.image_pub) and wait_for_subscribers(self.info_pub)
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.depth = self.ros.collector(Image, f'{self.ns}/depth/image')
+        self.info_out = self.ros.collector(CameraInfo, f'{self.ns}/depth/camera_info')
+        self.points = self.ros.collector(PointCloud2, f'{self.ns}/points')
+        self._subs += [c.subscription for c in (self.depth, self.info_out, self.points)]
         assert wait_for_publishers(self.depth.subscription)
         self.stamp = 1_800_000_000_000_000_000
 
@@ -82,22 +59,18 @@ class Cam:
         return collector.wait_for(lambda m: stamp_of(m) == stamp, timeout_s)
 
     def errors(self, *words):
-        return [log.msg for log in self.ros.rosout.messages() if log.level >= 40
-                and log.name.endswith(self.ns[1:] + '.depth_node')
-                and all(word in log.msg for word in words)]
-
-    def close(self):
-        self.node.close()
-        self.ros.executor.remove_node(self.node)
-        self.node.destroy_node()
+        return self.errors_naming(*words)
 
 
 @pytest.fixture
-def make_cam(ros, tiny_model_dir, monkeypatch):
+def make_cam(node_rig):
     cams = []
 
     def make(fault=None, **params):
-        cams.append(Cam(ros, tiny_model_dir, monkeypatch, fault, **params))
+        values = {'stats_period': 0.0, 'processing_resolution': RESOLUTION,
+                  'publish_colored': False, 'qos': 'reliable', **params}
+        cams.append(node_rig(f'/fault{len(cams)}_{time.monotonic_ns()}', image_topic='image',
+                             fault=fault, rig=FaultRig, pub_qos=reliable_qos(5), **values))
         return cams[-1]
     yield make
     for cam in cams:
@@ -123,7 +96,6 @@ def test_fault_injector_counts_calls_per_stage():
         faults('unet')
     faults('unet')  # times=1: once only
     faults('preprocess')  # no rule
-    assert faults.injected == 3
 
 
 @pytest.mark.parametrize('spec', ['decode:oom', 'unet', 'unet:boom', 'unet:oom:every=0',
@@ -134,7 +106,7 @@ def test_fault_injector_refuses_bad_specs(spec):
 
 
 def test_fallback_resolution_parameter_and_stamp_cache_reset():
-    values = default_values()
+    values = {spec.name: spec.default for spec in PARAMETERS}
     assert check_parameter('fallback_processing_resolution', 0, values) is None
     assert check_parameter('fallback_processing_resolution', 256, values) is None
     assert 'too small' in check_parameter('fallback_processing_resolution', 4, values)
@@ -191,7 +163,7 @@ def test_failed_frame_is_skipped_and_the_node_goes_on(make_cam, frame, fault, fa
     cam = make_cam(fault, fallback_processing_resolution=fallback)
     failed = cam.send(rgb, k)
     assert wait_until(lambda: cam.errors(*words), OUT_TIMEOUT_S), \
-        [log.msg for log in cam.ros.rosout.messages() if log.level >= 40]
+        [log.msg for log in cam.rosout.messages() if log.level >= 40]
     served = cam.send(rgb, k)
     assert cam.output(served) is not None, 'the node stopped after an inference failure'
     assert not [m for m in cam.depth.messages() if stamp_of(m) == failed]
@@ -209,11 +181,9 @@ def test_every_third_decode_out_of_memory(make_cam, frame):
     assert (stats.failed, stats.retried, stats.published, stats.errors) == (2, 2, 6, 0)
 
 
-def test_bad_fault_spec_fails_at_start(ros, tiny_model_dir, monkeypatch):
-    monkeypatch.setenv(FAULT_ENV, 'decode:oom')
+def test_bad_fault_spec_fails_at_start(node_rig):
     with pytest.raises(InputError, match=f'{FAULT_ENV}.*STAGE:KIND.*vae_decode'):
-        DepthNode(context=ros.context, namespace='/badfault', parameter_overrides=[
-            Parameter('model_path', value=str(tiny_model_dir))])
+        node_rig('/badfault', fault='decode:oom')
 
 
 def test_camera_restart_at_another_resolution(make_cam):
@@ -231,7 +201,7 @@ def test_camera_restart_at_another_resolution(make_cam):
     first = cam.send(big, info=False)
     depth = cam.output(first)
     assert depth is not None and (depth.width, depth.height) == (2 * W, 2 * H)
-    assert wait_until(lambda: [log for log in cam.ros.rosout.messages()
+    assert wait_until(lambda: [log for log in cam.rosout.messages()
                                if f'from {W}x{H} to {2 * W}x{2 * H}' in log.msg], 5.0)
     assert cam.output(first, cam.info_out, 1.0) is None, 'stale intrinsics of the old mode'
     stamp = cam.send(big, k_big)
@@ -262,6 +232,7 @@ def _taken(log: str) -> bool:
     (signal.SIGINT, 'unet:sleep=3', (160, 120), RESOLUTION),  # a stalled stage
     (signal.SIGTERM, None, (640, 480), 0),  # real compute: the tiny model at 640x480
 ], ids=['SIGINT-stalled-stage', 'SIGTERM-computing'])
+@pytest.mark.slow
 def test_signal_during_inference_exits_quickly(tiny_model_dir, tmp_path, sig, fault, size,
                                                resolution):
     ns = f'/sig{int(sig)}'

@@ -20,18 +20,16 @@ pytest.importorskip('rclpy')
 hypothesis = pytest.importorskip('hypothesis')
 
 from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
-from rcl_interfaces.msg import Log  # noqa: E402
-from rclpy.parameter import Parameter  # noqa: E402
 from sensor_msgs.msg import CameraInfo, Image  # noqa: E402
 
-from metricgold_ros.node.depth_node import DepthNode  # noqa: E402
 from metricgold_ros.errors import InputError  # noqa: E402
 from metricgold_ros.image_encodings import SUPPORTED_ENCODINGS, decode_compressed  # noqa: E402
-from ros_helpers import (RosHarness, camera_info_msg, header, image_array,  # noqa: E402
+from conftest import NodeRig  # noqa: E402
+from ros_helpers import (camera_info_msg, header, image_array,  # noqa: E402
                          image_msg, reliable_qos, stamp_of, synthetic_frame,
-                         wait_for_publishers, wait_for_subscribers, wait_until)
+                         wait_for_publishers, wait_until)
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
 NS = '/fuzz'
 W, H = 48, 32
@@ -50,18 +48,15 @@ SETTINGS = dict(deadline=None, database=None, suppress_health_check=[
     HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture])
 
 
-class Rig:
-    """The node under test, publishers, collectors and a valid reference frame."""
+class FuzzRig(NodeRig):
+    """The node rig with compact output collectors and a valid reference frame."""
 
-    def __init__(self, ros, node):
-        self.ros, self.node = ros, node
-        self.image_pub = ros.publisher(Image, f'{NS}/image')
-        self.info_pub = ros.publisher(CameraInfo, f'{NS}/camera_info')
-        self.depth = ros.collector(Image, f'{NS}/depth/image', keep=lambda m: (
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.depth = self.ros.collector(Image, f'{NS}/depth/image', keep=lambda m: (
             stamp_of(m), m.width, m.height, image_array(m)))
-        self.info_out = ros.collector(CameraInfo, f'{NS}/depth/camera_info',
-                                      keep=lambda m: (stamp_of(m), tuple(m.k)))
-        self.rosout = ros.collector(Log, '/rosout', reliable_qos(1000))
+        self.info_out = self.ros.collector(CameraInfo, f'{NS}/depth/camera_info',
+                                           keep=lambda m: (stamp_of(m), tuple(m.k)))
         self.rgb, self.k = synthetic_frame(2, W, H)
         self.stamp = FIRST_STAMP
         self.reference = None
@@ -128,20 +123,13 @@ class Rig:
 
 
 @pytest.fixture(scope='module')
-def rig(tiny_model_dir):
-    with RosHarness('fuzz_test') as ros:
-        node = ros.add_node(DepthNode(
-            context=ros.context, namespace=NS, parameter_overrides=[
-                Parameter('model_path', value=str(tiny_model_dir)),
-                Parameter('device', value='cpu'), Parameter('processing_resolution', value=32),
-                Parameter('max_pixels', value=PIXEL_BUDGET), Parameter('qos', value='reliable'),
-                Parameter('publish_colored', value=False), Parameter('stats_period', value=0.0)]))
-        rig = Rig(ros, node)
-        assert wait_for_subscribers(rig.image_pub) and wait_for_subscribers(rig.info_pub)
-        assert wait_for_publishers(rig.depth.subscription)
-        assert wait_for_publishers(rig.rosout.subscription)
-        rig.check_valid_frame()
-        yield rig
+def rig(node_rig):
+    rig = node_rig(NS, image_topic='image', width=W, height=H, rig=FuzzRig,
+                   pub_qos=reliable_qos(), processing_resolution=32, max_pixels=PIXEL_BUDGET,
+                   qos='reliable', publish_colored=False, stats_period=0.0)
+    assert wait_for_publishers(rig.depth.subscription)
+    rig.check_valid_frame()
+    yield rig
 
 
 # Stamps relative to the last valid frame's: mostly backwards, sometimes ahead, sometimes the

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from metricgold_ros.tools.cli import main
-from metricgold_ros.tools.infer import depth_to_png_mm, load_rgb
+from metricgold_ros.tools.infer import load_rgb
 from metricgold_ros.synthetic.scenes import render_sample
 
 FAST = ['--processing-resolution', '64']
@@ -134,12 +134,6 @@ def test_usage_errors_exit_2(tmp_path, argv):
     with pytest.raises(SystemExit) as info:
         main(['infer', str(tmp_path), '--out', str(tmp_path / 'o'), *argv])
     assert info.value.code == 2
-
-
-def test_depth_png_encoding():
-    depth = np.array([[np.nan, 0.0, -1.0, np.inf], [0.0001, 1.2344, 65.535, 70.0]], np.float32)
-    np.testing.assert_array_equal(depth_to_png_mm(depth),
-                                  [[0, 0, 0, 0], [1, 1234, 65535, 65535]])
 
 
 def test_progress_bar_for_many_files(tmp_path, capsys, fast_model, scene, monkeypatch):

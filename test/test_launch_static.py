@@ -10,7 +10,13 @@ from typing import Dict, List
 import pytest
 import yaml
 
-from metricgold_ros.node.support import PARAMETER_NAMES, SPECS, check_parameter, default_values
+from metricgold_ros.node.parameters import SPECS, check_parameter
+
+PARAMETER_NAMES = tuple(SPECS)
+
+
+def default_values():
+    return {name: spec.default for name, spec in SPECS.items()}
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH_FILE = REPO / 'launch' / 'depth.launch.py'

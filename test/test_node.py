@@ -10,17 +10,15 @@ pytest.importorskip('rclpy')
 pytest.importorskip('sensor_msgs.msg')
 
 from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
-from rcl_interfaces.msg import Log, Parameter as ParameterMsg, ParameterType  # noqa: E402
-from rcl_interfaces.msg import ParameterValue  # noqa: E402
-from rcl_interfaces.srv import SetParameters  # noqa: E402
+from rcl_interfaces.msg import Log  # noqa: E402
 from rclpy.logging import LoggingSeverity  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
-from sensor_msgs.msg import CameraInfo, Image, PointCloud2  # noqa: E402
+from sensor_msgs.msg import Image, PointCloud2  # noqa: E402
 
 from metricgold_ros.node.depth_node import DepthNode  # noqa: E402
-from metricgold_ros.node.support import PARAMETER_NAMES  # noqa: E402
-from ros_helpers import (RosHarness, camera_info_msg, cloud_array, image_array,  # noqa: E402
-                         image_msg, raw_image_msg, reliable_qos, stamp_of, synthetic_frame,
+from metricgold_ros.node.parameters import SPECS  # noqa: E402
+from ros_helpers import (RosHarness, cloud_array, image_array, image_msg,  # noqa: E402
+                         raw_image_msg, reliable_qos, stamp_of, synthetic_frame,
                          wait_for_publishers, wait_for_subscribers, wait_until)
 
 pytestmark = pytest.mark.timeout(120)
@@ -33,79 +31,9 @@ BASE_PARAMS = {'processing_resolution': 64, 'denoising_steps': 1, 'ensemble_size
                'max_pixels': 4096 * 4096, 'publish_points': True, 'points_rgb': False}
 
 
-class Rig:
-    """The node under test, a camera publisher pair and a parameter client."""
-
-    def __init__(self, ros: RosHarness, node: DepthNode) -> None:
-        self.ros, self.node = ros, node
-        self.image_pub = ros.publisher(Image, f'{NS}/image_raw')
-        self.info_pub = ros.publisher(CameraInfo, f'{NS}/camera_info')
-        self.rgb, self.k = synthetic_frame(3, W, H)
-        self.param_client = ros.node.create_client(SetParameters,
-                                                   f'{NS}/depth_node/set_parameters')
-        self.rosout = ros.collector(Log, '/rosout', reliable_qos(200))
-        self._stamp = 1_700_000_000_000_000_000
-        self._subs = []
-
-    def next_stamp(self) -> int:
-        self._stamp += 10_000_000
-        return self._stamp
-
-    def collect(self, msg_type, topic: str):
-        collector = self.ros.collector(msg_type, f'{NS}/{topic}')
-        self._subs.append(collector.subscription)
-        return collector
-
-    def drop_collectors(self) -> None:
-        for sub in self._subs:
-            self.ros.node.destroy_subscription(sub)
-        self._subs = []
-
-    def send(self, rgb=None, info_k=None, info_size=(W, H), encoding='bgr8', padding=0,
-             image=None) -> int:
-        """Publish CameraInfo (unless ``info_k`` is False) and an Image with a fresh stamp."""
-        stamp = self.next_stamp()
-        if info_k is not False:
-            self.info_pub.publish(camera_info_msg(stamp, *info_size, info_k or self.k))
-        self.image_pub.publish(image(stamp) if image is not None else
-                               image_msg(self.rgb if rgb is None else rgb, stamp, encoding,
-                                         row_padding=padding))
-        return stamp
-
-    def set_params(self, **values) -> list:
-        """Set parameters through the node's SetParameters service (as `ros2 param set`)."""
-        assert self.param_client.wait_for_service(timeout_sec=10.0)
-        types = {bool: ParameterType.PARAMETER_BOOL, int: ParameterType.PARAMETER_INTEGER,
-                 float: ParameterType.PARAMETER_DOUBLE, str: ParameterType.PARAMETER_STRING}
-        fields = {bool: 'bool_value', int: 'integer_value', float: 'double_value',
-                  str: 'string_value'}
-        request = SetParameters.Request(parameters=[
-            ParameterMsg(name=name, value=ParameterValue(type=types[type(value)],
-                                                         **{fields[type(value)]: value}))
-            for name, value in values.items()])
-        future = self.param_client.call_async(request)
-        assert wait_until(future.done, 10.0), 'set_parameters timed out'
-        return future.result().results
-
-    def errors_naming(self, *words: str):
-        return [log.msg for log in self.rosout.messages()
-                if log.level >= 40 and all(word in log.msg for word in words)]
-
-
 @pytest.fixture(scope='module')
-def rig(tiny_model_dir):
-    with RosHarness('node_test') as ros:
-        node = ros.add_node(DepthNode(
-            context=ros.context, namespace=NS,
-            cli_args=['--ros-args', '-r', 'image:=image_raw'],
-            parameter_overrides=[Parameter('model_path', value=str(tiny_model_dir)),
-                                 Parameter('device', value='cpu'),
-                                 Parameter('stats_period', value=1.0)]
-            + [Parameter(k, value=v) for k, v in BASE_PARAMS.items()]))
-        rig = Rig(ros, node)
-        assert wait_for_subscribers(rig.image_pub) and wait_for_subscribers(rig.info_pub)
-        assert wait_for_publishers(rig.rosout.subscription)
-        yield rig
+def rig(node_rig):
+    return node_rig(NS, stats_period=1.0, **BASE_PARAMS)
 
 
 @pytest.fixture
@@ -114,15 +42,6 @@ def fresh(rig):
     assert all(r.successful for r in rig.set_params(**BASE_PARAMS))
     yield rig
     rig.drop_collectors()
-
-
-def _outputs(rig, *topics):
-    kinds = {'depth/image': Image, 'depth/camera_info': CameraInfo, 'depth/colored': Image,
-             'depth/uncertainty': Image, 'points': PointCloud2}
-    collectors = {t: rig.collect(kinds[t], t) for t in topics}
-    for collector in collectors.values():
-        assert wait_for_publishers(collector.subscription)
-    return collectors
 
 
 def _wait_stamp(collector, stamp, timeout_s=OUT_TIMEOUT_S):
@@ -140,8 +59,8 @@ def _expected_xyz(depth, k, stride, max_depth=math.inf):
 
 def test_declares_exactly_the_parameter_table(rig):
     names = set(rig.node._parameters)
-    assert set(PARAMETER_NAMES) <= names
-    assert names - set(PARAMETER_NAMES) <= {'use_sim_time', 'start_type_description_service'}
+    assert set(SPECS) <= names
+    assert names - set(SPECS) <= {'use_sim_time', 'start_type_description_service'}
     model_path = rig.node.describe_parameter('model_path')
     assert model_path.read_only and 'checkpoint' in model_path.description
     assert not rig.node.describe_parameter('denoising_steps').read_only
@@ -150,7 +69,7 @@ def test_declares_exactly_the_parameter_table(rig):
 @pytest.mark.parametrize('stride', [1, 3])
 def test_outputs_headers_sizes_and_cloud_geometry(fresh, stride):
     rig = fresh
-    out = _outputs(rig, 'depth/image', 'depth/camera_info', 'depth/colored', 'points')
+    out = rig.outputs('depth/image', 'depth/camera_info', 'depth/colored', 'points')
     assert all(r.successful for r in rig.set_params(points_stride=stride, max_depth=5.0))
     stamp = rig.send(padding=7)  # bgr8 with padded rows
     depth_msg = _wait_stamp(out['depth/image'], stamp)
@@ -183,7 +102,7 @@ def test_outputs_headers_sizes_and_cloud_geometry(fresh, stride):
 def test_resized_camera_info_and_output_scale(fresh):
     """CameraInfo for 2x the image size (e.g. 1280x720 info, 640x360 image), depth at 1/2."""
     rig = fresh
-    out = _outputs(rig, 'depth/image', 'depth/camera_info', 'points')
+    out = rig.outputs('depth/image', 'depth/camera_info', 'points')
     assert all(r.successful for r in rig.set_params(output_scale=0.5, points_rgb=True))
     fx, fy, cx, cy = rig.k
     big_k = (2 * fx, 2 * fy, 2 * cx + 0.5, 2 * cy + 0.5)  # the same camera at 2W x 2H
@@ -205,7 +124,7 @@ def test_resized_camera_info_and_output_scale(fresh):
 
 def test_uncertainty_only_when_ensembling(fresh):
     rig = fresh
-    out = _outputs(rig, 'depth/image', 'depth/uncertainty')
+    out = rig.outputs('depth/image', 'depth/uncertainty')
     first = rig.send()
     assert _wait_stamp(out['depth/image'], first) is not None
     assert all(r.successful for r in rig.set_params(ensemble_size=2))
@@ -219,7 +138,7 @@ def test_uncertainty_only_when_ensembling(fresh):
 
 def test_live_parameter_change_takes_effect_on_next_frame(fresh):
     rig = fresh
-    out = _outputs(rig, 'depth/image', 'points')
+    out = rig.outputs('depth/image', 'points')
     one_step = _wait_stamp(out['depth/image'], rig.send())
     assert all(r.successful for r in rig.set_params(denoising_steps=3, points_stride=4))
     stamp = rig.send()
@@ -268,7 +187,7 @@ def _bad_images(rig):
 
 def test_bad_images_are_logged_and_the_next_good_frame_served(fresh):
     rig = fresh
-    out = _outputs(rig, 'depth/image', 'points')
+    out = rig.outputs('depth/image', 'points')
     image_topic = f'{NS}/image_raw'
     for case, (make, words) in _bad_images(rig).items():
         before = rig.node.stats().errors
@@ -282,7 +201,7 @@ def test_bad_images_are_logged_and_the_next_good_frame_served(fresh):
 
 def test_pixel_budget_refuses_large_images(fresh):
     rig = fresh
-    out = _outputs(rig, 'depth/image')
+    out = rig.outputs('depth/image')
     assert all(r.successful for r in rig.set_params(max_pixels=W * H - 1))
     rig.send()
     assert wait_until(lambda: rig.errors_naming(f'{NS}/image_raw', 'pixel budget'), 10.0)
@@ -296,7 +215,7 @@ def test_pixel_budget_refuses_large_images(fresh):
 ])
 def test_bad_camera_info_still_gives_depth_without_points(fresh, case, info_k, info_size, words):
     rig = fresh
-    out = _outputs(rig, 'depth/image', 'points')
+    out = rig.outputs('depth/image', 'points')
     stamp = rig.send(info_k=info_k, info_size=info_size)
     assert _wait_stamp(out['depth/image'], stamp) is not None, f'{case}: no depth'
     assert wait_until(lambda: rig.errors_naming(f'{NS}/camera_info', *words), 10.0), case
@@ -342,7 +261,7 @@ def test_lazy_without_subscribers(fresh):
 def test_diagnostics_and_stats(fresh):
     rig = fresh
     diag = rig.ros.collector(DiagnosticArray, '/diagnostics', reliable_qos())
-    out = _outputs(rig, 'depth/image')
+    out = rig.outputs('depth/image')
     rig.node.get_logger().set_level(LoggingSeverity.DEBUG)
     try:
         assert _wait_stamp(out['depth/image'], rig.send()) is not None

@@ -17,7 +17,7 @@ from sensor_msgs.msg import CameraInfo, Image, PointCloud2  # noqa: E402
 from ros_helpers import (REPO_ROOT, RosHarness, console_script, reliable_qos,  # noqa: E402
                          ros_env, stamp_of, wait_for_publishers, wait_until)
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
 PARAMS_FILE = REPO_ROOT / 'config' / 'depth.yaml'
 EXIT_TIMEOUT_S = 2.0

@@ -19,7 +19,7 @@ from metricgold_ros.node.depth_node import DepthNode  # noqa: E402
 from ros_helpers import (RosHarness, camera_info_msg, image_msg, stamp_of,  # noqa: E402
                          synthetic_frame, wait_for_publishers, wait_for_subscribers)
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
 CAMERA_HZ = 40.0
 RUN_S = 6.0
@@ -113,3 +113,36 @@ def test_camera_ten_times_faster_than_model(tiny_model_dir, capsys):
         assert abs(received - dropped - published) <= 2  # one waiting, one in flight
         assert stats.errors == 0 and stats.idle == 0
         assert rss_after - rss_before < 40, 'memory grows with dropped frames'
+
+
+def test_a_multithreaded_executor_is_warned_about(tiny_model_dir):
+    """A user who spins the node in rclpy's MultiThreadedExecutor is told why it may starve."""
+    from rcl_interfaces.msg import Log
+    from rclpy.executors import MultiThreadedExecutor
+
+    from ros_helpers import reliable_qos, wait_until
+
+    with RosHarness('mte_test') as ros:
+        rosout = ros.collector(Log, '/rosout', reliable_qos(100))
+        node = DepthNode(context=ros.context, namespace='/mte', parameter_overrides=[
+            Parameter('model_path', value=str(tiny_model_dir)), Parameter('device', value='cpu'),
+            Parameter('processing_resolution', value=32), Parameter('stats_period', value=0.0)])
+        executor = MultiThreadedExecutor(num_threads=2, context=ros.context)
+        executor.add_node(node)
+        spinner = threading.Thread(target=executor.spin, daemon=True)
+        spinner.start()
+        try:
+            depth = ros.collector(Image, '/mte/depth/image')
+            image_pub = ros.publisher(Image, '/mte/image')
+            assert wait_for_subscribers(image_pub) and wait_for_publishers(depth.subscription)
+            rgb, _ = synthetic_frame(1, 160, 120)
+            for i in range(3):
+                image_pub.publish(image_msg(rgb, 1_000_000_000 + i, 'rgb8'))
+            assert wait_until(lambda: [m for m in rosout.messages() if m.level == 30 and
+                                       'MultiThreadedExecutor' in m.msg and '1547' in m.msg],
+                              20.0)
+            assert len([m for m in rosout.messages() if 'MultiThreadedExecutor' in m.msg]) == 1
+        finally:
+            executor.shutdown(timeout_sec=2.0)
+            node.close()
+            node.destroy_node()

@@ -10,9 +10,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from metricgold_ros import model_paths
-from metricgold_ros.node.support import (
-    PARAMETER_NAMES, FrameStats, Mailbox, RateLimiter, StampCache, check_parameter,
-    default_values, frame_options)
+from metricgold_ros.node.parameters import PARAMETERS, check_parameter, frame_options
+from metricgold_ros.node.runtime import FrameStats, Mailbox, RateLimiter, StampCache
+
+
+def default_values():
+    return {spec.name: spec.default for spec in PARAMETERS}
 
 
 class FakeClock:
@@ -28,25 +31,25 @@ def test_mailbox_keeps_only_the_newest_and_counts_drops():
     assert box.take(timeout_s=0.0) is None
     assert box.put(1) is False
     assert box.put(2) is True and box.put(3) is True
-    assert box.dropped == 2 and len(box) == 1
-    assert box.take(timeout_s=0.0) == 3 and len(box) == 0
+    assert box.take(timeout_s=0.0) == 3 and box.take(timeout_s=0.0) is None
 
 
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.booleans(), max_size=40))
 def test_mailbox_accounting(ops):
     """Any sequence of put (True) / take (False): items come out newest-first, none lost."""
-    box, taken, puts = Mailbox(), [], 0
+    box, taken, puts, dropped = Mailbox(), [], 0, 0
     for is_put in ops:
         if is_put:
-            box.put(puts)
+            dropped += box.put(puts)
             puts += 1
         else:
             item = box.take(timeout_s=0.0)
             if item is not None:
                 taken.append(item)
     assert taken == sorted(taken)
-    assert len(taken) + box.dropped + len(box) == puts
+    waiting = box.take(timeout_s=0.0) is not None
+    assert len(taken) + dropped + waiting == puts
 
 
 def test_mailbox_take_wakes_on_put_and_on_close():
@@ -141,7 +144,7 @@ def test_check_parameter_refuses_with_reason(name, value, words):
 
 def test_check_parameter_accepts_defaults_and_unknown_names():
     values = default_values()
-    assert all(check_parameter(n, values[n], values) is None for n in PARAMETER_NAMES)
+    assert all(check_parameter(n, values[n], values) is None for n in values)
     assert check_parameter('use_sim_time', True, values) is None
     assert check_parameter('device', 'cuda:1', values) is None
 

@@ -12,7 +12,7 @@ pytest.importorskip('rclpy')
 
 from ros_helpers import REPO_ROOT, ros_env  # noqa: E402
 
-pytestmark = pytest.mark.timeout(150)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(150)]
 
 DURATION_S, WARMUP_S, WINDOW_S = 30, 6, 8
 # The shared 2-core CI machine stalls processes for a few hundred ms at times: the absolute

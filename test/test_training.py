@@ -3,6 +3,7 @@
 import copy
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,16 +16,20 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from metricgold_ros.model import MetricGoldPipeline, compute_empty_text_embedding  # noqa: E402
+from metricgold_ros.errors import MetricGoldError  # noqa: E402
+from metricgold_ros.model import (  # noqa: E402
+    MetricGoldPipeline, compute_empty_text_embedding, save_checkpoint)
 from metricgold_ros.model.tiny import (  # noqa: E402
     tiny_scheduler_config, tiny_unet_config, tiny_vae_config)
 from training import recipe  # noqa: E402
-from training.config import ConfigError, load_config  # noqa: E402
-from training.data import augment  # noqa: E402
-from training.train import main as train_main  # noqa: E402
+from training.config import ConfigError, load_config, resolve_accumulation  # noqa: E402
+from training.data import augment, nearest_resize  # noqa: E402
+from training.train import (  # noqa: E402
+    canonical_depth, encode_latents, load_training_state, main as train_main)
 from training.vae_stage import depth_as_image  # noqa: E402
 
 SMOKE_CONFIG = REPO_ROOT / 'training' / 'configs' / 'smoke.yaml'
+BUNDLED_MODEL = REPO_ROOT / 'metricgold_ros' / 'models' / 'metricgold-tiny'
 
 
 # -- fixtures ---------------------------------------------------------------------------------
@@ -218,9 +223,18 @@ def test_shipped_configs_are_valid(tmp_path, name):
     config = load_config(REPO_ROOT / 'training' / 'configs' / f'{name}.yaml', tmp_path)
     assert config.model.d_min_m == 0.5 and config.model.d_max_m == 80.0
     if name == 'metricgold_sd2':
-        assert config.train.batch_size * config.train.gradient_accumulation_steps == 32
+        assert config.train.effective_batch_size == 32
+        # Accumulation follows the number of processes: 1 GPU, 1 node x 8, 2 nodes x 8.
+        assert [resolve_accumulation(config.train, n) for n in (1, 8, 16)] == [16, 2, 1]
         assert config.train.lr == 3e-5 and config.train.steps == 30000
+        assert config.train.objective == 'diffusion' and config.model.zero_terminal_snr
+        assert config.model.canonical_focal_px is None
         assert [s.type for s in config.data.train] == ['hypersim', 'vkitti2', 'tartanair']
+        assert config.data.train[0].split_file.endswith('filename_list_train_filtered.txt')
+        vkitti_train, vkitti_val = config.data.train[1], config.data.val[1]
+        assert vkitti_train.cameras == ['Camera_0', 'Camera_1']
+        assert vkitti_train.scenes == ['Scene02', 'Scene06', 'Scene18', 'Scene20']
+        assert vkitti_val.scenes == ['Scene01'] and vkitti_val.root == vkitti_train.root
     else:
         assert config.model.tiny and config.data.generate
 
@@ -240,8 +254,159 @@ def test_config_rejects_unknown_keys_and_reads_yaml_floats(tmp_path):
         load_config(path, tmp_path)
 
 
+def test_effective_batch_derives_or_checks_the_accumulation(tmp_path):
+    path = tmp_path / 'c.yaml'
+    path.write_text('model: {tiny: true, d_min_m: 1, d_max_m: 10}\nvae_stage: {steps: 1}\n'
+                    'data: {train: [{type: vkitti2, root: x}]}\n'
+                    'train: {batch_size: 2, effective_batch_size: 32}\n')
+    train = load_config(path, tmp_path).train
+    assert train.gradient_accumulation_steps is None
+    assert resolve_accumulation(train, 2) == 8
+    with pytest.raises(ConfigError, match=r'effective_batch_size: 32 is not a multiple of '
+                                          r'batch_size 2 x 3 process\(es\) = 6'):
+        resolve_accumulation(train, 3)
+    train.gradient_accumulation_steps = 4
+    assert resolve_accumulation(train, 4) == 4
+    with pytest.raises(ConfigError, match=r'2 x gradient_accumulation_steps 4 x 2 process\(es\) '
+                                          r'= 16; remove gradient_accumulation_steps'):
+        resolve_accumulation(train, 2)
+    train.effective_batch_size = None
+    assert resolve_accumulation(train, 8) == 4
+    train.gradient_accumulation_steps = None
+    assert resolve_accumulation(train, 8) == 1
+
+
+@pytest.mark.parametrize('body, message', [
+    ('train: {objective: e2e}', r'train.objective: .e2e. is not one of'),
+    ('train: {objective: e2e_ft}\nmodel: {tiny: true, d_min_m: 1, d_max_m: 10, '
+     'denoising_steps: 4}', 'model.denoising_steps: 4: an e2e_ft model runs one step'),
+    ('model: {tiny: true, d_min_m: 1, d_max_m: 10, canonical_focal_px: -5}',
+     'model.canonical_focal_px: -5.0 must be a focal length'),
+    ('data: {train: [{type: vkitti2, root: v}], val: [{type: vkitti2, root: v}]}',
+     r'data.val\[0\].scenes: validation reads v, which training also reads'),
+    ('data: {train: [{type: vkitti2, root: v, scenes: [Scene01, Scene02]}], '
+     'val: [{type: vkitti2, root: v, scenes: [Scene01]}]}',
+     r"\['Scene01'\] are also training scenes of v"),
+])
+def test_config_rejects_bad_objective_focal_and_leaking_splits(tmp_path, body, message):
+    base = {'model': 'model: {tiny: true, d_min_m: 1, d_max_m: 10}',
+            'data': 'data: {train: [{type: vkitti2, root: x}]}'}
+    for section in base:
+        if body.startswith(section) or f'\n{section}:' in body:
+            base[section] = ''
+    path = tmp_path / 'c.yaml'
+    path.write_text('vae_stage: {steps: 1}\n' + '\n'.join(v for v in base.values() if v) +
+                    '\n' + body + '\n')
+    with pytest.raises(ConfigError, match=message):
+        load_config(path, tmp_path)
+
+
+def test_ema_is_back_on_the_training_device_after_resume():
+    """accelerate restores the EMA with map_location='cpu'; on a GPU the next ema.step mixed
+    CPU and CUDA tensors. Here the training device is 'meta', which the CPU-loaded state is
+    not on either, so the move is visible without a GPU."""
+    from diffusers.training_utils import EMAModel
+
+    class LoadsOnCpu:
+        """Does what accelerate's load_state does to a registered EMA: CPU tensors."""
+
+        def __init__(self, ema):
+            self.ema, self.folders = ema, []
+
+        def load_state(self, folder):
+            self.folders.append(folder)
+            self.ema.load_state_dict({**self.ema.state_dict(), 'shadow_params': [
+                torch.full((2, 2), 3.0)]})
+
+    ema = EMAModel([torch.nn.Parameter(torch.zeros(2, 2))], decay=0.9)
+    accelerator = LoadsOnCpu(ema)
+    load_training_state(accelerator, Path('ckpt/step_000002'), ema, torch.device('meta'))
+    assert accelerator.folders == ['ckpt/step_000002']
+    assert [p.device.type for p in ema.shadow_params] == ['meta']
+    load_training_state(accelerator, Path('ckpt/step_000002'), None, torch.device('meta'))
+
+
+def test_depth_targets_are_encoded_in_float32_under_bf16_autocast():
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(**tiny_vae_config()).eval()
+    rgb = torch.rand(2, 3, 32, 32) * 2 - 1
+    depth = (torch.rand(2, 1, 32, 32) * 2 - 1).expand(-1, 3, -1, -1)
+
+    def bf16():
+        return torch.autocast('cpu', dtype=torch.bfloat16)
+
+    rgb_latent, depth_latent = encode_latents(vae, rgb, depth, bf16)
+    with torch.no_grad():
+        scale = vae.config.scaling_factor
+        fp32_depth = vae.encode(depth).latent_dist.mode() * scale
+        fp32_rgb = vae.encode(rgb).latent_dist.mode() * scale
+    assert depth_latent.dtype == rgb_latent.dtype == torch.float32
+    assert torch.equal(depth_latent, fp32_depth)  # the target: not quantised
+    assert not torch.equal(rgb_latent, fp32_rgb)  # the input: bf16 as configured
+    torch.testing.assert_close(rgb_latent, fp32_rgb, atol=0.1, rtol=0.05)
+
+
+def test_depth_resize_is_centre_aligned_nearest():
+    columns = np.arange(96, dtype=np.float32)
+    depth = np.tile(columns, (6, 1))
+    # 3:1 down: each output pixel takes the middle one of its three (OpenCV's INTER_NEAREST
+    # takes the left one, a shift of a third of an output pixel against area-resized RGB).
+    assert nearest_resize(depth, (2, 32))[0].tolist() == list(range(1, 96, 3))
+    assert nearest_resize(depth, (12, 192))[0, :6].tolist() == [0, 0, 1, 1, 2, 2]
+    assert np.array_equal(nearest_resize(depth, (6, 96)), depth)
+    mask = np.zeros((6, 96), bool)
+    mask[:, 48:] = True
+    assert nearest_resize(mask, (2, 32)).dtype == bool
+    # The RGB edge (area resize) and the depth edge land in the same output column.
+    rgb = np.repeat(mask[:, :, None].astype(np.uint8) * 255, 3, 2)
+    item = {'rgb': rgb, 'depth_m': np.where(mask, 9.0, 1.0).astype(np.float32), 'valid': mask,
+            'intrinsics': (40.0, 44.0, 47.5, 2.5)}
+    out = augment(item, (16, 64), (1.0, 1.0), 0.0, np.random.default_rng(0))
+    # 96 x 6 covers 64 x 16 at scale 16/6: 256 x 16, crop 64 wide; focal scales the same way.
+    assert out['focal_px'] == pytest.approx(0.5 * (40 * 256 / 96 + 44 * 16 / 6))
+    left = out['view'][3]
+    edge_rgb = int(np.argmax(out['rgb'][0, 0].numpy() > 0)) + left
+    edge_depth = int(np.argmax(out['depth_m'][0, 0].numpy() > 5)) + left
+    assert edge_rgb == edge_depth == 128
+
+
+def test_canonical_depth_scales_each_sample_by_its_focal_length():
+    depth = torch.stack([torch.full((1, 2, 2), 4.0), torch.full((1, 2, 2), 6.0)])
+    depth[0, 0, 0, 0] = 0.0  # invalid stays 0
+    scaled = canonical_depth(depth, [500.0, 2000.0], 1000.0)
+    assert scaled[:, 0, 1, 1].tolist() == [8.0, 3.0] and scaled[0, 0, 0, 0] == 0
+    assert canonical_depth(depth, None, None) is depth
+    with pytest.raises(MetricGoldError, match='canonical_focal_px: a training sample has'):
+        canonical_depth(depth, [500.0, None], 1000.0)
+
+
+def test_metadata_round_trips_canonical_focal_and_e2e_ft(tmp_path, tiny_model_dir):
+    from metricgold_ros.errors import CheckpointError
+    from metricgold_ros.model import load_checkpoint
+
+    folder = tmp_path / 'model'
+    shutil.copytree(tiny_model_dir, folder)
+    assert load_checkpoint(folder).metadata.canonical_focal_px is None
+    meta_path = folder / 'metricgold.json'
+    meta = json.loads(meta_path.read_text())
+    assert 'e2e_ft' not in meta and 'canonical_focal_px' not in meta
+    meta_path.write_text(json.dumps({**meta, 'canonical_focal_px': 721.5, 'e2e_ft': True}))
+    loaded = load_checkpoint(folder)
+    assert loaded.metadata.canonical_focal_px == 721.5 and loaded.metadata.e2e_ft
+    save_checkpoint(tmp_path / 'again', loaded)
+    again = json.loads((tmp_path / 'again' / 'metricgold.json').read_text())
+    assert again['canonical_focal_px'] == 721.5 and again['e2e_ft'] is True
+    for bad in ({'canonical_focal_px': 0}, {'e2e_ft': 'false'}):
+        meta_path.write_text(json.dumps({**meta, **bad}))
+        with pytest.raises(CheckpointError, match='canonical_focal_px|e2e_ft'):
+            load_checkpoint(folder)
+
+
 # -- whole runs -------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_stable_diffusion_start_converts_and_trains(tmp_path, synthetic_root):
     sd2 = _fake_sd2_folder(tmp_path / 'sd2')
     config = _write_config(tmp_path / 'sd2.yaml', synthetic_root,
@@ -253,6 +418,7 @@ def test_stable_diffusion_start_converts_and_trains(tmp_path, synthetic_root):
     assert torch.equal(pipeline.empty_text_embedding, compute_empty_text_embedding(sd2))
     assert pipeline.metadata.d_min_m == 0.5 and pipeline.metadata.d_max_m == 80.0
     assert pipeline.scheduler.config.timestep_spacing == 'trailing'
+    assert pipeline.scheduler.config.rescale_betas_zero_snr  # an SD2 start: Marigold v1.1's
     rgb = np.zeros((48, 64, 3), np.uint8)
     assert pipeline(rgb).depth.shape == (48, 64)
     # Fine-tuning continues from a MetricGold checkpoint (starting point b).
@@ -260,8 +426,12 @@ def test_stable_diffusion_start_converts_and_trains(tmp_path, synthetic_root):
                           steps=1)
     assert train_main(['--config', str(again), '--output', str(tmp_path / 'run2')]) == 0
     assert (tmp_path / 'run2' / 'final' / 'metricgold.json').is_file()
+    continued = json.loads((tmp_path / 'run2' / 'final' / 'scheduler' /
+                            'scheduler_config.json').read_text())
+    assert continued['rescale_betas_zero_snr']  # a checkpoint keeps its own schedule
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('precision', ['bf16', 'fp16'])
 def test_mixed_precision_trains_on_the_cpu(tmp_path, synthetic_root, tiny_model_dir, precision):
     from accelerate.state import AcceleratorState
@@ -281,6 +451,7 @@ def test_mixed_precision_trains_on_the_cpu(tmp_path, synthetic_root, tiny_model_
     assert next(pipeline.unet.parameters()).dtype == torch.float32  # fp32 master weights
 
 
+@pytest.mark.slow
 def test_resume_matches_an_uninterrupted_run(tmp_path, synthetic_root):
     from safetensors.torch import load_file
 
@@ -315,6 +486,40 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, synthetic_root):
     assert metrics[0]['vae']['depth_abs_rel'] > 0
 
 
+def test_e2e_ft_objective_learns_and_marks_its_checkpoint(tmp_path, synthetic_root):
+    """Single-step E2E-FT training, camera-aware: loss falls, metricgold.json says so.
+
+    One fixed batch (training on the two frames of the val folder, no flips; validating on
+    the train folder), so that the loss curve shows learning rather than which frames a step
+    drew. It starts from the bundled model, whose VAE decodes depth (a random one would
+    bound what the UNet can reach through it).
+    """
+    config = _write_config(tmp_path / 'e2e.yaml', synthetic_root,
+                           f"  pretrained: '{BUNDLED_MODEL}'\n  canonical_focal_px: 50.0\n"
+                           '  gradient_checkpointing: true',  # through the VAE decoder too
+                           steps=12, extra_train='  objective: e2e_ft\n  final_lr_ratio: 1.0')
+    text = config.read_text().replace('checkpoint_every: 2', 'checkpoint_every: 12').replace(
+        'validation: {every: 2', 'validation: {every: 12').replace(
+        f'{synthetic_root}/train', 'SWAP').replace(f'{synthetic_root}/val',
+                                                   f'{synthetic_root}/train').replace(
+        'SWAP', f'{synthetic_root}/val').replace(
+        'cache: true', 'cache: true\n  hflip_p: 0.0').replace('lr: 1.0e-3', 'lr: 3.0e-3')
+    config.write_text(text)
+    assert train_main(['--config', str(config), '--output', str(tmp_path / 'run')]) == 0
+    metrics = json.loads((tmp_path / 'run' / 'metrics.json').read_text())
+    loss = metrics['loss']
+    assert len(loss) == 12 and all(math.isfinite(v) for v in loss)
+    assert np.mean(loss[-3:]) < 0.5 * loss[0], loss
+    final = tmp_path / 'run' / 'final'
+    meta = json.loads((final / 'metricgold.json').read_text())
+    assert meta['e2e_ft'] is True and meta['canonical_focal_px'] == 50.0
+    assert meta['default_denoising_steps'] == 1
+    pipeline = MetricGoldPipeline.from_pretrained(final, device='cpu', dtype='float32')
+    assert pipeline.metadata.e2e_ft and pipeline.metadata.canonical_focal_px == 50.0
+    assert pipeline(np.zeros((48, 64, 3), np.uint8)).depth.shape == (48, 64)
+
+
+@pytest.mark.slow
 def test_smoke_run_learns(tmp_path):
     """The CI scale proof, run exactly as documented (budget: 5 minutes on 2 CPU cores)."""
     output = tmp_path / 'smoke'

@@ -18,6 +18,7 @@ from metricgold_ros.errors import InputError
 
 DATASET_TYPES = ('vkitti2', 'hypersim', 'tartanair')
 MIXED_PRECISION = ('no', 'fp16', 'bf16')
+OBJECTIVES = ('diffusion', 'e2e_ft')
 
 
 class ConfigError(InputError):
@@ -36,7 +37,15 @@ class ModelConfig:
     denoising_steps: int = 1  # the written checkpoint's default DDIM steps
     processing_resolution: int = 768  # the written checkpoint's default longer side (px)
     gradient_checkpointing: bool = False  # trade compute for memory (large UNets)
-    zero_terminal_snr: bool = False  # rescale the noise schedule so that t = T is pure noise
+    # Rescale the noise schedule so that t = T is pure noise (Lin et al. 2024). None: the
+    # starting point decides - a Stable Diffusion 2 folder true (Marigold v1.1's trainer does
+    # so), a MetricGold checkpoint its own scheduler's setting, tiny false.
+    zero_terminal_snr: Optional[bool] = None
+    # Camera-aware training (Metric3D's canonical camera, label-scale form): each depth target
+    # is multiplied by canonical_focal_px / f, f = the sample's focal length (px, mean of fx
+    # and fy) at the training resolution; stored in metricgold.json for inference to undo.
+    # None: off, depth targets are the camera's metric depth.
+    canonical_focal_px: Optional[float] = None
 
 
 @dataclasses.dataclass
@@ -71,8 +80,17 @@ class DatasetConfig:
     type: str
     root: str
     probability: float = 1.0  # relative chance that a training batch comes from it
-    split_file: Optional[str] = None  # Hypersim: Marigold's filename list
-    variations: Optional[List[str]] = None  # Virtual KITTI 2: e.g. [clone]; None: all
+    # Hypersim: a "<rgb> <depth>" list relative to root, e.g. Marigold's filtered training
+    # list (data_split/hypersim_depth/filename_list_train_filtered.txt, 53,884 frames); None:
+    # every frame under root (unfiltered: training then sees frames Marigold leaves out).
+    split_file: Optional[str] = None
+    # Virtual KITTI 2: variations, cameras and scenes to read; None: all found. Marigold's
+    # split (data_split/vkitti_depth/vkitti_{train,val}.txt): variations VKITTI2_VARIATIONS,
+    # both cameras, scenes VKITTI2_TRAIN_SCENES for training and VKITTI2_VAL_SCENES for
+    # validation (training/datasets.py); a scene in both train and val of one root is an error.
+    variations: Optional[List[str]] = None
+    cameras: Optional[List[str]] = None
+    scenes: Optional[List[str]] = None
     domain: Optional[str] = None  # label for frames without one (VKITTI2, TartanAir)
     max_images: Optional[int] = None  # validation: N frames, evenly spread
     resolution: Optional[Tuple[int, int]] = None  # training crop [H, W]; None: data.resolution
@@ -94,8 +112,19 @@ class DataConfig:
 @dataclasses.dataclass
 class TrainConfig:
     steps: int = 1000  # optimizer steps
+    # The training objective: 'diffusion' (Marigold: v-prediction of the noised depth latent at
+    # a random timestep, MSE in latent space) or 'e2e_ft' (Garcia et al. 2024, "Fine-Tuning
+    # Image-Conditional Diffusion Models is Easier than You Think": one step at t = T from a
+    # zero depth latent, the predicted x0 decoded by the frozen VAE, masked MSE on the decoded
+    # log depth in [-1, 1]; checkpoints are marked e2e_ft and run single-step, zero noise).
+    objective: str = 'diffusion'
     batch_size: int = 2  # per process and micro-batch
-    gradient_accumulation_steps: int = 1
+    # Samples per optimizer step over all processes: batch_size x gradient_accumulation_steps
+    # x processes. Give it and leave gradient_accumulation_steps out to have the accumulation
+    # derived from the number of processes at start (an error when it does not divide); give
+    # both and they are checked. Neither: accumulation 1.
+    effective_batch_size: Optional[int] = None
+    gradient_accumulation_steps: Optional[int] = None
     lr: float = 3.0e-5
     adam_betas: Tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1.0e-8
@@ -103,8 +132,15 @@ class TrainConfig:
     warmup_steps: int = 100
     decay_steps: Optional[int] = None  # decay reaches final_lr_ratio here (None: steps)
     final_lr_ratio: float = 0.01
+    # Gradient clipping (not in Marigold): once per optimizer step, on the accumulated and
+    # all-reduced gradient, the total L2 norm over all UNet parameters is scaled down to at
+    # most max_grad_norm (fp16 gradients are unscaled first). None or 0: no clipping.
     max_grad_norm: Optional[float] = 1.0
     mixed_precision: str = 'no'  # no | fp16 | bf16
+    # Longest wait (s) of one process for the others at a collective (validation and saving
+    # run on the main process while the rest wait): above the default 10 min (NCCL) so that a
+    # long validation or a slow disk never times the other ranks out.
+    distributed_timeout_s: float = 7200.0
     ema: bool = False
     ema_decay: float = 0.999
     multi_res_noise: float = 0.9  # pyramid-noise strength; 0 = plain Gaussian noise
@@ -197,16 +233,75 @@ def validate(config: Config, source: str = 'config') -> None:
     if train.mixed_precision not in MIXED_PRECISION:
         fail('train.mixed_precision', f'{train.mixed_precision!r} is not one of '
              f'{MIXED_PRECISION}')
-    for key in ('steps', 'batch_size', 'gradient_accumulation_steps', 'checkpoint_every',
-                'keep_checkpoints', 'log_every'):
-        if getattr(train, key) < 1:
+    for key in ('steps', 'batch_size', 'gradient_accumulation_steps', 'effective_batch_size',
+                'checkpoint_every', 'keep_checkpoints', 'log_every'):
+        if getattr(train, key) is not None and getattr(train, key) < 1:
             fail(f'train.{key}', f'{getattr(train, key)} must be >= 1')
+    if train.objective not in OBJECTIVES:
+        fail('train.objective', f'{train.objective!r} is not one of {OBJECTIVES}')
+    if train.objective == 'e2e_ft' and model.denoising_steps != 1:
+        fail('model.denoising_steps', f'{model.denoising_steps}: an e2e_ft model runs one step '
+             'from a zero latent; set denoising_steps: 1')
+    if model.canonical_focal_px is not None and not (
+            math.isfinite(model.canonical_focal_px) and model.canonical_focal_px > 0):
+        fail('model.canonical_focal_px', f'{model.canonical_focal_px} must be a focal length '
+             'in pixels > 0, or null for no camera-aware training')
+    if not train.distributed_timeout_s > 0:
+        fail('train.distributed_timeout_s', f'{train.distributed_timeout_s} must be > 0 s')
+    _check_vkitti2_split(data, fail)
     if not 0 <= train.sampling_timestep_p <= 1:
         fail('train.sampling_timestep_p', f'{train.sampling_timestep_p} must be in [0, 1]')
     if train.lr <= 0 or not 0 < train.final_lr_ratio <= 1:
         fail('train.lr/final_lr_ratio', 'need lr > 0 and 0 < final_lr_ratio <= 1')
     if config.validation.every < 1 or config.validation.ensemble_size < 1:
         fail('validation.every/ensemble_size', 'must be >= 1')
+
+
+def _check_vkitti2_split(data: DataConfig, fail) -> None:
+    """A Virtual KITTI 2 scene used for training must not also be validated on (same root)."""
+    for i, val in enumerate(data.val):
+        for train_spec in data.train:
+            if val.type != 'vkitti2' or train_spec.type != 'vkitti2' or \
+                    Path(val.root) != Path(train_spec.root):
+                continue
+            if val.scenes is None or train_spec.scenes is None:
+                fail(f'data.val[{i}].scenes', f'validation reads {val.root}, which training '
+                     'also reads; give both a `scenes:` list without common scenes (Marigold: '
+                     'train Scene02/06/18/20, val Scene01)')
+            common = sorted(set(val.scenes) & set(train_spec.scenes))
+            if common:
+                fail(f'data.val[{i}].scenes', f'{common} are also training scenes of '
+                     f'{val.root}; validate on scenes training does not see')
+
+
+def resolve_accumulation(train: TrainConfig, num_processes: int) -> int:
+    """Gradient accumulation steps for ``num_processes`` processes, checked against the target.
+
+    Returns ``train.gradient_accumulation_steps`` when given (after checking that
+    ``batch_size x accumulation x num_processes`` equals ``effective_batch_size``, when that is
+    given too), else ``effective_batch_size / (batch_size x num_processes)``, else 1.
+
+    Raises:
+        ConfigError: the effective batch is not reachable with these processes.
+    """
+    per_step = train.batch_size * num_processes
+    if train.effective_batch_size is None:
+        return train.gradient_accumulation_steps or 1
+    if train.gradient_accumulation_steps is not None:
+        got = per_step * train.gradient_accumulation_steps
+        if got != train.effective_batch_size:
+            raise ConfigError(
+                f'train.effective_batch_size: {train.effective_batch_size}, but batch_size '
+                f'{train.batch_size} x gradient_accumulation_steps '
+                f'{train.gradient_accumulation_steps} x {num_processes} process(es) = {got}; '
+                'remove gradient_accumulation_steps to have it derived, or fix one of them')
+        return train.gradient_accumulation_steps
+    if train.effective_batch_size % per_step:
+        raise ConfigError(
+            f'train.effective_batch_size: {train.effective_batch_size} is not a multiple of '
+            f'batch_size {train.batch_size} x {num_processes} process(es) = {per_step}; change '
+            'batch_size, the number of processes or effective_batch_size')
+    return train.effective_batch_size // per_step
 
 
 def _build(cls: type, raw: Any, where: str) -> Any:

@@ -50,8 +50,14 @@ def build_dataset(spec: DatasetConfig) -> Dataset:
     """The loader of ``training/datasets.py`` for one configured dataset."""
     if spec.type == 'vkitti2':
         kwargs = {'domain': spec.domain} if spec.domain else {}
-        return VirtualKitti2Dataset(spec.root, variations=spec.variations, **kwargs)
+        if spec.cameras is not None:
+            kwargs['cameras'] = spec.cameras
+        return VirtualKitti2Dataset(spec.root, variations=spec.variations, scenes=spec.scenes,
+                                    **kwargs)
     if spec.type == 'hypersim':
+        if spec.split_file is None:
+            LOGGER.warning('%s: Hypersim without split_file reads every frame; Marigold trains '
+                           'on its filtered list (filename_list_train_filtered.txt)', spec.root)
         return HypersimDataset(spec.root, split_file=spec.split_file)
     return TartanAirDataset(spec.root, domain=spec.domain)
 
@@ -72,15 +78,18 @@ def augment(item: dict, resolution: Tuple[int, int], scale_range: Tuple[float, f
     """Resize to cover ``resolution`` (times a random zoom), random crop, random h-flip.
 
     RGB is resized with area (shrinking) or bilinear interpolation; depth and its mask with
-    nearest neighbour, so no depth value is invented between a foreground and a background
-    surface (as Marigold resizes depth). Zoom beyond the covering scale changes the apparent
-    field of view and so the metric scale cue: keep ``scale_range`` at (1, 1) for metric
-    training unless the data needs it.
+    centre-aligned nearest neighbour (:func:`nearest_resize`), so no depth value is invented
+    between a foreground and a background surface (as Marigold resizes depth) and depth stays
+    aligned with the RGB pixel grid. Zoom beyond the covering scale changes the apparent field
+    of view and so the metric scale cue: keep ``scale_range`` at (1, 1) for metric training
+    unless the data needs it.
 
     Returns:
         ``rgb`` [3,H,W] float32 in [-1, 1], ``depth_m`` [1,H,W] float32 (0 invalid) and
-        ``valid`` [1,H,W] bool, with (H, W) = ``resolution``; ``view`` (resized H, W, top,
-        left, flipped) names the window, so equal views give equal tensors.
+        ``valid`` [1,H,W] bool, with (H, W) = ``resolution``; ``focal_px``, the mean of fx and
+        fy (px) at the resized scale (crop and flip keep it; None when the item has no
+        ``intrinsics``); ``view`` (resized H, W, top, left, flipped) names the window, so
+        equal views give equal tensors.
     """
     out_h, out_w = resolution
     rgb, depth_m, valid = item['rgb'], item['depth_m'], item['valid']
@@ -91,9 +100,8 @@ def augment(item: dict, resolution: Tuple[int, int], scale_range: Tuple[float, f
         shrink = new_h * new_w < height * width
         rgb = cv2.resize(rgb, (new_w, new_h),
                          interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
-        depth_m = cv2.resize(depth_m, (new_w, new_h), interpolation=cv2.INTER_NEAREST)
-        valid = cv2.resize(valid.astype(np.uint8), (new_w, new_h),
-                           interpolation=cv2.INTER_NEAREST).astype(bool)
+        depth_m = nearest_resize(depth_m, (new_h, new_w))
+        valid = nearest_resize(valid, (new_h, new_w))
     top = int(rng.integers(0, new_h - out_h + 1))
     left = int(rng.integers(0, new_w - out_w + 1))
     window = np.s_[top:top + out_h, left:left + out_w]
@@ -102,10 +110,30 @@ def augment(item: dict, resolution: Tuple[int, int], scale_range: Tuple[float, f
     if flipped:
         rgb, depth_m, valid = rgb[:, ::-1], depth_m[:, ::-1], valid[:, ::-1]
     rgb_t = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float() / 127.5 - 1.0
+    focal_px = None
+    if item.get('intrinsics') is not None:
+        fx, fy = item['intrinsics'][:2]
+        focal_px = 0.5 * (fx * new_w / width + fy * new_h / height)
     return {'rgb': rgb_t,
             'depth_m': torch.from_numpy(np.ascontiguousarray(depth_m, np.float32))[None],
             'valid': torch.from_numpy(np.ascontiguousarray(valid))[None],
-            'view': (new_h, new_w, top, left, flipped)}
+            'focal_px': focal_px, 'view': (new_h, new_w, top, left, flipped)}
+
+
+def nearest_resize(image: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour resize of ``image`` [H,W,...] to ``size`` (height, width), any dtype.
+
+    Output pixel ``i`` takes input pixel ``floor((i + 0.5) * H / out_h)``: the input pixel
+    under the output pixel's centre, so the result stays aligned with an area- or
+    bilinear-resized RGB image. (OpenCV's ``INTER_NEAREST`` takes ``floor(i * H / out_h)``,
+    the top-left neighbour, which shifts depth by up to half an output pixel.)
+    """
+    height, width = image.shape[:2]
+    out_h, out_w = size
+    rows = np.minimum(((np.arange(out_h) + 0.5) * (height / out_h)).astype(np.int64),
+                      height - 1)
+    cols = np.minimum(((np.arange(out_w) + 0.5) * (width / out_w)).astype(np.int64), width - 1)
+    return image[rows[:, None], cols[None, :]]
 
 
 class TrainBatches(Dataset):
@@ -152,6 +180,7 @@ class TrainBatches(Dataset):
                 'depth_m': torch.stack([s['depth_m'] for s in samples]),  # [B,1,H,W]
                 'valid': torch.stack([s['valid'] for s in samples]),  # [B,1,H,W]
                 'domain': [s['domain'] for s in samples], 'k': k,
+                'focal_px': [s['focal_px'] for s in samples],  # px at the training scale
                 'views': [s['view'] for s in samples]}  # frame index + augment view
 
 

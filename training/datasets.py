@@ -37,6 +37,7 @@ import cv2
 import numpy as np
 from torch.utils.data import ConcatDataset, Dataset, Sampler
 
+from metricgold_ros.depth_traits import VKITTI2_CENTIMETRES
 from metricgold_ros.errors import InputError
 
 HYPERSIM_SIZE_PX = (1024, 768)
@@ -45,6 +46,13 @@ TARTANAIR_SIZE_PX = (640, 480)
 TARTANAIR_INTRINSICS_PX = (320.0, 320.0, 320.0, 240.0)
 TARTANAIR_INDOOR_ENVS = frozenset({'carwelding', 'hospital', 'office', 'office2'})
 DOMAINS = ('indoor', 'outdoor')
+# Marigold's Virtual KITTI 2 split (prs-eth/Marigold, data_split/vkitti_depth/vkitti_train.txt
+# and vkitti_val.txt): six of the ten variations, both stereo cameras, four training scenes
+# (20,148 frames) and Scene01 held out for validation (5,364 frames).
+VKITTI2_VARIATIONS = ('15-deg-left', '15-deg-right', 'clone', 'morning', 'overcast', 'sunset')
+VKITTI2_CAMERAS = ('Camera_0', 'Camera_1')
+VKITTI2_TRAIN_SCENES = ('Scene02', 'Scene06', 'Scene18', 'Scene20')
+VKITTI2_VAL_SCENES = ('Scene01',)
 _VKITTI2_TREES = ('rgb', 'depth', 'textgt', 'vkitti_2.0.3_rgb', 'vkitti_2.0.3_depth',
                   'vkitti_2.0.3_textgt')
 
@@ -169,17 +177,21 @@ class HypersimDataset(_DepthDataset):
 
 
 class VirtualKitti2Dataset(_DepthDataset):
-    """Virtual KITTI 2 with per-frame intrinsics; all variations unless ``variations`` given.
+    """Virtual KITTI 2 with per-frame intrinsics.
 
-    ``domain`` labels scenes without a ``SceneXX/domain.txt`` (real VKITTI2 has none).
+    ``cameras`` (default both, as Marigold trains), ``variations`` and ``scenes`` (None: all)
+    select frames; Marigold's split is ``VKITTI2_VARIATIONS`` with ``VKITTI2_TRAIN_SCENES`` or
+    ``VKITTI2_VAL_SCENES``. ``domain`` labels scenes without a ``SceneXX/domain.txt`` (real
+    VKITTI2 has none).
     """
 
     layout = ('SceneXX/<variation>/frames/rgb/Camera_N/rgb_NNNNN.jpg, frames/depth/Camera_N/'
               'depth_NNNNN.png (uint16 cm, 65535 = sky) and SceneXX/<variation>/intrinsic.txt, '
               'in one root or in rgb/, depth/, textgt/ (or vkitti_2.0.3_*) beside each other')
 
-    def __init__(self, root: str | Path, cameras: Sequence[str] = ('Camera_0',),
-                 variations: Sequence[str] | None = None, domain: str = 'outdoor') -> None:
+    def __init__(self, root: str | Path, cameras: Sequence[str] = VKITTI2_CAMERAS,
+                 variations: Sequence[str] | None = None, domain: str = 'outdoor',
+                 scenes: Sequence[str] | None = None) -> None:
         root = _existing_dir(Path(root), self.layout)
         _check_domain(domain)
         trees = [root] + [root / name for name in _VKITTI2_TREES if (root / name).is_dir()]
@@ -189,7 +201,8 @@ class VirtualKitti2Dataset(_DepthDataset):
             for rgb in sorted(tree.glob('Scene*/*/frames/rgb/Camera_*/rgb_*.jpg')):
                 scene, variation, _, _, camera, _ = rgb.relative_to(tree).parts
                 if camera not in cameras or (variations is not None and
-                                             variation not in variations):
+                                             variation not in variations) or (
+                        scenes is not None and scene not in scenes):
                     continue
                 frame = rgb.stem[len('rgb_'):]
                 depth = _find(trees, Path(scene, variation, 'frames', 'depth', camera,
@@ -211,7 +224,7 @@ class VirtualKitti2Dataset(_DepthDataset):
 
     def _read_depth(self, path: Path, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
         raw = _read_png16(path)
-        return raw.astype(np.float32) / np.float32(100), (raw > 0) & (raw < 65535)
+        return raw.astype(np.float32) / np.float32(100), VKITTI2_CENTIMETRES.valid(raw)
 
 
 class TartanAirDataset(_DepthDataset):

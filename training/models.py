@@ -63,21 +63,23 @@ def load_components(model: ModelConfig, seed: int) -> Components:
     return _stable_diffusion(model, path)
 
 
-def _schedulers(config: dict, model: ModelConfig):
+def _schedulers(config: dict, model: ModelConfig, zero_terminal_snr_default: bool):
     """Training DDPM and checkpoint DDIM configs sharing one schedule (v-prediction).
 
-    ``model.zero_terminal_snr`` rescales the betas so that the last timestep is pure noise
-    (Lin et al., "Common Diffusion Noise Schedules and Sample Steps are Flawed", WACV 2024).
-    SD2's schedule keeps ~7% of the signal at t = T during training while inference starts
-    from pure noise; a model trained from scratch learns to read its depth from that leak and
-    then guesses at inference. The flag is stored in the checkpoint's scheduler config, so the
-    pipeline samples with the same schedule.
+    ``model.zero_terminal_snr`` (None: ``zero_terminal_snr_default``) rescales the betas so
+    that the last timestep is pure noise (Lin et al., "Common Diffusion Noise Schedules and
+    Sample Steps are Flawed", WACV 2024). SD2's schedule keeps ~7% of the signal at t = T
+    during training while inference starts from pure noise; a model trained from scratch learns
+    to read its depth from that leak and then guesses at inference, and Marigold v1.1 trains
+    with the rescaled schedule (and trailing spacing) for the same reason. The flag is stored
+    in the checkpoint's scheduler config, so the pipeline samples with the same schedule.
     """
     from diffusers import DDIMScheduler, DDPMScheduler
 
     config = {k: v for k, v in config.items() if not k.startswith('_')}
-    if model.zero_terminal_snr:
-        config['rescale_betas_zero_snr'] = True
+    zero_snr = model.zero_terminal_snr
+    config['rescale_betas_zero_snr'] = bool(
+        zero_terminal_snr_default if zero_snr is None else zero_snr)
     noise = DDPMScheduler.from_config(config, prediction_type='v_prediction')
     ddim = DDIMScheduler.from_config(config, prediction_type='v_prediction',
                                      timestep_spacing='trailing')
@@ -96,7 +98,7 @@ def _tiny(model: ModelConfig, seed: int) -> Components:
         embedding = torch.randn(1, TINY_TEXT_TOKENS, TINY_CROSS_ATTENTION_DIM)
     finally:
         torch.random.set_rng_state(generator_state)
-    noise, ddim = _schedulers(tiny_scheduler_config(), model)
+    noise, ddim = _schedulers(tiny_scheduler_config(), model, False)
     return Components(unet, vae, noise, ddim, embedding, model.d_min_m, model.d_max_m)
 
 
@@ -111,7 +113,8 @@ def _metricgold(model: ModelConfig, path: Path) -> Components:
             checkpoint.metadata.d_min_m, checkpoint.metadata.d_max_m):
         LOGGER.warning('model: fine-tuning a %g..%g m checkpoint with codec range %g..%g m',
                        checkpoint.metadata.d_min_m, checkpoint.metadata.d_max_m, d_min, d_max)
-    noise, ddim = _schedulers(dict(checkpoint.scheduler.config), model)
+    noise, ddim = _schedulers(dict(checkpoint.scheduler.config), model, bool(
+        checkpoint.scheduler.config.get('rescale_betas_zero_snr', False)))
     return Components(checkpoint.unet.requires_grad_(True), checkpoint.vae, noise, ddim,
                       checkpoint.empty_text_embedding, d_min, d_max)
 
@@ -139,7 +142,7 @@ def _stable_diffusion(model: ModelConfig, path: Path) -> Components:
                               f'has {vae.config.latent_channels} latent channels')
     widen_conv_in(unet)
     scheduler_config = json.loads((path / 'scheduler' / 'scheduler_config.json').read_text())
-    noise, ddim = _schedulers(scheduler_config, model)
+    noise, ddim = _schedulers(scheduler_config, model, True)  # as Marigold v1.1 trains
     embedding = compute_empty_text_embedding(path)
     LOGGER.info('converted %s: conv_in 4 -> 8 channels, empty-text embedding %s', path,
                 tuple(embedding.shape))

@@ -12,6 +12,12 @@ depth model, and MetricGold repeats with log-scaled metric depth:
 * :func:`latent_valid_mask` / :func:`masked_mse` - the loss only counts latent pixels whose
   whole 8x8 pixel footprint has valid ground-truth depth.
 * :class:`WarmupExponentialDecay` - linear warm-up, then exponential decay of the learning rate.
+
+And the single-step objective of Garcia et al. ("Fine-Tuning Image-Conditional Diffusion Models
+is Easier than You Think", 2024, "E2E-FT"): the pipeline's own
+``metricgold_ros.model.predict_x0_single_step`` turns the UNet's v output at t = T for a zero
+depth latent into the predicted clean latent, which the frozen VAE decodes
+(:func:`decoded_depth`) for a loss in depth space.
 """
 
 import math
@@ -173,3 +179,15 @@ class WarmupExponentialDecay:
             return self.final_ratio
         span = max(1, self.decay_steps - self.warmup_steps)
         return math.exp((step - self.warmup_steps) / span * math.log(self.final_ratio))
+
+
+def decoded_depth(vae: torch.nn.Module, latent: torch.Tensor) -> torch.Tensor:
+    """The VAE's decoding of a scaled depth latent ``[B,4,h,w]``: codec value ``[B,1,H,W]``.
+
+    Divides by ``vae.config.scaling_factor``, decodes, and averages the three channels (the
+    codec's depth image is one value replicated, as the pipeline reads it back). Gradients
+    flow through the decoder to ``latent``; the VAE's own weights may stay frozen.
+    """
+    scale = float(vae.config.scaling_factor)
+    image = vae.decode(latent / scale).sample  # [B,3,H,W]
+    return image.float().mean(dim=1, keepdim=True)

@@ -7,8 +7,12 @@ Stages, each resumable with ``--resume`` (``DIR`` keeps everything):
 1. ``model.tiny`` only: the tiny VAE learns RGB and log-depth (``training/vae_stage.py``) and
    is written to ``DIR/vae/``; its depth reconstruction AbsRel goes into ``metrics.json``.
 2. The UNet learns v-prediction of the depth latent with pyramid noise and a valid-pixel mask
-   (``training/recipe.py``); the VAE is frozen. ``accelerate`` does devices, mixed precision
-   and gradient accumulation (``accelerate launch training/train.py ...`` for several GPUs).
+   (``training/recipe.py``), or with ``train.objective: e2e_ft`` the single-step E2E-FT
+   objective (t = T, zero depth latent, loss on the VAE-decoded depth); the VAE is frozen.
+   ``accelerate`` does devices, mixed precision and gradient accumulation
+   (``accelerate launch --config_file training/accelerate/1node_8gpu.yaml training/train.py
+   ...`` for several GPUs or nodes); the effective batch is logged at start and checked
+   against ``train.effective_batch_size``.
    Every ``train.checkpoint_every`` steps ``DIR/checkpoints/step_NNNNNN/`` receives the
    accelerator state (UNet, Adam, LR schedule, RNGs, EMA), ``progress.json`` (step, data
    position, curves) and ``model/``, a checkpoint the node loads; the newest one is resumed.
@@ -26,6 +30,7 @@ import os
 import shutil
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -40,13 +45,14 @@ import torch  # noqa: E402
 
 from metricgold_ros.errors import MetricGoldError  # noqa: E402
 from metricgold_ros.model.checkpoint import ModelMetadata, save_checkpoint  # noqa: E402
+from metricgold_ros.model.single_step import predict_x0_single_step  # noqa: E402
 from training import data as train_data  # noqa: E402
-from training.config import Config, load_config  # noqa: E402
+from training.config import Config, load_config, resolve_accumulation  # noqa: E402
 from training.models import Components, load_components, load_trained_vae  # noqa: E402
 from training.progress import (  # noqa: E402
     PROGRESS_FILE, fmt, latest_checkpoint, setup_logging, summarize)
 from training.recipe import (  # noqa: E402
-    WarmupExponentialDecay, annealed_strength, latent_valid_mask, masked_mse,
+    WarmupExponentialDecay, annealed_strength, decoded_depth, latent_valid_mask, masked_mse,
     multi_res_noise_like, sample_timesteps, velocity_target)
 from training.validation import constant_baseline, make_checkpoint, validate  # noqa: E402
 from training.vae_stage import (  # noqa: E402
@@ -61,19 +67,27 @@ class Run:
     def __init__(self, config: Config, output: Path, resume: bool,
                  stop_at_step: Optional[int] = None) -> None:
         from accelerate import Accelerator
-        from accelerate.utils import set_seed
+        from accelerate.utils import InitProcessGroupKwargs, set_seed
 
         self.config, self.output, self.resume = config, output, resume
         self.stop_at_step = stop_at_step  # tests and drills: return after this step
-        self.accelerator = Accelerator(
-            mixed_precision=config.train.mixed_precision,
-            gradient_accumulation_steps=config.train.gradient_accumulation_steps)
+        # Validation and saving run on the main process while the others wait at a barrier:
+        # the collective timeout must outlast them (NCCL's default is 10 minutes).
+        timeout = InitProcessGroupKwargs(
+            timeout=timedelta(seconds=config.train.distributed_timeout_s))
+        self.accelerator = Accelerator(mixed_precision=config.train.mixed_precision,
+                                       kwargs_handlers=[timeout])
+        accumulation = resolve_accumulation(config.train, self.accelerator.num_processes)
+        config.train.gradient_accumulation_steps = accumulation
+        self.accelerator.gradient_accumulation_steps = accumulation
         self.device = self.accelerator.device
         if self.device.type == 'cpu' and config.cpu_threads:
             torch.set_num_threads(config.cpu_threads)
         set_seed(config.seed)
         self.wall = {'data': 0.0, 'vae_stage': 0.0, 'unet_stage': 0.0, 'validation': 0.0}
         self.writer = None
+        self.effective_batch = (config.train.batch_size * accumulation *
+                                self.accelerator.num_processes)
         if config.tensorboard and self.accelerator.is_main_process:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(str(output / 'logs'))
@@ -133,9 +147,11 @@ class Run:
 
         cfg, acc = self.config.train, self.accelerator
         unet = parts.unet.to(self.device).train().requires_grad_(True)
+        self.vae = parts.vae.to(self.device).eval().requires_grad_(False)
         if self.config.model.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
-        self.vae = parts.vae.to(self.device).eval().requires_grad_(False)
+            if cfg.objective == 'e2e_ft':  # the loss backpropagates through the decoder
+                self.vae.enable_gradient_checkpointing()
         self.parts = parts
         self.latent_cache = {} if self.config.data.cache_latents else None
         ddim = DDIMScheduler.from_config(parts.scheduler_config)
@@ -158,7 +174,7 @@ class Run:
                     'baseline': self.baseline}
         latest = latest_checkpoint(self.output / 'checkpoints') if self.resume else None
         if latest is not None:
-            acc.load_state(str(latest))
+            load_training_state(acc, latest, self.ema, self.device)
             progress = json.loads((latest / PROGRESS_FILE).read_text())
             LOGGER.info('resumed from %s at step %d', latest, progress['step'])
         elif cfg.steps > 0:
@@ -226,17 +242,43 @@ class Run:
             k += 1
 
     def _loss(self, batch: dict) -> torch.Tensor:
+        """The configured objective's loss on one micro-batch."""
+        parts = self.parts
+        rgb = batch['rgb'].to(self.device)  # [B,3,H,W]
+        depth_m = canonical_depth(batch['depth_m'], batch.get('focal_px'),
+                                  self.config.model.canonical_focal_px)
+        depth, valid = depth_as_image(depth_m, batch['valid'], parts.d_min_m, parts.d_max_m)
+        depth, valid = depth.to(self.device), valid.to(self.device)  # [B,3,H,W], [B,1,H,W]
+        # [B,4,h,w] each (no depth latent for e2e_ft, which compares decoded depth)
+        rgb_latent, depth_latent = self._encode(rgb, depth, batch['views'])
+        if self.config.train.objective == 'e2e_ft':
+            return self._e2e_ft_loss(rgb_latent, depth, valid)
+        return self._diffusion_loss(batch, rgb_latent, depth_latent, valid)
+
+    def _e2e_ft_loss(self, rgb_latent: torch.Tensor, depth: torch.Tensor,
+                     valid: torch.Tensor) -> torch.Tensor:
+        """E2E-FT: one step at t = T from a zero depth latent, masked MSE of the decoded depth.
+
+        The predicted x0 goes through the frozen VAE decoder (gradients reach the UNet through
+        it); the loss compares the decoded codec value with the target's, in [-1, 1] log depth,
+        on the valid pixels only.
+        """
+        text = self.parts.empty_text_embedding.to(self.device)  # [1,T,C]
+        with self.accelerator.autocast():
+            # The pipeline's own single step (one implementation for training and inference).
+            x0 = predict_x0_single_step(self.unet, self.parts.noise_scheduler, rgb_latent,
+                                        text)  # [B,4,h,w]
+            prediction = decoded_depth(self.vae, x0)  # [B,1,H,W]
+        return masked_mse(prediction, depth[:, :1].float(), valid)
+
+    def _diffusion_loss(self, batch: dict, rgb_latent: torch.Tensor,
+                        depth_latent: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Masked v-prediction MSE of one micro-batch (Marigold's training step)."""
         parts, cfg = self.parts, self.config.train
-        rgb = batch['rgb'].to(self.device)  # [B,3,H,W]
-        depth, valid = depth_as_image(batch['depth_m'], batch['valid'], parts.d_min_m,
-                                      parts.d_max_m)
-        depth, valid = depth.to(self.device), valid.to(self.device)  # [B,3,H,W], [B,1,H,W]
-        rgb_latent, depth_latent = self._encode(rgb, depth, batch['views'])  # [B,4,h,w] each
         generator = torch.Generator().manual_seed(int(np.random.SeedSequence(
             [self.config.seed, int(batch['k'])]).generate_state(1)[0]))
         steps = parts.noise_scheduler.config.num_train_timesteps
-        timesteps = sample_timesteps(len(rgb), steps, generator, self.sampling_timesteps,
+        timesteps = sample_timesteps(len(rgb_latent), steps, generator, self.sampling_timesteps,
                                      cfg.sampling_timestep_p)
         if cfg.multi_res_noise > 0:
             strength = annealed_strength(timesteps, steps, cfg.multi_res_noise) \
@@ -247,7 +289,7 @@ class Run:
         timesteps = timesteps.to(self.device)
         noisy = parts.noise_scheduler.add_noise(depth_latent, noise, timesteps)
         target = velocity_target(parts.noise_scheduler, depth_latent, noise, timesteps)
-        text = parts.empty_text_embedding.to(self.device).expand(len(rgb), -1, -1)
+        text = parts.empty_text_embedding.to(self.device).expand(len(rgb_latent), -1, -1)
         prediction = self.unet(torch.cat([rgb_latent, noisy], dim=1), timesteps,
                                encoder_hidden_states=text).sample  # [B,4,h,w]
         factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
@@ -258,25 +300,28 @@ class Run:
                 views: list) -> tuple:
         """RGB and depth latents (frozen VAE, posterior mode, scaled), cached per view.
 
-        With ``data.cache_latents`` every sample is encoded on its own, the first time its
-        view (frame, window, flip) appears, so a resumed run gets the very same numbers.
+        The RGB latent (an input) is encoded under the run's mixed precision, the depth latent
+        (the target) in float32 (:func:`encode_latents`); ``e2e_ft`` compares decoded depth
+        and needs no depth latent (None). With ``data.cache_latents`` every sample is encoded
+        on its own, the first time its view (frame, window, flip) appears, so a resumed run
+        gets the very same numbers.
         """
-        scale = float(self.vae.config.scaling_factor)
-
-        def encode(images: torch.Tensor) -> torch.Tensor:
-            with self.accelerator.autocast():
-                return (self.vae.encode(images).latent_dist.mode() * scale).float()
-
+        if self.config.train.objective == 'e2e_ft':
+            depth = None
         if self.latent_cache is None:
-            return encode(torch.cat([rgb, depth])).chunk(2)
-        pairs = []
+            return encode_latents(self.vae, rgb, depth, self.accelerator.autocast)
+        latents = []
         for i, view in enumerate(views):
             key = tuple(int(v) for v in view)
             if key not in self.latent_cache:
-                self.latent_cache[key] = encode(torch.cat([rgb[i:i + 1], depth[i:i + 1]]))
-            pairs.append(self.latent_cache[key])  # [2,4,h,w]: rgb, depth
-        stacked = torch.stack(pairs, dim=1)  # [2,B,4,h,w]
-        return stacked[0], stacked[1]
+                self.latent_cache[key] = encode_latents(
+                    self.vae, rgb[i:i + 1], None if depth is None else depth[i:i + 1],
+                    self.accelerator.autocast)
+            latents.append(self.latent_cache[key])  # ([1,4,h,w], [1,4,h,w] or None)
+        rgb_latent = torch.cat([pair[0] for pair in latents])  # [B,4,h,w]
+        if depth is None:
+            return rgb_latent, None
+        return rgb_latent, torch.cat([pair[1] for pair in latents])
 
     def _checkpoint(self):
         parts = self.parts
@@ -299,7 +344,9 @@ class Run:
     def _metadata(self, parts: Components) -> ModelMetadata:
         model = self.config.model
         return ModelMetadata(parts.d_min_m, parts.d_max_m, model.denoising_steps,
-                             model.processing_resolution).validate('model')
+                             model.processing_resolution,
+                             canonical_focal_px=model.canonical_focal_px,
+                             e2e_ft=self.config.train.objective == 'e2e_ft').validate('model')
 
     def _metrics(self, checkpoint, image_count: int = 0):
         """Validation metrics of ``checkpoint`` (main process; others get None)."""
@@ -314,7 +361,7 @@ class Run:
                 denoising_steps=val.denoising_steps or model.denoising_steps,
                 ensemble_size=val.ensemble_size,
                 processing_resolution=val.processing_resolution or model.processing_resolution,
-                image_count=image_count)
+                image_count=image_count, canonical_focal_px=model.canonical_focal_px)
         self.accelerator.wait_for_everyone()
         self.wall['validation'] += time.perf_counter() - start
         return result if image_count else (result[0] if result else None)
@@ -358,6 +405,55 @@ class Run:
         acc.wait_for_everyone()
 
 
+def load_training_state(accelerator, folder: Path, ema, device: torch.device) -> None:
+    """``accelerator.load_state(folder)``, then the EMA weights back on the training ``device``.
+
+    accelerate restores registered objects such as the EMA with ``map_location='cpu'``; on a GPU
+    the next ``ema.step`` would then mix CPU shadow weights with CUDA parameters and fail.
+    """
+    accelerator.load_state(str(folder))
+    if ema is not None:
+        ema.to(device)
+
+
+def encode_latents(vae: torch.nn.Module, rgb: torch.Tensor, depth: Optional[torch.Tensor],
+                   autocast) -> tuple:
+    """Scaled posterior-mode latents ``([B,4,h,w], [B,4,h,w])`` of ``rgb`` and ``depth``.
+
+    RGB is encoded inside ``autocast()`` (the run's mixed precision: the latent is a network
+    input); depth in float32 with autocast off, because its latent is the regression target and
+    bf16 would quantise it to 8 significant bits. Both come back as float32; with ``depth``
+    None the second is None.
+    """
+    scale = float(vae.config.scaling_factor)
+    depth_latent = None
+    with torch.no_grad():
+        with autocast():
+            rgb_latent = vae.encode(rgb).latent_dist.mode().float() * scale
+        if depth is not None:
+            with torch.autocast(device_type=depth.device.type, enabled=False):
+                depth_latent = vae.encode(depth.float()).latent_dist.mode().float() * scale
+    return rgb_latent, depth_latent
+
+
+def canonical_depth(depth_m: torch.Tensor, focal_px, canonical_focal_px: Optional[float]
+                    ) -> torch.Tensor:
+    """Depth targets ``[B,1,H,W]`` in the canonical camera: ``depth * f_c / f`` per sample.
+
+    ``focal_px`` holds each sample's focal length (px) at the training resolution; with
+    ``canonical_focal_px`` None, ``depth_m`` is returned unchanged (plain metric training).
+    Invalid pixels (0) stay 0.
+    """
+    if canonical_focal_px is None:
+        return depth_m
+    if focal_px is None or any(f is None or not f > 0 for f in focal_px):
+        raise MetricGoldError(f'model.canonical_focal_px: a training sample has focal length '
+                              f'{focal_px!r}; camera-aware training needs every dataset to '
+                              'give intrinsics (or set canonical_focal_px: null)')
+    ratio = canonical_focal_px / torch.as_tensor(focal_px, dtype=torch.float32)
+    return depth_m * ratio.reshape(-1, 1, 1, 1).to(depth_m)
+
+
 def train(config_path: Path, output: Path, *, resume: bool = False,
           stop_at_step: Optional[int] = None) -> Optional[dict]:
     """Run (or continue) the training ``config_path`` describes into ``output``.
@@ -375,6 +471,10 @@ def train(config_path: Path, output: Path, *, resume: bool = False,
     setup_logging(output, run.accelerator.is_main_process)
     LOGGER.info('training %s into %s on %s (%s precision)', config_path, output, run.device,
                 config.train.mixed_precision)
+    LOGGER.info('effective batch %d = %d per device x %d accumulated x %d process(es)%s',
+                run.effective_batch, config.train.batch_size,
+                config.train.gradient_accumulation_steps, run.accelerator.num_processes,
+                '' if config.train.effective_batch_size is None else ' (as configured)')
     if run.accelerator.is_main_process:
         (output / 'config.json').write_text(json.dumps(dataclasses.asdict(config), indent=2))
     run.prepare_data()

@@ -6,7 +6,7 @@ and scoring through :func:`metricgold_ros.evaluation.depth_metrics` on the groun
 pixels, so a validation AbsRel means what ``metricgold eval`` would print.
 """
 
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -14,6 +14,7 @@ import torch
 from metricgold_ros.colorize import colorize_depth
 from metricgold_ros.evaluation import depth_metrics
 from metricgold_ros.model.checkpoint import Checkpoint, ModelMetadata
+from metricgold_ros.model.image_ops import processing_size
 from metricgold_ros.model.pipeline import MetricGoldPipeline
 
 SUMMARY_KEYS = ('abs_rel', 'sq_rel', 'rmse', 'rmse_log', 'delta1')
@@ -31,10 +32,14 @@ def make_checkpoint(unet: torch.nn.Module, vae: torch.nn.Module, scheduler_confi
 @torch.no_grad()
 def validate(checkpoint: Checkpoint, items: List[dict], device: torch.device, *,
              denoising_steps: int, ensemble_size: int, processing_resolution: int,
-             image_count: int = 0) -> Tuple[Dict[str, float], List[np.ndarray]]:
+             image_count: int = 0, canonical_focal_px: Optional[float] = None
+             ) -> Tuple[Dict[str, float], List[np.ndarray]]:
     """Mean metrics over ``items`` (and per domain: ``indoor/abs_rel`` ...), plus images.
 
-    The networks are put in eval mode for the call and back into their previous mode after.
+    With ``canonical_focal_px`` (a camera-aware model) each prediction, depth for the canonical
+    camera, is multiplied by ``f / canonical_focal_px``, f = the item's mean focal length at
+    the processing resolution. The networks are put in eval mode for the call and back into
+    their previous mode after.
     Returns the metrics and up to ``image_count`` previews ``[H, 3W, 3]`` uint8 RGB:
     input | prediction | ground truth, coloured on the ground truth's range.
     """
@@ -49,10 +54,14 @@ def validate(checkpoint: Checkpoint, items: List[dict], device: torch.device, *,
             prediction = pipeline(item['rgb'], denoising_steps=denoising_steps,
                                   ensemble_size=ensemble_size,
                                   processing_resolution=processing_resolution, seed=index)
-            metrics = depth_metrics(prediction.depth, item['depth_m'], item['valid'])
+            depth_m = prediction.depth
+            if canonical_focal_px is not None:
+                depth_m = depth_m * np.float32(_processing_focal_px(
+                    item, processing_resolution) / canonical_focal_px)
+            metrics = depth_metrics(depth_m, item['depth_m'], item['valid'])
             per_image.append((item['domain'], metrics))
             if len(images) < image_count:
-                images.append(_preview(item, prediction.depth))
+                images.append(_preview(item, depth_m))
     finally:
         for module, mode in zip(modules, modes):
             module.train(mode)
@@ -62,6 +71,14 @@ def validate(checkpoint: Checkpoint, items: List[dict], device: torch.device, *,
             summary[f'{domain}/{key}'] = float(np.mean([m[key] for d, m in per_image
                                                         if d == domain]))
     return summary, images
+
+
+def _processing_focal_px(item: dict, processing_resolution: int) -> float:
+    """Mean of fx and fy (px) of ``item`` once resized to the processing resolution."""
+    height, width = item['depth_m'].shape
+    new_h, new_w = processing_size(height, width, processing_resolution)
+    fx, fy = item['intrinsics'][:2]
+    return 0.5 * (fx * new_w / width + fy * new_h / height)
 
 
 def constant_baseline(frames, items: List[dict], count: int = 64) -> Dict[str, float]:

@@ -5,10 +5,12 @@ from metricgold_ros.model.checkpoint import (
 from metricgold_ros.model.codec import decode_depth, encode_depth, valid_depth_mask
 from metricgold_ros.model.pipeline import (
     DepthPrediction, MetricGoldPipeline, resolve_device, resolve_dtype)
+from metricgold_ros.model.single_step import predict_x0_single_step, x0_from_model_output
 from metricgold_ros.model.tiny import build_tiny_checkpoint
 
 __all__ = [
     'Checkpoint', 'DepthPrediction', 'MetricGoldPipeline', 'ModelMetadata',
     'build_tiny_checkpoint', 'compute_empty_text_embedding', 'decode_depth', 'encode_depth',
-    'load_checkpoint', 'resolve_device', 'resolve_dtype', 'save_checkpoint', 'valid_depth_mask',
+    'load_checkpoint', 'predict_x0_single_step', 'resolve_device', 'resolve_dtype',
+    'save_checkpoint', 'valid_depth_mask', 'x0_from_model_output',
 ]

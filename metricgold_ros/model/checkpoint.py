@@ -4,7 +4,12 @@ A checkpoint folder holds ``model_index.json``, ``unet/``, ``vae/``, ``scheduler
 ``text_encoder/`` + ``tokenizer/``), and for MetricGold models ``metricgold.json`` (depth range,
 defaults) with ``empty_text_embedding.safetensors`` (the prompt-free conditioning, so inference
 needs no text encoder). Released Marigold checkpoints, which have no ``metricgold.json``, load in
-*relative* mode.
+*relative* mode with the scheduler their folder names, configured as diffusers configures it.
+
+E2E-FT checkpoints (single-step models fine-tuned end to end: zero latent in at t = T, the
+predicted x0 out) are recognised by ``"e2e_ft": true`` in ``metricgold.json`` or
+``model_index.json``, or by what the E2E-FT training script writes: a ``StableDiffusionPipeline``
+``model_index.json`` or a ``DDPMScheduler`` around an 8-channel UNet.
 
 Weights load from safetensors only; pickled ``.bin``/``.ckpt`` files can execute code when
 loaded, so they are refused unless the caller passes ``allow_pickle=True`` (and even then are
@@ -14,9 +19,6 @@ read with ``torch.load(weights_only=True)``). Nothing is downloaded: ``path`` is
 import json
 import logging
 import math
-import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, Optional, Union
@@ -25,6 +27,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from metricgold_ros.atomic import atomic_path
 from metricgold_ros.errors import CheckpointError
 
 LOGGER = logging.getLogger(__name__)
@@ -45,16 +48,25 @@ class ModelMetadata:
 
     Attributes:
         d_min_m, d_max_m: metric range of the log-depth codec (metres), fixed at training time.
-        default_denoising_steps: DDIM steps used when a caller does not choose.
-        default_processing_resolution: longer image side (px) fed to the networks.
+        default_denoising_steps: DDIM steps used when a caller does not choose; ``None`` when
+            a Marigold checkpoint states none (a caller must then choose, as in diffusers).
+        default_processing_resolution: longer image side (px) fed to the networks; ``None``
+            as above.
         relative: True for affine-invariant Marigold checkpoints (output in [0, 1], not metres).
+        canonical_focal_px: camera-aware checkpoints: the canonical focal length (px) that
+            training scaled depth targets to (``depth * f_c / f``, f = mean of fx and fy at the
+            training resolution); inference multiplies by ``f / f_c``. None: not camera-aware.
+        e2e_ft: True for single-step E2E-FT checkpoints (zero depth latent at t = T, the
+            predicted x0 out, deterministic).
     """
 
     d_min_m: float
     d_max_m: float
-    default_denoising_steps: int = 1
-    default_processing_resolution: int = 768
+    default_denoising_steps: Optional[int] = 1
+    default_processing_resolution: Optional[int] = 768
     relative: bool = False
+    canonical_focal_px: Optional[float] = None
+    e2e_ft: bool = False
 
     def validate(self, source: str) -> 'ModelMetadata':
         if not (math.isfinite(self.d_min_m) and math.isfinite(self.d_max_m)
@@ -62,14 +74,24 @@ class ModelMetadata:
             raise CheckpointError(
                 f'{source}: d_min={self.d_min_m!r}, d_max={self.d_max_m!r} is not a valid depth '
                 'range; expected finite metres with 0 < d_min < d_max')
-        if int(self.default_denoising_steps) < 1:
+        if self.default_denoising_steps is not None and int(self.default_denoising_steps) < 1:
             raise CheckpointError(
                 f'{source}: default_denoising_steps={self.default_denoising_steps!r}, '
                 'expected an integer >= 1')
-        if int(self.default_processing_resolution) < 8:
+        if self.e2e_ft and self.default_denoising_steps not in (None, 1):
+            raise CheckpointError(
+                f'{source}: e2e_ft=true with default_denoising_steps='
+                f'{self.default_denoising_steps!r}; an E2E-FT model runs exactly 1 step: set 1')
+        if self.default_processing_resolution is not None and \
+                int(self.default_processing_resolution) < 8:
             raise CheckpointError(
                 f'{source}: default_processing_resolution='
                 f'{self.default_processing_resolution!r}, expected an integer >= 8 (pixels)')
+        if self.canonical_focal_px is not None and not (
+                math.isfinite(self.canonical_focal_px) and self.canonical_focal_px > 0):
+            raise CheckpointError(
+                f'{source}: canonical_focal_px={self.canonical_focal_px!r}, expected a focal '
+                'length in pixels > 0, or null for a checkpoint that is not camera-aware')
         return self
 
 
@@ -163,31 +185,69 @@ def _load_module(cls, folder: Path, allow_pickle: bool) -> torch.nn.Module:
     return module.float().eval().requires_grad_(False)
 
 
-def _load_metadata(path: Path, model_index: dict) -> ModelMetadata:
+def _optional_int(data: dict, key: str) -> Optional[int]:
+    value = data.get(key)
+    return None if value is None else int(value)
+
+
+def _is_e2e_ft(model_index: dict, scheduler_config: dict) -> bool:
+    """E2E-FT checkpoints as published: the flag, or the layout their training script saves.
+
+    That script stores the fine-tuned 8-channel UNet as a ``StableDiffusionPipeline`` with a
+    ``DDPMScheduler``; Marigold's own releases are ``MarigoldDepthPipeline`` folders with a DDIM
+    or LCM scheduler, and a ``DDPMScheduler`` cannot sample in few steps anyway.
+    """
+    if 'e2e_ft' in model_index:
+        return bool(model_index['e2e_ft'])
+    return model_index.get('_class_name') == 'StableDiffusionPipeline' or \
+        scheduler_config.get('_class_name') == 'DDPMScheduler'
+
+
+def _load_metadata(path: Path, model_index: dict, scheduler_config: dict) -> ModelMetadata:
     meta_path = path / METADATA_FILE
     if not meta_path.exists():
         # A released Marigold checkpoint: affine-invariant depth, defaults in model_index.json.
-        if model_index.get('scale_invariant') is False and model_index.get('shift_invariant') is False:
+        # A default it does not state stays None: the caller must choose, as diffusers asks.
+        if model_index.get('scale_invariant') is False and \
+                model_index.get('shift_invariant') is False:
             raise CheckpointError(
                 f'{path} has no {METADATA_FILE} but model_index.json says the model is metric: '
                 f'its depth range is unknown; add {METADATA_FILE} with d_min and d_max')
+        e2e_ft = _is_e2e_ft(model_index, scheduler_config)
+        try:
+            steps = _optional_int(model_index, 'default_denoising_steps')
+            resolution = _optional_int(model_index, 'default_processing_resolution')
+        except (TypeError, ValueError) as err:
+            raise CheckpointError(
+                f'{path / "model_index.json"}: default_denoising_steps and '
+                f'default_processing_resolution must be integers or null: {err}') from err
         return ModelMetadata(
-            d_min_m=1.0, d_max_m=2.0, relative=True,
-            default_denoising_steps=int(model_index.get('default_denoising_steps') or 4),
-            default_processing_resolution=int(
-                model_index.get('default_processing_resolution') or 768),
+            d_min_m=1.0, d_max_m=2.0, relative=True, e2e_ft=e2e_ft,
+            default_denoising_steps=1 if e2e_ft else steps,
+            default_processing_resolution=resolution,
         ).validate(str(path / 'model_index.json'))
     data = _read_json(meta_path)
     try:
         meta = ModelMetadata(
             d_min_m=float(data['d_min']), d_max_m=float(data['d_max']),
             default_denoising_steps=int(data.get('default_denoising_steps', 1)),
-            default_processing_resolution=int(data.get('default_processing_resolution', 768)))
+            default_processing_resolution=int(data.get('default_processing_resolution', 768)),
+            canonical_focal_px=(None if data.get('canonical_focal_px') is None
+                                else float(data['canonical_focal_px'])),
+            e2e_ft=_json_bool(data.get('e2e_ft', False), 'e2e_ft'))
     except (KeyError, TypeError, ValueError) as err:
         raise CheckpointError(
             f'{meta_path}: bad or missing field {err}; expected numbers d_min, d_max (metres) '
-            'and integers default_denoising_steps, default_processing_resolution') from err
+            'and integers default_denoising_steps, default_processing_resolution (optional: '
+            'canonical_focal_px, a number or null; e2e_ft, true or false)') from err
     return meta.validate(str(meta_path))
+
+
+def _json_bool(value: object, key: str) -> bool:
+    """A JSON true/false (a string such as "false" would be truthy)."""
+    if not isinstance(value, bool):
+        raise ValueError(f'{key}={value!r} is not true or false')
+    return value
 
 
 def _load_embedding(path: Path, unet: torch.nn.Module, cache_embedding: bool,
@@ -247,7 +307,7 @@ def compute_empty_text_embedding(path: Union[str, Path], *,
 def load_checkpoint(path: Union[str, Path], *, allow_pickle: bool = False,
                     cache_embedding: bool = False) -> Checkpoint:
     """Load a MetricGold (metric) or Marigold (relative) checkpoint from a local folder."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
 
     path = Path(path).expanduser()
     if not path.is_dir():
@@ -255,7 +315,8 @@ def load_checkpoint(path: Union[str, Path], *, allow_pickle: bool = False,
             f'model folder {path} does not exist; give a local checkpoint folder '
             '(`metricgold init-model DIR --tiny` writes one)')
     model_index = _read_json(path / 'model_index.json')
-    metadata = _load_metadata(path, model_index)
+    scheduler_config = _read_json(path / 'scheduler' / 'scheduler_config.json')
+    metadata = _load_metadata(path, model_index, scheduler_config)
     unet_config_path = path / 'unet' / 'config.json'
     if not unet_config_path.parent.is_dir():
         raise CheckpointError(f'{unet_config_path.parent} is missing: expected a '
@@ -273,17 +334,39 @@ def load_checkpoint(path: Union[str, Path], *, allow_pickle: bool = False,
         raise CheckpointError(
             f'{path}: vae latent_channels={vae.config.latent_channels} does not fit unet '
             f'in_channels={unet.config.in_channels}/out_channels={unet.config.out_channels}')
-    scheduler_config = _read_json(path / 'scheduler' / 'scheduler_config.json')
-    # Few-step DDIM needs trailing spacing: "leading" never visits the last timestep.
-    scheduler = DDIMScheduler.from_config(scheduler_config, timestep_spacing='trailing')
+    scheduler = _make_scheduler(path, scheduler_config, metadata)
     embedding = _load_embedding(path, unet, cache_embedding, allow_pickle)
     return Checkpoint(unet, vae, scheduler, embedding, metadata, path)
 
 
+def _make_scheduler(path: Path, config: dict, metadata: ModelMetadata) -> object:
+    """The sampler of a checkpoint.
+
+    MetricGold checkpoints sample with DDIM and trailing spacing (few-step DDIM with "leading"
+    spacing never visits the last timestep). Relative (Marigold) checkpoints get the class and
+    the configuration their folder names, untouched, as diffusers' ``from_pretrained`` builds
+    them: ``prs-eth/marigold-depth-v1-1`` brings DDIM with trailing spacing, the LCM releases
+    an ``LCMScheduler``. E2E-FT checkpoints only read the noise schedule (alphas) from it.
+    """
+    import diffusers
+
+    if not metadata.relative:
+        return diffusers.DDIMScheduler.from_config(config, timestep_spacing='trailing')
+    name = config.get('_class_name', 'DDIMScheduler')
+    if name not in _SCHEDULERS:
+        raise CheckpointError(
+            f'{path / "scheduler" / "scheduler_config.json"}: scheduler {name!r} is not '
+            f'supported; expected one of {", ".join(_SCHEDULERS)} (edit _class_name to '
+            'DDIMScheduler to sample with DDIM)')
+    return getattr(diffusers, name).from_config(config)
+
+
+_SCHEDULERS = ('DDIMScheduler', 'LCMScheduler', 'DDPMScheduler')
+
+
 def _atomic_save_tensors(tensors: Dict[str, torch.Tensor], path: Path) -> None:
-    tmp = path.with_name(path.name + '.tmp')
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
 
 
 def save_checkpoint(path: Union[str, Path], checkpoint: Checkpoint, *,
@@ -297,8 +380,7 @@ def save_checkpoint(path: Union[str, Path], checkpoint: Checkpoint, *,
     if path.exists() and not overwrite:
         raise CheckpointError(f'{path} already exists; choose another folder or overwrite=True')
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f'.{path.name}.', dir=path.parent))
-    try:
+    with atomic_path(path, directory=True) as tmp:
         checkpoint.unet.save_pretrained(tmp / 'unet', safe_serialization=True)
         checkpoint.vae.save_pretrained(tmp / 'vae', safe_serialization=True)
         checkpoint.scheduler.save_pretrained(tmp / 'scheduler')
@@ -309,9 +391,10 @@ def save_checkpoint(path: Union[str, Path], checkpoint: Checkpoint, *,
             'shift_invariant': meta.relative,
             'default_denoising_steps': meta.default_denoising_steps,
             'default_processing_resolution': meta.default_processing_resolution,
+            **({'e2e_ft': True} if meta.e2e_ft and meta.relative else {}),
             'unet': ['diffusers', 'UNet2DConditionModel'],
             'vae': ['diffusers', 'AutoencoderKL'],
-            'scheduler': ['diffusers', 'DDIMScheduler'],
+            'scheduler': ['diffusers', type(checkpoint.scheduler).__name__],
         }
         (tmp / 'model_index.json').write_text(json.dumps(index, indent=2) + '\n')
         if not meta.relative:
@@ -319,17 +402,14 @@ def save_checkpoint(path: Union[str, Path], checkpoint: Checkpoint, *,
             fields.pop('relative')
             fields['d_min'] = fields.pop('d_min_m')
             fields['d_max'] = fields.pop('d_max_m')
+            for key, default in (('canonical_focal_px', None), ('e2e_ft', False)):
+                if fields[key] == default:  # older readers never see keys they do not know
+                    fields.pop(key)
             fields['format_version'] = FORMAT_VERSION
             fields['depth_codec'] = 'log: x = 2*log(d/d_min)/log(d_max/d_min) - 1'
             (tmp / METADATA_FILE).write_text(json.dumps(fields, indent=2) + '\n')
         _atomic_save_tensors({'embedding': checkpoint.empty_text_embedding}, tmp / EMBEDDING_FILE)
         _make_readable(tmp)
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 

@@ -6,6 +6,11 @@ and torch's antialiased uint8 kernel is vectorised) and only the processed image
 enlarging float maps goes through OpenCV. Both agree with the float torch path: to one grey
 level at most (input, rounding) and to 1e-4 of the value range (output); ``test_bench`` checks
 both and ``metricgold bench`` compares the depth with diffusers' Marigold pipeline.
+
+Relative (Marigold) checkpoints take the exact road instead (:func:`prepare_image_exact`,
+:func:`resize_exact`): the order and kernels of diffusers' ``MarigoldDepthPipeline`` (sizes
+floored, the image normalised in float before an antialiased resize, outputs enlarged or shrunk
+without antialiasing), so that the same weights give the same numbers.
 """
 
 from typing import Tuple
@@ -15,9 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from metricgold_ros.constants import LATENT_FACTOR
 from metricgold_ros.errors import InputError
-
-LATENT_FACTOR = 8  # the SD VAE downsamples by 8: processed sizes must be multiples of it
 
 
 def check_rgb(rgb: np.ndarray) -> np.ndarray:
@@ -59,6 +63,53 @@ def prepare_image(rgb: np.ndarray, resolution: int, device: torch.device, dtype:
         image = resize(rgb_to_tensor(rgb, device, dtype), size)
     image, padding = pad_to_multiple(image)
     return image, padding, input_size
+
+
+def prepare_image_exact(rgb: np.ndarray, resolution: int, device: torch.device,
+                        dtype: torch.dtype
+                        ) -> Tuple[torch.Tensor, Tuple[int, int], Tuple[int, int]]:
+    """:func:`prepare_image` as diffusers' Marigold does it, step for step.
+
+    The uint8 image becomes ``dtype`` on ``device``, is scaled to [0, 1] and then [-1, 1], and
+    is resized (bilinear, antialiased) to :func:`marigold_processing_size` before padding.
+    Returns the same ``(image, padding, (H, W))`` as :func:`prepare_image`, NCHW.
+    """
+    rgb = check_rgb(rgb)
+    input_size = rgb.shape[:2]
+    # A float32 [1,H,W,C] array viewed as [1,C,H,W]: diffusers' layout (channels-last strides),
+    # which decides how the convolutions sum.
+    array = rgb[None, :, :, :3].astype(np.float32)
+    tensor = torch.from_numpy(array.transpose(0, 3, 1, 2))
+    if tensor.shape[1] == 1:
+        tensor = tensor.repeat(1, 3, 1, 1)
+    image = tensor.to(device=device, dtype=dtype) / 255
+    image = image * 2.0 - 1.0
+    if resolution > 0:
+        size = marigold_processing_size(*input_size, resolution)
+        image = F.interpolate(image, size, mode='bilinear', antialias=True)
+    image, padding = pad_to_multiple(image)
+    return image, padding, input_size
+
+
+def marigold_processing_size(height: int, width: int, resolution: int) -> Tuple[int, int]:
+    """diffusers' Marigold size: the longer side ``resolution``, the other floored (0: native).
+
+    Raises:
+        InputError: the shorter side would become 0 px (an extreme aspect ratio).
+    """
+    if resolution <= 0:
+        return height, width
+    longest = max(height, width)
+    size = (height * resolution // longest, width * resolution // longest)
+    if min(size) < 1:
+        raise InputError(f'image of {width}x{height} px at processing_resolution={resolution} '
+                         'has a side of 0 px; use a larger processing_resolution or crop it')
+    return size
+
+
+def resize_exact(image: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+    """Plain bilinear resize of ``[N,C,H,W]`` (no antialiasing), as diffusers' Marigold outputs."""
+    return F.interpolate(image, size, mode='bilinear', antialias=False)
 
 
 def _resize_uint8(rgb: np.ndarray, size: Tuple[int, int]) -> torch.Tensor:

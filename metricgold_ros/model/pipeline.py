@@ -4,6 +4,16 @@ Few-step DDIM with trailing timestep spacing over a Marigold-style UNet that den
 latent conditioned on the image latent. Members of an ensemble are one batch; they share one
 RGB encoding and the cached empty-text embedding, and are combined by their median in log
 space (no scale/shift alignment: the output is metric).
+
+Relative (Marigold) checkpoints run in diffusers' ``MarigoldDepthPipeline``'s numerics instead,
+so that the same weights, seed, steps and resolution give its depth (to float round-off): its
+processing size, input normalisation and resizes, noise drawn in the networks' dtype, members
+denoised and decoded one at a time, the checkpoint's own scheduler, output kept in the
+networks' dtype until the end, and affine-aligned ensembles (:mod:`.ensemble`).
+
+E2E-FT checkpoints (``metadata.e2e_ft``, metric or relative) run their single deterministic
+step instead of sampling: a zero latent at ``t = T - 1``, the predicted x0 out
+(:func:`.single_step.predict_x0_single_step`).
 """
 
 import logging
@@ -20,6 +30,8 @@ from metricgold_ros.errors import InputError
 from metricgold_ros.model import image_ops
 from metricgold_ros.model.checkpoint import Checkpoint, load_checkpoint
 from metricgold_ros.model.codec import decode_depth
+from metricgold_ros.model.ensemble import ensemble_affine, ensemble_members
+from metricgold_ros.model.single_step import predict_x0_single_step
 
 LOGGER = logging.getLogger(__name__)
 
@@ -32,12 +44,16 @@ class DepthPrediction:
 
     Attributes:
         depth: ``[H,W]`` float32 at the requested output size. Metres for a MetricGold model;
-            affine-invariant values in [0, 1] when ``relative`` (use :attr:`depth_m` for metres).
+            affine-invariant values when ``relative`` (use :attr:`depth_m` for metres): one
+            member is the decoded value mapped to [0, 1], an ensemble spans [0, 1] exactly.
         relative: True when the checkpoint is a relative-depth (Marigold) model.
         uncertainty: ``[H,W]`` float32 spread of the ensemble in the units of ``depth`` (metres:
-            ``depth * std(log depth)`` over members), ``None`` when ``ensemble_size == 1``.
+            ``depth * std(log depth)`` over members; relative: the median absolute deviation of
+            the aligned members over their range, as diffusers defines it; E2E-FT: zeros, its
+            members are identical), ``None`` when ``ensemble_size == 1``.
         rgb_latent: ``[1,4,h,w]`` image latent, reusable while the image is unchanged.
-        depth_latent: ``[E,4,h,w]`` final depth latents, the warm start of the next video frame.
+        depth_latent: ``[E,4,h,w]`` final depth latents, the warm start of the next video frame
+            (``[1,4,h,w]`` for E2E-FT, whose members are one).
         timings_s: wall time of each stage in seconds.
     """
 
@@ -71,10 +87,14 @@ def resolve_device(device: str = 'auto') -> torch.device:
     return resolved
 
 
-def resolve_dtype(dtype: Union[str, torch.dtype], device: torch.device) -> torch.dtype:
-    """'auto' -> float16 on CUDA, float32 elsewhere; or one of float32/float16/bfloat16."""
+def resolve_dtype(dtype: Union[str, torch.dtype], device: torch.device,
+                  weights: Optional[torch.dtype] = None) -> torch.dtype:
+    """'auto' -> ``weights`` when given, else float16 on CUDA and float32 elsewhere; or one of
+    float32/float16/bfloat16."""
     if isinstance(dtype, torch.dtype):
         return dtype
+    if dtype == 'auto' and weights is not None:
+        return weights
     if dtype == 'auto':
         return torch.float16 if device.type == 'cuda' else torch.float32
     if dtype not in DTYPES:
@@ -83,7 +103,12 @@ def resolve_dtype(dtype: Union[str, torch.dtype], device: torch.device) -> torch
 
 
 class MetricGoldPipeline:
-    """Metric depth from RGB with a MetricGold (or, in relative mode, Marigold) checkpoint."""
+    """Metric depth from RGB with a MetricGold (or, in relative mode, Marigold) checkpoint.
+
+    Relative checkpoints give what diffusers' ``MarigoldDepthPipeline`` gives for the same
+    weights, seed (a CPU generator seeded with ``seed``), steps and processing resolution; E2E-FT
+    checkpoints run their one deterministic step (see the module docstring).
+    """
 
     def __init__(self, checkpoint: Checkpoint, device: Union[str, torch.device] = 'cpu',
                  dtype: Union[str, torch.dtype] = 'float32', channels_last: bool = False,
@@ -93,30 +118,38 @@ class MetricGoldPipeline:
         Args:
             channels_last: NHWC weights (and activations), the layout tensor-core
                 convolutions use natively. Opt-in because it converts the checkpoint's modules
-                in place (training validates with its live networks); on the CPU activations
-                are channels-last either way.
+                in place (training validates with its live networks); on the CPU the
+                activations of MetricGold models are channels-last either way.
             compile_unet: ``torch.compile`` the UNet (opt-in: the first frame of each input
                 size then takes seconds to minutes to compile).
+            dtype: ``'auto'`` is float16 on CUDA for MetricGold models; relative (Marigold)
+                and E2E-FT models run in their weights' dtype, as diffusers and E2E-FT's
+                reference do (float32 as loaded).
         """
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
         self.metadata = checkpoint.metadata
+        weights = next(checkpoint.unet.parameters()).dtype \
+            if self.metadata.relative or self.metadata.e2e_ft else None
+        self.dtype = resolve_dtype(dtype, self.device, weights)
         self.scheduler = checkpoint.scheduler
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.vae = _place(checkpoint.vae, self.device, self.dtype, self.memory_format)
         self.unet = _place(checkpoint.unet, self.device, self.dtype, self.memory_format)
-        # Layout of the activations fed to the networks. On the CPU always channels-last:
-        # oneDNN then runs NHWC convolutions whatever the weights' layout, 12-14 % faster for
-        # the tiny VAE and neutral for SD2-size networks (BENCHMARKS.md), with no change to
-        # the (shared) modules.
-        self.activation_format = torch.channels_last if channels_last or \
-            self.device.type == 'cpu' else torch.contiguous_format
+        # Layout of the activations fed to the networks. On the CPU channels-last for MetricGold
+        # models: oneDNN then runs NHWC convolutions whatever the weights' layout, 12-14 %
+        # faster for the tiny VAE and neutral for SD2-size networks (BENCHMARKS.md), with no
+        # change to the (shared) modules. Relative models keep diffusers' layout (NCHW unless
+        # asked): NHWC convolutions sum in another order.
+        self.activation_format = torch.channels_last if channels_last or (
+            self.device.type == 'cpu' and not self.metadata.relative) else torch.contiguous_format
         if compile_unet:
             self.unet = torch.compile(self.unet)
         self.empty_text_embedding = checkpoint.empty_text_embedding.to(self.device, self.dtype)
         self.latent_scale = float(self.vae.config.scaling_factor)
         # Debug hook (tests, fault drills): called with the stage name before each stage.
         self.stage_hook: Optional[Callable[[str], None]] = None
+        self.current_stage = ''  # the stage running now (or that last ran): fault reports
+        self._warned_ensemble = False
 
     @classmethod
     def from_pretrained(cls, path: Union[str, Path], *, device: str = 'auto',
@@ -128,13 +161,32 @@ class MetricGoldPipeline:
 
     @property
     def relative(self) -> bool:
+        """True for affine-invariant (Marigold) checkpoints: depth in [0, 1], not metres."""
         return self.metadata.relative
 
-    def check_inputs(self, denoising_steps: int, ensemble_size: int,
-                     processing_resolution: int, warm_start_strength: float) -> None:
+    @property
+    def e2e_ft(self) -> bool:
+        """True for single-step E2E-FT checkpoints: deterministic, one step, one member."""
+        return self.metadata.e2e_ft
+
+    def check_inputs(self, denoising_steps: Optional[int], ensemble_size: int,
+                     processing_resolution: Optional[int], warm_start_strength: float) -> None:
         """Validate arguments up front, each with its own message."""
+        if denoising_steps is None:
+            raise InputError(
+                'denoising_steps=None and the checkpoint states no default_denoising_steps '
+                '(model_index.json); pass denoising_steps (--steps; node parameter '
+                'denoising_steps), e.g. the value its model card recommends')
+        if processing_resolution is None:
+            raise InputError(
+                'processing_resolution=None and the checkpoint states no '
+                'default_processing_resolution (model_index.json); pass processing_resolution '
+                '(--processing-resolution; node parameter processing_resolution), e.g. 768')
         if not isinstance(denoising_steps, int) or denoising_steps < 1:
             raise InputError(f'denoising_steps={denoising_steps!r}, expected an integer >= 1')
+        if self.e2e_ft and denoising_steps != 1:
+            raise InputError(f'denoising_steps={denoising_steps!r} but this is an E2E-FT model, '
+                             'trained for exactly one step: use denoising_steps=1 (or None)')
         if not isinstance(ensemble_size, int) or ensemble_size < 1:
             raise InputError(f'ensemble_size={ensemble_size!r}, expected an integer >= 1')
         if not isinstance(processing_resolution, int) or processing_resolution < 0 or \
@@ -154,88 +206,137 @@ class MetricGoldPipeline:
         """Predict depth for one RGB uint8 ``[H,W,3]`` image (grayscale/RGBA accepted).
 
         Args:
-            denoising_steps: DDIM steps; ``None`` uses the checkpoint's default.
-            ensemble_size: independent predictions combined by their log-space median.
+            denoising_steps: DDIM steps; ``None`` uses the checkpoint's default (an error when
+                it states none). E2E-FT models run exactly one.
+            ensemble_size: independent predictions combined by their log-space median (relative
+                models: aligned, then the median). E2E-FT models are deterministic: their
+                members would be identical, so one is computed and the uncertainty is zero.
             processing_resolution: longer side fed to the networks; ``None`` uses the
                 checkpoint's default, 0 the native size.
             seed: seeds the initial noise (same seed, same output); ``None`` draws a fresh one.
             init_latent: ``[E,4,h,w]`` depth latent of the previous frame (warm start): it is
                 re-noised to ``warm_start_strength`` of the schedule instead of starting from
-                pure noise; ignored (cold start) when its shape does not match this frame.
+                pure noise; ignored (cold start) when its shape does not match this frame, and
+                by E2E-FT models.
             output_size: ``(H, W)`` of the returned maps; default the input size.
         """
-        steps = self.metadata.default_denoising_steps if denoising_steps is None \
-            else denoising_steps
-        resolution = self.metadata.default_processing_resolution \
+        meta = self.metadata
+        steps = meta.default_denoising_steps if denoising_steps is None else denoising_steps
+        resolution = meta.default_processing_resolution \
             if processing_resolution is None else processing_resolution
         self.check_inputs(steps, ensemble_size, resolution, warm_start_strength)
+        if self.e2e_ft and ensemble_size > 1 and not self._warned_ensemble:
+            LOGGER.warning('ensemble_size=%d with an E2E-FT model: its prediction is '
+                           'deterministic, so one member is computed (uncertainty zero); use '
+                           'ensemble_size=1', ensemble_size)
+            self._warned_ensemble = True
+        members = 1 if self.e2e_ft else ensemble_size
         timings: Dict[str, float] = {}
 
         # 1. Image -> [1,3,PH,PW] in [-1, 1], padded to multiples of 8.
         with self._stage('preprocess', timings):
-            image, padding, input_size = image_ops.prepare_image(
-                rgb, resolution, self.device, self.dtype)
-            image = image.contiguous(memory_format=self.activation_format)
+            prepare = image_ops.prepare_image_exact if self.relative else image_ops.prepare_image
+            image, padding, input_size = prepare(rgb, resolution, self.device, self.dtype)
+            image = self._layout(image)
         # 2. One RGB latent for all ensemble members and all steps.
         with self._stage('vae_encode', timings):
             rgb_latent = self.vae.encode(image).latent_dist.mode() * self.latent_scale  # [1,4,h,w]
         # 3. Initial depth latents: noise, or the previous frame's latent partly re-noised.
-        timesteps, depth_latent = self._prepare_latents(
-            rgb_latent, ensemble_size, steps, seed, init_latent, warm_start_strength)
-        # 4. Denoise all members as one batch.
+        if not self.e2e_ft:
+            timesteps, depth_latent, generator = self._prepare_latents(
+                rgb_latent, members, steps, seed, init_latent, warm_start_strength)
+        # 4. Denoise: E2E-FT's one step, else the sampler (relative: a member at a time).
+        batch = 1 if self.relative else members
         with self._stage('unet', timings):
-            rgb_batch = rgb_latent.expand(ensemble_size, -1, -1, -1)
-            text = self.empty_text_embedding.expand(ensemble_size, -1, -1)  # [E,T,C]
-            for t in timesteps:
-                model_input = torch.cat([rgb_batch, depth_latent], dim=1).contiguous(
-                    memory_format=self.activation_format)  # [E,8,h,w]
-                model_output = self.unet(model_input, t, encoder_hidden_states=text,
-                                         return_dict=False)[0]  # [E,4,h,w]
-                depth_latent = self.scheduler.step(model_output, t, depth_latent).prev_sample
+            if self.e2e_ft:
+                depth_latent = predict_x0_single_step(
+                    self.unet, self.scheduler, rgb_latent, self.empty_text_embedding)
+            else:
+                rgb_batch = rgb_latent.repeat_interleave(members, dim=0) if self.relative \
+                    else rgb_latent.expand(members, -1, -1, -1)  # [E,4,h,w]
+                depth_latent = torch.cat([
+                    self._denoise(rgb_batch[i:i + batch], depth_latent[i:i + batch], steps,
+                                  timesteps, generator) for i in range(0, members, batch)])
             # Returned in the networks' layout: decoding it again gives the same numbers.
-            depth_latent = depth_latent.contiguous(memory_format=self.activation_format)
+            depth_latent = self._layout(depth_latent)
         # 5. Decode; the 3 output channels are one value replicated: average them.
         with self._stage('vae_decode', timings):
-            x = self._decode(depth_latent)  # [E,1,PH,PW]
-        # 6. Ensemble in log space, resize once (still in log space), map to metres.
+            x = torch.cat([self._decode(part)
+                           for part in depth_latent.split(batch)])  # [E,1,PH,PW]
+        # 6. Ensemble, resize once, map to depth.
         with self._stage('postprocess', timings):
-            depth, uncertainty = self._finish(
-                image_ops.unpad(x, padding).float(), output_size or input_size)
+            size = output_size or input_size
+            if self.relative:
+                depth, uncertainty = self._finish_relative(image_ops.unpad(x, padding), size)
+            else:
+                depth, uncertainty = self._finish(image_ops.unpad(x, padding).float(), size)
+            if self.e2e_ft and ensemble_size > 1:
+                uncertainty = np.zeros_like(depth)
         return DepthPrediction(depth, self.relative, uncertainty, rgb_latent, depth_latent,
                                timings)
 
+    def _denoise(self, rgb_batch: torch.Tensor, depth_latent: torch.Tensor, steps: int,
+                 timesteps: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Run the sampler over ``timesteps`` for the members ``[B,4,h,w]`` of one batch."""
+        self.scheduler.set_timesteps(steps, device=self.device)  # resets stateful samplers
+        text = self.empty_text_embedding.expand(depth_latent.shape[0], -1, -1)  # [B,T,C]
+        for t in timesteps:
+            model_input = self._layout(torch.cat([rgb_batch, depth_latent], dim=1))  # [B,8,h,w]
+            model_output = self.unet(model_input, t, encoder_hidden_states=text,
+                                     return_dict=False)[0]  # [B,4,h,w]
+            # The generator feeds samplers that add noise between steps (LCM), in diffusers'
+            # order; DDIM (eta = 0) draws nothing.
+            depth_latent = self.scheduler.step(model_output, t, depth_latent,
+                                               generator=generator).prev_sample
+        return depth_latent
+
     def _decode(self, latent: torch.Tensor) -> torch.Tensor:
         """Depth latents ``[n,4,h,w]`` -> values ``[n,1,PH,PW]`` in [-1, 1]."""
-        latent = (latent / self.latent_scale).contiguous(memory_format=self.activation_format)
+        latent = self._layout(latent / self.latent_scale)
         decoded = self.vae.decode(latent, return_dict=False)[0]
         return decoded.mean(dim=1, keepdim=True).clamp(-1.0, 1.0)
 
+    def _layout(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` in the activation layout. Relative models in NCHW mode keep the layout
+        diffusers' own operations give (its input image is a channels-last view, for one):
+        convolutions sum in another order in another layout."""
+        if self.relative and self.activation_format == torch.contiguous_format:
+            return tensor
+        return tensor.contiguous(memory_format=self.activation_format)
+
     def _prepare_latents(self, rgb_latent: torch.Tensor, ensemble_size: int, steps: int,
                          seed: Optional[int], init_latent: Optional[torch.Tensor],
-                         strength: float) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Timesteps to run and the starting latent ``[E,4,h,w]``."""
+                         strength: float
+                         ) -> Tuple[torch.Tensor, torch.Tensor, torch.Generator]:
+        """Timesteps to run, the starting latent ``[E,4,h,w]`` and the seeded generator.
+
+        The noise is one draw of ``[E,4,h,w]`` from a CPU generator, as diffusers draws it
+        (relative models draw in the networks' dtype, as diffusers does; MetricGold models in
+        float32).
+        """
         shape = (ensemble_size, *rgb_latent.shape[1:])
         generator = torch.Generator(device='cpu')
         if seed is None:
             generator.seed()
         else:
             generator.manual_seed(int(seed))
-        noise = torch.randn(shape, generator=generator, dtype=torch.float32).to(
+        noise_dtype = self.dtype if self.relative else torch.float32
+        noise = torch.randn(shape, generator=generator, dtype=noise_dtype).to(
             self.device, self.dtype)
         self.scheduler.set_timesteps(steps, device=self.device)
         timesteps = self.scheduler.timesteps
         if init_latent is None or tuple(init_latent.shape) != shape:
-            return timesteps, noise
+            return timesteps, noise, generator
         # img2img-style warm start: skip the noisiest part of the schedule, keep >= 1 step.
         keep = max(1, min(steps, round(steps * strength)))
         timesteps = timesteps[steps - keep:]
         start = self.scheduler.add_noise(init_latent.to(self.device, self.dtype), noise,
                                          timesteps[:1])
-        return timesteps, start
+        return timesteps, start, generator
 
     def _finish(self, x: torch.Tensor, output_size: Tuple[int, int]
                 ) -> Tuple[np.ndarray, Optional[np.ndarray]]:
-        """Members ``[E,1,h,w]`` in [-1, 1] -> depth and uncertainty at ``output_size``."""
+        """Metric members ``[E,1,h,w]`` in [-1, 1] -> depth and uncertainty at ``output_size``."""
         median, spread = ensemble_members(x)  # [1,1,h,w] each (spread None for one member)
         depth = self.to_depth(image_ops.resize(median, output_size)[0, 0])
         uncertainty = None
@@ -243,6 +344,20 @@ class MetricGoldPipeline:
             spread = image_ops.resize(spread, output_size)[0, 0]
             uncertainty = _to_numpy(self.to_uncertainty(depth, spread))
         return _to_numpy(depth), uncertainty
+
+    def _finish_relative(self, x: torch.Tensor, output_size: Tuple[int, int]
+                         ) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+        """Relative members ``[E,1,h,w]`` in [-1, 1] -> depth and uncertainty, as diffusers.
+
+        Mapped to [0, 1] and ensembled in the networks' dtype, resized without antialiasing,
+        and only then made float32.
+        """
+        depth = (x + 1.0) / 2.0
+        uncertainty = None
+        if depth.shape[0] > 1:
+            depth, uncertainty = ensemble_affine(depth)
+            uncertainty = _to_numpy(image_ops.resize_exact(uncertainty, output_size)[0, 0])
+        return _to_numpy(image_ops.resize_exact(depth, output_size)[0, 0]), uncertainty
 
     def to_depth(self, value: torch.Tensor) -> torch.Tensor:
         """Network value in [-1, 1] -> metres (MetricGold) or [0, 1] (relative Marigold)."""
@@ -260,6 +375,7 @@ class MetricGoldPipeline:
 
     @contextmanager
     def _stage(self, name: str, timings: Dict[str, float]) -> Iterator[None]:
+        self.current_stage = name
         if self.stage_hook is not None:
             self.stage_hook(name)
         start = time.perf_counter()
@@ -267,17 +383,6 @@ class MetricGoldPipeline:
         if self.device.type == 'cuda':
             torch.cuda.synchronize(self.device)
         timings[name] = time.perf_counter() - start
-
-
-def ensemble_members(x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Members ``[E,1,h,w]`` (log-depth values) -> their median and std ``[1,1,h,w]``.
-
-    The median of log depth is the log of the median depth: ensembling in log space needs no
-    scale/shift alignment, so metric output stays metric. Std is ``None`` for one member.
-    """
-    if x.shape[0] == 1:
-        return x, None
-    return x.median(dim=0, keepdim=True).values, x.std(dim=0, keepdim=True)
 
 
 def _to_numpy(tensor: torch.Tensor) -> np.ndarray:

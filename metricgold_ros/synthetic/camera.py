@@ -1,20 +1,19 @@
 """A camera process that plays a synthetic sequence over DDS: Image + CameraInfo at a fixed rate.
 
 The sequence walks through a generated room, then drives down a generated street
-(``metricgold_ros.synthetic.scenes``), so whoever receives the node's depth can regenerate the exact
-ground truth of every frame from its index. Used by the demo and the soak test::
+(:mod:`metricgold_ros.synthetic.scenes`), so whoever receives the node's depth can regenerate
+the exact ground truth of every frame from its index. Used by the demo and the soak test::
 
     python -m metricgold_ros.synthetic.camera --rate 5 --frames 40 --stamps-out stamps.json
 """
 
 import argparse
-import json
-import os
 import sys
 import time
 from pathlib import Path
 from typing import List, Optional, Sequence
 
+from metricgold_ros.atomic import write_json_atomic
 from metricgold_ros.ros_env import use_loopback
 from metricgold_ros.synthetic.scenes import Sample, camera_sequence
 
@@ -96,9 +95,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     finally:
         rclpy.try_shutdown()
         if args.stamps_out is not None:
-            tmp = args.stamps_out.with_name(args.stamps_out.name + '.tmp')
-            tmp.write_text(json.dumps(sent))
-            os.replace(tmp, args.stamps_out)
+            write_json_atomic(args.stamps_out, sent)
     print(f'synthetic_camera: sent {len(sent)} frames', flush=True)
     return 0
 

@@ -11,7 +11,6 @@ exact depth). Receiving nothing is a non-zero exit that says why.
 
 import argparse
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -22,6 +21,8 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from metricgold_ros.atomic import write_json_atomic
+from metricgold_ros.model_paths import model_or_untrained
 from metricgold_ros.ros_env import loopback_env, use_loopback
 
 CAMERA_NS = '/camera'
@@ -37,24 +38,6 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument('--timeout', type=float, default=150.0,
                         help='give up after this many seconds (default 150)')
     return parser.parse_args(argv)
-
-
-def _model_path(args: argparse.Namespace) -> Path:
-    if args.model is not None:
-        return args.model
-    from metricgold_ros.model_paths import bundled_model_path
-
-    bundled = bundled_model_path()
-    if bundled is not None:
-        return bundled
-    from metricgold_ros.model import build_tiny_checkpoint, save_checkpoint
-
-    path = args.out / '.untrained-model'
-    print('demo: no bundled model found; using a randomly initialised tiny model '
-          f'({path}) - depth will be meaningless', flush=True)
-    if not path.exists():
-        save_checkpoint(path, build_tiny_checkpoint())
-    return path
 
 
 class Recorder:
@@ -161,7 +144,7 @@ def _write_outputs(args, recorder: Recorder, stamps: Dict[str, int], frames, ela
         'abs_rel_outdoor': mean('abs_rel', per_kind.get('outdoor', [])),
         'camera_rate_hz': args.rate, 'image_size': args.size, 'wall_s': round(elapsed_s, 1),
     }
-    (args.out / 'summary.json').write_text(json.dumps(summary, indent=2) + '\n')
+    write_json_atomic(args.out / 'summary.json', summary)
     return summary
 
 
@@ -179,7 +162,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
-    model = _model_path(args)
+    model = model_or_untrained(args.model, args.out, lambda line: print(f'demo: {line}',
+                                                                       flush=True))
     env = loopback_env()
     use_loopback(int(env['ROS_DOMAIN_ID']))
     bin_dir = Path(sys.executable).parent
@@ -229,7 +213,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if camera_proc is not None:
             _stop(camera_proc)
         _stop(node_proc)
-        executor.shutdown(timeout_sec=0)  # before the context: see depth_node._run
+        executor.shutdown(timeout_sec=0)  # before the context: see metricgold_ros.node.main._run
         rclpy.try_shutdown()
     stamps = json.loads(stamps_file.read_text()) if stamps_file.exists() else {}
     if not recorder.depth:

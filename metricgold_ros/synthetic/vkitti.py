@@ -13,6 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
+from metricgold_ros.depth_traits import VKITTI2_CENTIMETRES
 from metricgold_ros.errors import InputError
 from metricgold_ros.synthetic.scenes import KINDS, check_scene_args, render_sample
 
@@ -52,11 +53,11 @@ def write_vkitti2(root: str | Path, n_per_kind: int, seed: int = 0, width: int =
         rows = ['frame cameraID K[0,0] K[1,1] K[0,2] K[1,2]']
         for i in range(n_per_kind):
             smp = render_sample(seed + i, kind, width, height)
-            depth_cm = np.where(smp.valid, np.clip(np.round(smp.depth_m * 100), 1, 65534), 65535)
             rgb_path = frames / 'rgb' / 'Camera_0' / f'rgb_{i:05d}.jpg'
             depth_path = frames / 'depth' / 'Camera_0' / f'depth_{i:05d}.png'
             if not (cv2.imwrite(str(rgb_path), smp.rgb[..., ::-1], jpeg) and
-                    cv2.imwrite(str(depth_path), depth_cm.astype(np.uint16))):
+                    cv2.imwrite(str(depth_path), VKITTI2_CENTIMETRES.encode(
+                        np.where(smp.valid, smp.depth_m, 0.0)))):
                 raise InputError(f'could not write {rgb_path} or {depth_path}; is the disk full?')
             rows.append(f'{i} 0 {smp.fx_px!r} {smp.fy_px!r} {smp.cx_px!r} {smp.cy_px!r}')
         (frames.parent / 'intrinsic.txt').write_text('\n'.join(rows) + '\n')

@@ -21,18 +21,16 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
 
 from metricgold_ros import messages
-from metricgold_ros.tools import bag_io
-from metricgold_ros.tools import bag_output
+from metricgold_ros.constants import FRAME_STAGES
+from metricgold_ros.depth_frame import (OUTPUT_TOPICS, DepthFrameProcessor, FrameOptions,
+                                        frame_messages)
+from metricgold_ros.errors import BagError, InputError
+from metricgold_ros.faults import GuardedProcessor
+from metricgold_ros.image_encodings import DEFAULT_PIXEL_BUDGET
+from metricgold_ros.tools import bag_io, bag_output
 from metricgold_ros.tools.options import (
     add_inference_arguments, add_output_arguments, load_pipeline, options_from_args,
     positive_int)
-from metricgold_ros.depth_frame import DepthFrameProcessor, camera_for_image, frame_messages
-from metricgold_ros.errors import BagError, InputError
-from metricgold_ros.image_encodings import DEFAULT_PIXEL_BUDGET
-
-OUTPUT_TOPICS = ('depth/image', 'depth/camera_info', 'depth/colored', 'depth/uncertainty',
-                 'points')
-NON_MODEL_STAGES = ('colorize', 'cloud')  # timed by DepthFrameProcessor, not the pipeline
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -97,6 +95,7 @@ class _Run:
     pixel_budget: Optional[int] = None
     frames: int = 0
     skipped: int = 0
+    failures: List[str] = field(default_factory=list)  # frames whose inference failed
     model_s: float = 0.0
     pairing: Counter = field(default_factory=Counter)
     stages_s: Dict[str, float] = field(default_factory=dict)
@@ -111,12 +110,19 @@ class _Run:
         if text in self.warnings:
             return
         self.warnings.append(text)
-        if not self.quiet:
-            line = f'WARNING: {text}'
-            if self.progress is not None:
-                self.progress.write(line, file=sys.stderr)
-            else:
-                print(line, file=sys.stderr)
+        self._say(f'WARNING: {text}')
+
+    def error(self, text: str) -> None:
+        """Report a frame that failed (stderr now; the summary lists ``failures``)."""
+        self._say(f'ERROR: {text}')
+
+    def _say(self, line: str) -> None:
+        if self.quiet:
+            return
+        if self.progress is not None:
+            self.progress.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -136,14 +142,18 @@ def run(args: argparse.Namespace) -> int:
         start = time.perf_counter()
         with bag_output.OutputBag(output, storage=args.storage,
                                   overwrite=args.overwrite) as out:
-            _process(reader, input_path, out, plan, DepthFrameProcessor(pipeline), options,
-                     args, stats)
+            processor = GuardedProcessor(DepthFrameProcessor(pipeline),
+                                         args.fallback_processing_resolution)
+            _process(reader, input_path, out, plan, processor, options, args, stats)
             finish = time.perf_counter()
             out.commit()
             stats.add('finalize', time.perf_counter() - finish)
             stats.add('writer_thread', out.writer_busy_s)  # overlaps the model
         seconds = time.perf_counter() - start
     _report(args, output, plan, out.counts, stats, seconds, load_s)
+    if stats.failures:
+        raise BagError(f'inference failed on {len(stats.failures)} image(s), skipped; {output} '
+                       f'holds the other {stats.frames}. First: {stats.failures[0]}')
     return 0
 
 
@@ -227,7 +237,7 @@ def _copied(reader: Any, connections: List[Any], out: bag_output.OutputBag,
 
 
 def _process(reader: Any, path: Path, out: bag_output.OutputBag, plan: _Plan,
-             processor: DepthFrameProcessor, options: Any, args: argparse.Namespace,
+             processor: GuardedProcessor, options: FrameOptions, args: argparse.Namespace,
              stats: _Run) -> None:
     """Copy the input topics and add each image's outputs, in log-time order."""
     types = messages.rosbags_types(out.typestore)
@@ -262,12 +272,13 @@ def _process(reader: Any, path: Path, out: bag_output.OutputBag, plan: _Plan,
 
 
 def _frame(reader: Any, path: Path, out: bag_output.OutputBag, plan: _Plan,
-           processor: DepthFrameProcessor, options: Any, types: Any, stats: _Run,
+           processor: GuardedProcessor, options: FrameOptions,
+           types: messages.MessageTypes, stats: _Run,
            connection: Any, log_ns: int, raw: bytes) -> None:
     """One image: decode, pair CameraInfo, run the shared per-frame code, write outputs."""
     start = time.perf_counter()
     msg = bag_io.deserialize(reader, path, connection, raw)
-    stamp = bag_io.stamp_ns(msg.header)
+    stamp = messages.stamp_ns(msg.header.stamp)
     try:
         rgb = messages.rgb_from_msg(msg, pixel_budget=stats.pixel_budget)
     except InputError as err:
@@ -282,26 +293,26 @@ def _frame(reader: Any, path: Path, out: bag_output.OutputBag, plan: _Plan,
 
     calibration, how = plan.table.lookup(stamp)
     stats.pairing[how] += 1
-    camera = None
-    if calibration is not None and calibration.problem is not None:
-        stats.warn(f'{plan.info_topic} cannot be used ({calibration.problem}): no point '
-                   'cloud or depth/camera_info for those images')
-    elif calibration is not None:
-        try:
-            camera = camera_for_image(calibration.camera, rgb.shape[1], rgb.shape[0])
-        except InputError as err:
-            stats.warn(f'{plan.info_topic}: {err}; no point cloud or depth/camera_info for '
-                       'those images')
-    result = processor.process(rgb, camera, options)
+    outcome = processor.process(rgb, calibration, options)
+    if outcome.failure is not None:
+        where = f'{connection.topic} image at stamp {stamp} ns'
+        if outcome.result is None:
+            stats.failures.append(f'{where}: {outcome.report()}')
+            stats.skipped += 1
+        stats.error(f'{where}: {outcome.report()}')
+        if outcome.result is None:
+            return
+    result = outcome.result
+    if result.camera_problem is not None:
+        stats.warn(f'{plan.info_topic}: {result.camera_problem}; no point cloud or '
+                   'depth/camera_info for those images')
     for stage, seconds in result.timings_s.items():
         stats.add(stage, seconds)
-        if stage not in NON_MODEL_STAGES:
+        if stage not in FRAME_STAGES:
             stats.model_s += seconds
 
     start = time.perf_counter()
-    outputs = frame_messages(types, msg.header, result,
-                             calibration.distortion_model if camera else 'plumb_bob',
-                             calibration.d if camera else None)
+    outputs = frame_messages(types, msg.header, result)
     for suffix, out_msg in outputs.items():
         out.write_message(f'{plan.prefix}/{suffix}', log_ns, out_msg)
     stats.add('outputs', time.perf_counter() - start)
@@ -336,6 +347,7 @@ def summary(output: Path, plan: _Plan, counts: Dict[str, int], stats: _Run, seco
         'outside_model_share': round(1.0 - model_s / seconds, 3) if seconds > 0 else None,
         'stages_s': {k: round(v, 3) for k, v in stats.stages_s.items()},
         'warnings': stats.warnings,
+        'failures': stats.failures,
     }
 
 

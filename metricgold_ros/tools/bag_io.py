@@ -6,20 +6,21 @@ and ROS 1 bags (writing is :mod:`metricgold_ros.tools.bag_output`). Times are in
 
 import bisect
 import contextlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from metricgold_ros import messages
-from metricgold_ros.camera import Intrinsics
-from metricgold_ros.errors import BagError, InputError
+from metricgold_ros.camera import Calibration
+from metricgold_ros.depth_frame import OUTPUT_TOPICS
+from metricgold_ros.errors import BagError
 
 IMAGE_TYPE = 'sensor_msgs/msg/Image'
 COMPRESSED_TYPE = 'sensor_msgs/msg/CompressedImage'
 CAMERA_INFO_TYPE = 'sensor_msgs/msg/CameraInfo'
 IMAGE_TYPES = (IMAGE_TYPE, COMPRESSED_TYPE)
 # Output topics of an earlier run: never auto-detected as the camera image.
-OUTPUT_SUFFIXES = ('depth/image', 'depth/colored', 'depth/uncertainty')
+OUTPUT_SUFFIXES = tuple(t for t in OUTPUT_TOPICS if t.startswith('depth/') and
+                        t != 'depth/camera_info')
 TRANSPORT_SUFFIXES = ('/compressed',)
 TRUNCATED_HINT = ('the bag is truncated or corrupt (an interrupted recording?): for rosbag2 try '
                   '`ros2 bag reindex`, for ROS 1 `rosbag reindex`')
@@ -37,11 +38,6 @@ def camera_namespace(image_topic: str) -> str:
         if base.endswith(suffix):
             base = base[:-len(suffix)]
     return base.rsplit('/', 1)[0]
-
-
-def stamp_ns(header: Any) -> int:
-    """A message header's stamp as integer nanoseconds."""
-    return int(header.stamp.sec) * 1_000_000_000 + int(header.stamp.nanosec)
 
 
 @contextlib.contextmanager
@@ -180,27 +176,6 @@ def select_camera_info_topic(connections: Sequence[Any], image_topic: str,
     return None, 'none found' if not by_name else f'ambiguous: {", ".join(sorted(by_name))}'
 
 
-@dataclass(frozen=True)
-class Calibration:
-    """One distinct CameraInfo: its intrinsics, or why they cannot be used."""
-
-    camera: Optional[Intrinsics]
-    problem: Optional[str]
-    distortion_model: str
-    d: Tuple[float, ...]
-
-
-def calibration_of(msg: Any) -> Calibration:
-    """Calibration of a CameraInfo of either ROS version (``k``/``d`` or ``K``/``D``)."""
-    d = msg.d if hasattr(msg, 'd') else getattr(msg, 'D', ())
-    model = str(msg.distortion_model)
-    try:
-        return Calibration(messages.intrinsics_from_camera_info(msg), None, model,
-                           tuple(float(v) for v in d))
-    except InputError as err:
-        return Calibration(None, str(err), model, tuple(float(v) for v in d))
-
-
 class CalibrationTable:
     """CameraInfo by header stamp: exact stamp, else the latest before, else the first after.
 
@@ -225,8 +200,9 @@ class CalibrationTable:
                 # Bytes 0-11 are the CDR encapsulation or ROS 1 seq, then the stamp: the
                 # rest (frame_id, size, K, D...) identifies the calibration.
                 key = bytes(raw[12:])
-                calibration = seen.get(key) or seen.setdefault(key, calibration_of(msg))
-                stamps.append(stamp_ns(msg.header))
+                calibration = seen.get(key) or seen.setdefault(
+                    key, messages.calibration_from_info(msg))
+                stamps.append(messages.stamp_ns(msg.header.stamp))
                 calibrations.append(calibration)
         return cls(stamps, calibrations)
 

@@ -14,29 +14,27 @@ Speed claims live here and in BENCHMARKS.md, never in timed tests.
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import statistics
 import time
-from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Tuple
 
 import numpy as np
 
+from metricgold_ros.atomic import write_json_atomic
 from metricgold_ros.errors import InputError
+from metricgold_ros.model_paths import load_model
+from metricgold_ros.tools.bench_sweep import (SWEEP_ENSEMBLES, SWEEP_STEPS, format_sweep,
+                                              run_sweep, sync)
 
 SIZES = ((640, 480), (1280, 720))
-SWEEP_STEPS = (1, 2, 4, 10)
-SWEEP_ENSEMBLES = (1, 3)
-HELD_OUT_SEED = 1_000_000  # synthetic scenes from here on are never used for training
-KNEE_TOLERANCE = 0.05  # the knee: the cheapest setting within 5 % of the best AbsRel
 REFERENCE_NOTE = (
     "diffusers MarigoldDepthPipeline on the same UNet/VAE/scheduler objects, text_encoder=None: "
     "its empty_text_embedding is set to the checkpoint's, so it runs no text encoder; "
-    "batch_size=1 (its default); for ensembles its ensemble_depth is a plain median/std, "
-    "because diffusers' metric path (scale_invariant=shift_invariant=False) raises "
-    "'Unrecognized alignment.' and its affine path needs scipy")
+    "batch_size=1 (its default); for ensembles of metric models its ensemble_depth is a plain "
+    "median/std, because diffusers' metric path (scale_invariant=shift_invariant=False) raises "
+    "'Unrecognized alignment.'; relative models use its own affine ensembling")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -74,8 +72,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    _set_threads(args.threads)
-    pipeline = _load_pipeline(args)
+    set_threads(args.threads)
+    for name in ('steps', 'processing_resolution', 'repeats', 'warmup'):
+        value = getattr(args, name)
+        if value is not None and value < (0 if name == 'warmup' else 1):
+            raise InputError(f"--{name.replace('_', '-')} {value}: expected a positive integer")
+    pipeline = load_model(args.model, '--model', device=args.device, dtype=args.dtype,
+                          channels_last=args.channels_last, compile_unet=args.compile)
     report: Dict[str, Any] = {'date': datetime.datetime.now(datetime.timezone.utc).isoformat(
         timespec='seconds'), 'machine': machine_info(pipeline.device), 'settings': {
         'model': str(args.model or 'bundled'), 'device': str(pipeline.device),
@@ -94,12 +97,13 @@ def run(args: argparse.Namespace) -> int:
         report.update(run_stages(pipeline, args))
         print(format_report(report))
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + '\n', encoding='utf-8')
+        write_json_atomic(args.json, report)
         print(f'wrote {args.json}')
     return 0
 
 
-def _set_threads(threads: int) -> None:
+def set_threads(threads: int) -> None:
+    """Use ``threads`` CPU threads in torch and OpenCV (0: the libraries' defaults)."""
     import cv2
     import torch
 
@@ -108,25 +112,6 @@ def _set_threads(threads: int) -> None:
     if threads:
         torch.set_num_threads(threads)
         cv2.setNumThreads(threads)
-
-
-def _load_pipeline(args: argparse.Namespace) -> Any:
-    from metricgold_ros.model import MetricGoldPipeline
-    from metricgold_ros.model_paths import bundled_model_candidates, bundled_model_path
-
-    model = args.model or bundled_model_path()
-    if model is None:
-        looked = ', '.join(str(path) for path in bundled_model_candidates())
-        raise InputError(f'no --model given and no bundled model is installed (looked in '
-                         f'{looked}); pass --model DIR (`metricgold init-model DIR --tiny` '
-                         'writes an untrained one)')
-    for name in ('steps', 'processing_resolution', 'repeats', 'warmup'):
-        value = getattr(args, name)
-        if value is not None and value < (0 if name == 'warmup' else 1):
-            raise InputError(f"--{name.replace('_', '-')} {value}: expected a positive integer")
-    return MetricGoldPipeline.from_pretrained(
-        model, device=args.device, dtype=args.dtype, channels_last=args.channels_last,
-        compile_unet=args.compile)
 
 
 def machine_info(device: Any) -> Dict[str, Any]:
@@ -163,12 +148,6 @@ def median_ms(fn: Callable[[], Any], repeats: int, warmup: int) -> Tuple[float, 
         wall.append(time.perf_counter() - start_wall)
         cpu.append(time.process_time() - start_cpu)
     return statistics.median(wall) * 1e3, statistics.median(cpu) * 1e3
-
-
-def _sync(pipeline: Any) -> None:
-    if pipeline.device.type == 'cuda':
-        import torch
-        torch.cuda.synchronize(pipeline.device)
 
 
 def run_stages(pipeline: Any, args: argparse.Namespace) -> Dict[str, Any]:
@@ -233,7 +212,7 @@ def time_frame(pipeline: Any, rgb: np.ndarray, args: argparse.Namespace, repeats
     def call() -> None:
         calls.append(pipeline(rgb, denoising_steps=args.steps, ensemble_size=args.ensemble,
                               processing_resolution=args.processing_resolution, seed=0))
-        _sync(pipeline)
+        sync(pipeline)
 
     for _ in range(warmup):
         call()
@@ -314,17 +293,19 @@ def _message_systems() -> List[Tuple[str, Any]]:
 
 def build_reference(pipeline: Any) -> Any:
     """diffusers' MarigoldDepthPipeline around ``pipeline``'s own networks (no text encoder)."""
-    from diffusers import DDIMScheduler, MarigoldDepthPipeline
+    from diffusers import MarigoldDepthPipeline
 
     meta = pipeline.metadata
     reference = MarigoldDepthPipeline(
         unet=pipeline.unet, vae=pipeline.vae,
-        scheduler=DDIMScheduler.from_config(pipeline.scheduler.config), text_encoder=None,
+        scheduler=type(pipeline.scheduler).from_config(pipeline.scheduler.config),
+        text_encoder=None,
         tokenizer=None, prediction_type='depth', scale_invariant=meta.relative,
         shift_invariant=meta.relative, default_denoising_steps=meta.default_denoising_steps,
         default_processing_resolution=meta.default_processing_resolution)
     reference.empty_text_embedding = pipeline.empty_text_embedding
-    reference.ensemble_depth = _median_ensemble
+    if not meta.relative:
+        reference.ensemble_depth = _median_ensemble
     reference.set_progress_bar_config(disable=True)
     return reference
 
@@ -349,14 +330,14 @@ def compare_reference(pipeline: Any, rgb: np.ndarray, args: argparse.Namespace,
     def ours() -> None:
         outputs['ours'] = pipeline(rgb, denoising_steps=steps, ensemble_size=ensemble,
                                    processing_resolution=resolution, seed=0)
-        _sync(pipeline)
+        sync(pipeline)
 
     def theirs() -> None:
         outputs['reference'] = reference(
             rgb, num_inference_steps=steps, ensemble_size=ensemble,
             processing_resolution=resolution, output_uncertainty=ensemble > 1,
             generator=torch.Generator().manual_seed(0), output_type='np')
-        _sync(pipeline)
+        sync(pipeline)
 
     for _ in range(warmup):
         ours()
@@ -425,84 +406,4 @@ def format_report(report: Dict[str, Any]) -> str:
                     f"{entry['max_abs_log_depth_diff']:.2e}")
     lines.append(f"reference_ratio {report.get('reference_ratio')}  overhead_ms_640x480 "
                  f"{report['overhead_ms_640x480']} (CPU {report['overhead_cpu_ms_640x480']})")
-    return '\n'.join(lines)
-
-
-def _int_list(text: str, flag: str) -> List[int]:
-    try:
-        values = [int(v) for v in text.split(',') if v.strip()]
-    except ValueError as err:
-        raise InputError(f'{flag} {text!r}: expected comma-separated integers') from err
-    if not values or min(values) < 1:
-        raise InputError(f'{flag} {text!r}: expected integers >= 1')
-    return values
-
-
-def run_sweep(pipeline: Any, args: argparse.Namespace) -> Dict[str, Any]:
-    """AbsRel and time per frame for steps x ensemble on held-out synthetic frames."""
-    from metricgold_ros.evaluation import depth_metrics
-    from metricgold_ros.synthetic.scenes import KINDS, render_sample
-
-    steps_list = _int_list(args.sweep_steps, '--sweep-steps')
-    ensembles = _int_list(args.sweep_ensembles, '--sweep-ensembles')
-    try:
-        width, height = (int(v) for v in args.sweep_size.lower().split('x'))
-    except ValueError as err:
-        raise InputError(f'--sweep-size {args.sweep_size!r}: expected WIDTHxHEIGHT') from err
-    if args.sweep_frames < 1:
-        raise InputError(f'--sweep-frames {args.sweep_frames}: expected >= 1')
-    frames = [render_sample(HELD_OUT_SEED + i // 2, KINDS[i % 2], width, height)
-              for i in range(args.sweep_frames)]
-    resolution = args.processing_resolution
-    pipeline(frames[0].rgb, denoising_steps=1, processing_resolution=resolution)  # warm-up
-    rows = []
-    for steps in steps_list:
-        for ensemble in ensembles:
-            abs_rel: Dict[str, List[float]] = {kind: [] for kind in KINDS}
-            times = []
-            for frame in frames:
-                start = time.perf_counter()
-                depth = pipeline(frame.rgb, denoising_steps=steps, ensemble_size=ensemble,
-                                 processing_resolution=resolution, seed=0).depth_m
-                _sync(pipeline)
-                times.append(time.perf_counter() - start)
-                abs_rel[frame.kind].append(
-                    depth_metrics(depth, frame.depth_m, frame.valid)['abs_rel'])
-            every = [v for values in abs_rel.values() for v in values]
-            rows.append({'steps': steps, 'ensemble': ensemble,
-                         'abs_rel': round(float(np.mean(every)), 4),
-                         **{f'abs_rel_{k}': round(float(np.mean(v)), 4)
-                            for k, v in abs_rel.items() if v},
-                         'ms_per_frame': round(statistics.median(times) * 1e3, 1)})
-            print(f"  steps {steps:2d} ensemble {ensemble}: AbsRel {rows[-1]['abs_rel']:.4f} "
-                  f"{rows[-1]['ms_per_frame']:.0f} ms/frame", flush=True)
-    best = min(row['abs_rel'] for row in rows)
-    knee = min((row for row in rows if row['abs_rel'] <= best * (1 + KNEE_TOLERANCE)),
-               key=lambda row: row['ms_per_frame'])
-    default = {'steps': pipeline.metadata.default_denoising_steps, 'ensemble': 1}
-    default_row = next((row for row in rows if row['steps'] == default['steps']
-                        and row['ensemble'] == 1), None)
-    on_knee = default_row is not None and default_row['abs_rel'] <= best * (1 + KNEE_TOLERANCE) \
-        and default_row['ms_per_frame'] <= knee['ms_per_frame'] * 1.1
-    return {'frames': args.sweep_frames, 'size': f'{width}x{height}',
-            'held_out_seeds': [HELD_OUT_SEED, HELD_OUT_SEED + (args.sweep_frames - 1) // 2],
-            'processing_resolution': resolution or
-            pipeline.metadata.default_processing_resolution,
-            'rows': rows, 'knee': {'steps': knee['steps'], 'ensemble': knee['ensemble']},
-            'knee_rule': f'cheapest setting with AbsRel <= {1 + KNEE_TOLERANCE:.2f} x best',
-            'default': default, 'default_on_knee': bool(on_knee)}
-
-
-def format_sweep(sweep: Dict[str, Any]) -> str:
-    lines = [f"sweep: {sweep['frames']} held-out synthetic frames {sweep['size']}, processing "
-             f"resolution {sweep['processing_resolution']}",
-             'steps  ensemble   AbsRel  indoor  outdoor  ms/frame']
-    for row in sweep['rows']:
-        lines.append(f"{row['steps']:5d}  {row['ensemble']:8d}  {row['abs_rel']:7.4f} "
-                     f"{row.get('abs_rel_indoor', float('nan')):7.4f} "
-                     f"{row.get('abs_rel_outdoor', float('nan')):8.4f}  "
-                     f"{row['ms_per_frame']:8.0f}")
-    lines.append(f"knee ({sweep['knee_rule']}): steps {sweep['knee']['steps']} ensemble "
-                 f"{sweep['knee']['ensemble']}; default steps {sweep['default']['steps']} "
-                 f"ensemble 1 on the knee: {sweep['default_on_knee']}")
     return '\n'.join(lines)

@@ -17,9 +17,9 @@ COMMANDS = {
     'bench': ('metricgold_ros.tools.bench', 'time every stage of the pipeline'),
 }
 
+# Exit codes; a malformed command line is argparse's own 2.
 EXIT_OK = 0
 EXIT_DATA_ERROR = 1  # the command was well formed but its input or model could not be used
-EXIT_USAGE = 2  # argparse's own code for a malformed command line
 EXIT_INTERRUPTED = 130
 
 

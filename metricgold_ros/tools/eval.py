@@ -11,11 +11,9 @@ picks defaults, prints the table and writes the JSON report.
 """
 
 import argparse
-import json
-import os
-import tempfile
 from pathlib import Path
 
+from metricgold_ros.atomic import write_json_atomic
 from metricgold_ros.errors import InputError
 from metricgold_ros.evaluation import (ALIGN_MODES, PROTOCOLS, evaluate_folder, format_table,
                                        get_protocol)
@@ -61,27 +59,9 @@ def run(args: argparse.Namespace) -> int:
     report = evaluate_folder(args.pred, args.gt, gt_scale, protocol, args.align)
     print(format_table(report, per_image=args.per_image))
     if args.json is not None:
+        if not Path(args.json).parent.is_dir():
+            raise InputError(f'--json {args.json}: folder {Path(args.json).parent} does not '
+                             'exist')
         write_json_atomic(args.json, report.to_json())
         print(f'wrote {args.json}')
     return 0
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    """Write ``data`` to ``path`` via a temporary file and ``os.replace``.
-
-    A reader (or a crash) never sees a half-written report under the final name.
-    """
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise InputError(f'--json {path}: folder {path.parent} does not exist')
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-    try:
-        with os.fdopen(fd, 'w', encoding='utf-8') as stream:
-            json.dump(data, stream, indent=2, allow_nan=False)
-            stream.write('\n')
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        os.unlink(tmp_name)
-        raise

@@ -11,26 +11,26 @@ written atomically; the per-frame work is the node's (:class:`DepthFrameProcesso
 import argparse
 import io
 import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from metricgold_ros.camera import Intrinsics
+from metricgold_ros.atomic import write_atomic
+from metricgold_ros.camera import Calibration, Intrinsics
 from metricgold_ros.tools.options import (
     add_inference_arguments, add_output_arguments, load_pipeline, options_from_args,
     positive_float)
-from metricgold_ros.depth_frame import DepthFrameProcessor
+from metricgold_ros.depth_frame import DepthFrameProcessor, FrameResult
+from metricgold_ros.depth_traits import MILLIMETRES
 from metricgold_ros.errors import InputError
+from metricgold_ros.faults import GuardedProcessor
 
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp', '.ppm', '.pgm',
                   '.pnm')
 OUTPUT_SUFFIXES = ('_depth.png', '_colored.png')  # our own outputs, skipped in folders
-DEPTH_PNG_MAX_MM = 65535  # uint16 millimetres: 65.535 m is the largest depth a PNG holds
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -71,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f'--out {out_dir} is a file; give a folder')
     out_dir.mkdir(parents=True, exist_ok=True)
     options = options_from_args(args)
-    processor = DepthFrameProcessor(load_pipeline(args))
+    processor = GuardedProcessor(DepthFrameProcessor(load_pipeline(args)),
+                                 args.fallback_processing_resolution)
 
     start = time.perf_counter()
     stages: Dict[str, float] = {}
@@ -82,14 +83,24 @@ def run(args: argparse.Namespace) -> int:
     for path in files if bar is None else bar:
         try:
             rgb = load_rgb(path)
-            camera = _camera(args, calibration, rgb.shape[1], rgb.shape[0])
-            result = processor.process(rgb, camera, options)
-            written += save_outputs(out_dir, path.stem, result, warnings)
+            outcome = processor.process(
+                rgb, _calibration(args, calibration, rgb.shape[1], rgb.shape[0]), options)
         except InputError as err:
             text = str(err) if str(path) in str(err) else f'{path}: {err}'
             failures.append((path, text))
             _say(f'WARNING: {text}', args.quiet, bar)
             continue
+        if outcome.failure is not None:
+            _say(f'ERROR: {path}: {outcome.report()}', args.quiet, bar)
+            if outcome.result is None:
+                failures.append((path, f'{path}: {outcome.report()}'))
+                continue
+        result = outcome.result
+        if result.camera_problem is not None:
+            note = f'{path}: {result.camera_problem}; depth written without a point cloud'
+            warnings.append(note)
+            _say(f'WARNING: {note}', args.quiet, bar)
+        written += save_outputs(out_dir, path.stem, result, warnings)
         for stage, seconds in result.timings_s.items():
             stages[stage] = stages.get(stage, 0.0) + seconds
     seconds = time.perf_counter() - start
@@ -169,8 +180,8 @@ def pil_to_rgb(image: Any) -> np.ndarray:
     return np.asarray(image.convert('RGB'), dtype=np.uint8).copy()
 
 
-def load_camera_yaml(path: Path) -> Intrinsics:
-    """Intrinsics from a camera_calibration YAML (``image_width``, ``camera_matrix.data``)."""
+def load_camera_yaml(path: Path) -> Calibration:
+    """The camera of a camera_calibration YAML (``image_width``, ``camera_matrix.data``, D)."""
     import yaml
 
     try:
@@ -183,28 +194,21 @@ def load_camera_yaml(path: Path) -> Intrinsics:
         raise InputError(f'--camera-info {path}: not a camera_calibration YAML (needs '
                          'image_width, image_height and camera_matrix: {rows, cols, data}); '
                          f'{type(err).__name__}: {err}') from err
-    return Intrinsics.from_k(k, width, height)
+    return Calibration.from_fields(k, (data.get('distortion_coefficients') or {}).get('data', ()),
+                                   str(data.get('distortion_model', 'plumb_bob')), width, height)
 
 
-def _camera(args: argparse.Namespace, calibration: Optional[Intrinsics], width: int,
-            height: int) -> Optional[Intrinsics]:
-    """The intrinsics of one image: from the flags (for its size) or the YAML, else None."""
+def _calibration(args: argparse.Namespace, calibration: Optional[Calibration], width: int,
+                 height: int) -> Optional[Calibration]:
+    """The camera of one image: from the flags (for its size) or the YAML, else None."""
     if args.fx is not None:
-        return Intrinsics(args.fx, args.fy or args.fx,
-                          (width - 1) / 2 if args.cx is None else args.cx,
-                          (height - 1) / 2 if args.cy is None else args.cy, width, height)
+        return Calibration.of(Intrinsics(
+            args.fx, args.fy or args.fx, (width - 1) / 2 if args.cx is None else args.cx,
+            (height - 1) / 2 if args.cy is None else args.cy, width, height))
     return calibration
 
 
-def depth_to_png_mm(depth_m: np.ndarray) -> np.ndarray:
-    """Depth ``[H,W]`` metres -> uint16 millimetres; 0 = invalid; saturates at 65.535 m."""
-    depth = np.asarray(depth_m, dtype=np.float64)
-    valid = np.isfinite(depth) & (depth > 0)
-    mm = np.clip(np.round(np.where(valid, depth, 0.0) * 1000.0), 1, DEPTH_PNG_MAX_MM)
-    return np.where(valid, mm, 0).astype(np.uint16)
-
-
-def save_outputs(out_dir: Path, stem: str, result: Any, warnings: List[str]) -> int:
+def save_outputs(out_dir: Path, stem: str, result: FrameResult, warnings: List[str]) -> int:
     """Write one image's files (each atomically); return how many were written."""
     from metricgold_ros.pointcloud import write_ply
 
@@ -215,7 +219,7 @@ def save_outputs(out_dir: Path, stem: str, result: Any, warnings: List[str]) -> 
         if note not in warnings:
             warnings.append(note)
     else:
-        files[f'{stem}_depth.png'] = _png_bytes(depth_to_png_mm(result.depth))
+        files[f'{stem}_depth.png'] = _png_bytes(MILLIMETRES.encode(result.depth))
     if result.colored_bgr is not None:
         files[f'{stem}_colored.png'] = _png_bytes(result.colored_bgr)
     if result.uncertainty is not None:
@@ -241,20 +245,6 @@ def _png_bytes(image: np.ndarray) -> bytes:
     if not ok:
         raise InputError(f'PNG encoding of a {image.dtype} {image.shape} array failed')
     return encoded.tobytes()
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary sibling and rename it over ``path`` when complete."""
-    fd, temp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.partial', dir=path.parent)
-    try:
-        os.chmod(temp, 0o644)
-        with os.fdopen(fd, 'wb') as handle:
-            handle.write(data)
-        os.replace(temp, path)
-    except BaseException:
-        if os.path.exists(temp):
-            os.unlink(temp)
-        raise
 
 
 def _progress_bar(files: List[Path], quiet: bool) -> Any:

@@ -9,19 +9,18 @@ Malformed values are argparse usage errors (exit code 2); a model that cannot be
 import argparse
 import dataclasses
 import math
+import os
 import sys
-from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any
 
 from metricgold_ros.colorize import COLORMAPS
+from metricgold_ros.constants import DTYPE_CHOICES
 from metricgold_ros.depth_frame import FrameOptions
-from metricgold_ros.errors import CheckpointError
+from metricgold_ros.faults import FAULT_ENV, fault_injector_from_env
+from metricgold_ros.model_paths import load_model
 
-NO_MODEL_HELP = (
-    'no model: pass --model DIR (a local MetricGold checkpoint folder). For a quick smoke test '
-    'write an untrained one with `metricgold init-model DIR --tiny`; the README\'s "Model" '
-    'section says where to get trained weights')
-
+if TYPE_CHECKING:
+    from metricgold_ros.model import MetricGoldPipeline
 
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1."""
@@ -77,10 +76,14 @@ def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument('--processing-resolution', type=non_negative_int, metavar='PX',
                        help="longer side fed to the networks, 0 = native size (default: the "
                             "checkpoint's)")
+    group.add_argument('--fallback-processing-resolution', type=non_negative_int, default=0,
+                       metavar='PX',
+                       help='on out-of-memory, retry the image once at this longer side (px); '
+                            '0 (default): skip the image and report it')
     group.add_argument('--device', default='auto',
                        help="'auto' (a CUDA GPU when present, else CPU), 'cpu', 'cuda[:N]'")
     group.add_argument('--dtype', default='auto',
-                       choices=('auto', 'float32', 'float16', 'bfloat16'),
+                       choices=DTYPE_CHOICES,
                        help='network precision (auto: float16 on CUDA, float32 on CPU)')
     group.add_argument('--seed', type=int, default=0,
                        help='seed of the initial noise: same seed, same depth (default 0); -1: '
@@ -130,33 +133,16 @@ def options_from_args(args: argparse.Namespace) -> FrameOptions:
     return FrameOptions(**values)
 
 
-def resolve_model_path(model: Optional[str]) -> Path:
-    """``--model`` as a folder, or the bundled model; CheckpointError naming the fix."""
-    if model:
-        path = Path(model).expanduser()
-        if not path.is_dir():
-            raise CheckpointError(
-                f'--model {model}: no such folder. Give a local checkpoint folder, or write an '
-                'untrained one for smoke tests with `metricgold init-model DIR --tiny`')
-        return path
-    try:
-        from metricgold_ros.model_paths import (bundled_model_candidates, bundled_model_notice,
-                                                bundled_model_path)
-    except ImportError:
-        raise CheckpointError(NO_MODEL_HELP + ' (this install has no bundled model)') from None
-    bundled = bundled_model_path()
-    if bundled is None:
-        looked = ', '.join(str(path) for path in bundled_model_candidates())
-        raise CheckpointError(f'{NO_MODEL_HELP} (no bundled model installed; looked in '
-                              f'{looked})')
-    print(f'metricgold: {bundled_model_notice(bundled, "--model")}', file=sys.stderr)
-    return Path(bundled)
+def load_pipeline(args: argparse.Namespace) -> 'MetricGoldPipeline':
+    """The MetricGoldPipeline that ``--model``/``--device``/``--dtype`` ask for.
 
-
-def load_pipeline(args: argparse.Namespace) -> Any:
-    """The MetricGoldPipeline that ``--model``/``--device``/``--dtype`` ask for."""
-    path = resolve_model_path(getattr(args, 'model', None))
-    from metricgold_ros.model import MetricGoldPipeline  # torch/diffusers: import when needed
-
-    return MetricGoldPipeline.from_pretrained(path, device=args.device, dtype=args.dtype,
-                                              allow_pickle=args.allow_pickle)
+    Debug only, as in the node: ``METRICGOLD_FAULT`` injects faults into its stages.
+    """
+    pipeline = load_model(getattr(args, 'model', None), '--model', device=args.device,
+                          dtype=args.dtype, allow_pickle=args.allow_pickle)
+    faults = fault_injector_from_env(os.environ)
+    if faults is not None:
+        print(f'metricgold: WARNING: {FAULT_ENV}={faults.spec!r}: injecting faults into the '
+              'pipeline (debug only)', file=sys.stderr)
+        pipeline.stage_hook = faults
+    return pipeline

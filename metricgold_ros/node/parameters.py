@@ -1,0 +1,142 @@
+"""The depth node's parameters: the table, their validation and the per-frame options.
+
+Nothing here imports rclpy, so all of it is unit-tested without ROS. ``PARAMETERS`` is the
+single source of truth for the node's parameters: the node declares exactly these, and the
+launch-file and ``config/depth.yaml`` tests check their keys against it.
+"""
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Dict, Mapping, Optional, Tuple, Union
+
+from metricgold_ros.colorize import COLORMAPS
+from metricgold_ros.constants import DTYPE_CHOICES, LATENT_FACTOR
+from metricgold_ros.depth_frame import FrameOptions
+from metricgold_ros.image_encodings import DEFAULT_PIXEL_BUDGET
+
+ParamValue = Union[bool, int, float, str]
+
+QOS_CHOICES = ('sensor_data', 'reliable')
+_DEVICE_RE = re.compile(r'^(auto|cpu|cuda(:\d+)?)$')
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One node parameter: default (its type is the parameter's type), doc and limits.
+
+    ``runtime`` parameters change live (``ros2 param set``); the others are read-only because
+    a change would need the model or the subscriptions rebuilt (restart the node).
+    """
+
+    name: str
+    default: ParamValue
+    description: str
+    runtime: bool = True
+    int_range: Optional[Tuple[int, int]] = None
+    float_range: Optional[Tuple[float, float]] = None
+    choices: Optional[Tuple[str, ...]] = None
+
+
+PARAMETERS: Tuple[ParamSpec, ...] = (
+    ParamSpec('model_path', '', 'Local MetricGold checkpoint folder; empty: the bundled model',
+              runtime=False),
+    ParamSpec('device', 'auto', 'auto (first CUDA GPU, else CPU), cpu, cuda or cuda:N',
+              runtime=False),
+    ParamSpec('dtype', 'auto', 'auto (float16 on CUDA, float32 on CPU), float32, float16, '
+              'bfloat16', runtime=False, choices=DTYPE_CHOICES),
+    ParamSpec('denoising_steps', 0, 'DDIM steps per frame; 0: the checkpoint default',
+              int_range=(0, 50)),
+    ParamSpec('ensemble_size', 1, 'Predictions per frame, median-combined; > 1 adds '
+              'depth/uncertainty', int_range=(1, 32)),
+    ParamSpec('processing_resolution', -1, 'Longer side (px) fed to the model; -1: the '
+              'checkpoint default, 0: the input size', int_range=(-1, 4096)),
+    ParamSpec('fallback_processing_resolution', 0, 'On out-of-memory, retry the frame once '
+              'at this longer side (px, below processing_resolution); 0: skip the frame',
+              int_range=(0, 4096)),
+    ParamSpec('seed', 0, 'Seed of the initial noise (same frame, same depth); -1: fresh noise '
+              'every frame', int_range=(-1, 2 ** 31 - 1)),
+    ParamSpec('warm_start', False, 'Start each frame from the previous frame\'s latent'),
+    ParamSpec('warm_start_strength', 0.5, 'Share of the schedule re-run on a warm start',
+              float_range=(0.05, 1.0)),
+    ParamSpec('output_scale', 1.0, 'Depth size relative to the input image (camera_info and '
+              'points follow)', float_range=(0.05, 1.0)),
+    ParamSpec('publish_colored', True, 'Publish depth/colored (bgr8 false colour)'),
+    ParamSpec('publish_uncertainty', True, 'Publish depth/uncertainty when ensemble_size > 1'),
+    ParamSpec('publish_points', True, 'Publish points (needs camera_info)'),
+    ParamSpec('points_stride', 1, 'Use every n-th pixel in both directions for points',
+              int_range=(1, 64)),
+    ParamSpec('points_rgb', False, 'Add the packed rgb field to points'),
+    ParamSpec('max_depth', 0.0, 'Points farther than this (m) become NaN; 0: no limit',
+              float_range=(0.0, 1.0e4)),
+    ParamSpec('colormap', 'turbo', 'OpenCV colormap of depth/colored (turbo, viridis, jet, ...)',
+              choices=tuple(sorted(COLORMAPS))),
+    ParamSpec('color_min_depth', 0.0, 'Depth (m) at the colormap\'s start; 0: automatic (2nd '
+              'percentile)', float_range=(0.0, 1.0e4)),
+    ParamSpec('color_max_depth', 0.0, 'Depth (m) at the colormap\'s end; 0: automatic (98th '
+              'percentile)', float_range=(0.0, 1.0e4)),
+    ParamSpec('max_pixels', DEFAULT_PIXEL_BUDGET, 'Images with more pixels are refused before any '
+              'allocation', int_range=(1, 2 ** 31 - 1)),
+    ParamSpec('qos', 'sensor_data', 'QoS of the image and camera_info subscriptions: '
+              'sensor_data (best effort) or reliable', runtime=False, choices=QOS_CHOICES),
+    ParamSpec('output_qos', 'sensor_data', 'QoS of the outputs: sensor_data (best effort) or '
+              'reliable (also serves reliable subscribers)', runtime=False, choices=QOS_CHOICES),
+    ParamSpec('stats_period', 10.0, 'Seconds between info-level summaries and /diagnostics; '
+              '0: off', runtime=False, float_range=(0.0, 3600.0)),
+    ParamSpec('publish_diagnostics', True, 'Publish diagnostic_msgs/DiagnosticArray on '
+              '/diagnostics every stats_period', runtime=False),
+)
+SPECS: Dict[str, ParamSpec] = {spec.name: spec for spec in PARAMETERS}
+
+
+def check_parameter(name: str, value: ParamValue, values: Mapping[str, ParamValue]
+                    ) -> Optional[str]:
+    """Why ``name := value`` is refused (type, range, choice), or None when it is fine.
+
+    ``values`` are the other parameters' current values (for rules spanning two parameters).
+    """
+    spec = SPECS.get(name)
+    if spec is None:
+        return None  # not ours (use_sim_time, ...)
+    if type(value) is not type(spec.default):
+        return (f'{name}: {value!r} is a {type(value).__name__}; expected '
+                f'{type(spec.default).__name__}')
+    limits = spec.int_range or spec.float_range
+    if limits is not None and not limits[0] <= value <= limits[1]:
+        return f'{name}: {value} is outside [{limits[0]}, {limits[1]}]'
+    if spec.choices is not None and value not in spec.choices:
+        return f'{name}: {value!r} is not one of {", ".join(spec.choices)}'
+    if name == 'device' and not _DEVICE_RE.match(value):
+        return f"device: {value!r} is not valid; use auto, cpu, cuda or cuda:N"
+    if name == 'fallback_processing_resolution' and 0 < value < LATENT_FACTOR:
+        return (f'fallback_processing_resolution: {value} px is too small; use 0 (skip the '
+                f'frame) or >= {LATENT_FACTOR}')
+    if name in ('color_min_depth', 'color_max_depth'):
+        low = value if name == 'color_min_depth' else values['color_min_depth']
+        high = value if name == 'color_max_depth' else values['color_max_depth']
+        if low > 0 and high > 0 and not low < high:
+            return (f'color_min_depth {low} must be < color_max_depth {high} (0 for an '
+                    'automatic end)')
+    return None
+
+
+def frame_options(values: Mapping[str, ParamValue]) -> FrameOptions:
+    """The per-frame options for the node's parameter ``values`` (by name)."""
+    return FrameOptions(
+        denoising_steps=values['denoising_steps'] or None,
+        ensemble_size=values['ensemble_size'],
+        processing_resolution=(None if values['processing_resolution'] < 0
+                               else values['processing_resolution']),
+        seed=None if values['seed'] < 0 else values['seed'],
+        warm_start=values['warm_start'],
+        warm_start_strength=values['warm_start_strength'],
+        output_scale=values['output_scale'],
+        colored=values['publish_colored'],
+        colormap=values['colormap'],
+        color_min_m=values['color_min_depth'] or None,
+        color_max_m=values['color_max_depth'] or None,
+        points=values['publish_points'],
+        points_stride=values['points_stride'],
+        points_rgb=values['points_rgb'],
+        max_depth_m=values['max_depth'] or math.inf,
+        uncertainty=values['publish_uncertainty'])
