@@ -54,6 +54,21 @@ def test_sweep_reports_rows_and_the_knee(tiny_model_dir, tmp_path):
     assert {'steps', 'ensemble'} == set(sweep['knee']) and 'default_on_knee' in sweep
 
 
+def test_sweep_of_an_e2e_ft_model_measures_its_one_step(tmp_path, capsys):
+    """The bundled model is E2E-FT (one deterministic step): the sweep does not ask for more."""
+    from metricgold_ros.model_paths import bundled_model_path
+
+    model = bundled_model_path()
+    assert json.loads((model / 'metricgold.json').read_text())['e2e_ft'] is True
+    out = tmp_path / 'sweep.json'
+    assert main(['bench', '--sweep', '--model', str(model), '--json', str(out),
+                 '--sweep-steps', '1,2', '--sweep-ensembles', '1', '--sweep-frames', '2',
+                 '--sweep-size', '64x48']) == 0
+    sweep = json.loads(out.read_text())['sweep']
+    assert [(row['steps'], row['ensemble']) for row in sweep['rows']] == [(1, 1)]
+    assert 'E2E-FT model: one step only' in capsys.readouterr().out
+
+
 def test_bench_refuses_bad_numbers(tiny_model_dir, capsys):
     assert main(['bench', '--model', str(tiny_model_dir), '--sweep',
                  '--sweep-steps', '0']) == 1

@@ -276,3 +276,25 @@ def test_diagnostics_and_stats(fresh):
     rig.ros.node.destroy_subscription(diag.subscription)
     infos = [m.msg for m in rig.rosout.messages() if m.level == 20 and 'dropped' in m.msg]
     assert any('stamp->publish p50' in text for text in infos), infos
+
+
+def test_single_step_models_refuse_more_steps(node_rig, tiny_model_dir, tmp_path_factory):
+    """An E2E-FT checkpoint runs one step: more is refused at start and live, with the reason."""
+    import json
+    import shutil
+
+    from metricgold_ros.errors import InputError
+
+    e2e = tmp_path_factory.mktemp('e2e') / 'model'
+    shutil.copytree(tiny_model_dir, e2e)
+    meta = json.loads((e2e / 'metricgold.json').read_text())
+    (e2e / 'metricgold.json').write_text(json.dumps({**meta, 'e2e_ft': True}))
+    with pytest.raises(InputError, match='denoising_steps: 4: this model is single-step'):
+        node_rig('/e2e_start', model_path=str(e2e), denoising_steps=4)
+    rig = node_rig('/e2e_live', model_path=str(e2e), processing_resolution=32)
+    result = rig.set_params(denoising_steps=2)[0]
+    assert not result.successful and 'single-step (E2E-FT' in result.reason
+    assert all(r.successful for r in rig.set_params(denoising_steps=1))
+    out = rig.outputs('depth/image')
+    assert _wait_stamp(out['depth/image'], rig.send()) is not None
+    rig.close()

@@ -239,6 +239,17 @@ def test_shipped_configs_are_valid(tmp_path, name):
         assert config.model.tiny and config.data.generate
 
 
+@pytest.mark.parametrize('name, start, resolution', [
+    ('tiny_bundled_e2e', 'runs/tiny/final', 128), ('tiny_bundled_e2e_192', 'runs/e2e/final', 192)])
+def test_shipped_e2e_fine_tune_configs_are_valid(tmp_path, name, start, resolution):
+    """The bundled model's E2E-FT fine-tune: from a checkpoint, single step, same training seeds."""
+    config = load_config(REPO_ROOT / 'training' / 'configs' / f'{name}.yaml', tmp_path)
+    assert config.model.pretrained == start and not config.model.tiny
+    assert config.train.objective == 'e2e_ft' and config.model.denoising_steps == 1
+    assert config.model.processing_resolution == resolution and config.cpu_threads == 1
+    assert config.data.generate['train'].seed == 0 and config.data.generate['train'].count == 2000
+
+
 def test_config_rejects_unknown_keys_and_reads_yaml_floats(tmp_path):
     path = tmp_path / 'bad.yaml'
     path.write_text('model: {tiny: true, d_min_m: 1, d_max_m: 10}\n'

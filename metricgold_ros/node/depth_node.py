@@ -115,6 +115,10 @@ class DepthNode(Node):
                     raise InputError(reason)
             faults = fault_injector_from_env(os.environ)
             self.pipeline = self._load_model()
+            for name, value in self._values.items():
+                reason = self._model_refuses(name, value)
+                if reason is not None:
+                    raise InputError(reason)
         except BaseException:
             self.destroy_node()
             raise
@@ -233,7 +237,8 @@ class DepthNode(Node):
     def _on_set_parameters(self, params: List[Parameter]) -> SetParametersResult:
         values = dict(self._values)
         for param in params:
-            reason = check_parameter(param.name, param.value, values)
+            reason = check_parameter(param.name, param.value, values) or \
+                self._model_refuses(param.name, param.value)
             if reason is not None:
                 return SetParametersResult(successful=False, reason=reason)
             if param.name in values:
@@ -242,6 +247,14 @@ class DepthNode(Node):
         self._processor.fallback_resolution = values['fallback_processing_resolution']
         self._values = values
         return SetParametersResult(successful=True)
+
+    def _model_refuses(self, name: str, value: Any) -> Optional[str]:
+        """Why the loaded model cannot run with ``name := value``, or None."""
+        if name == 'denoising_steps' and isinstance(value, int) and value > 1 and \
+                self.pipeline.metadata.e2e_ft:
+            return (f'denoising_steps: {value}: this model is single-step (E2E-FT, zero noise, '
+                    'the predicted depth in one step); use 0 (its default) or 1')
+        return None
 
     def _on_stats(self) -> None:
         snap = self._stats.snapshot()

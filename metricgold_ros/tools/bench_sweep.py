@@ -40,6 +40,10 @@ def run_sweep(pipeline: Any, args: argparse.Namespace) -> Dict[str, Any]:
 
     steps_list = _int_list(args.sweep_steps, '--sweep-steps')
     ensembles = _int_list(args.sweep_ensembles, '--sweep-ensembles')
+    if getattr(pipeline, 'e2e_ft', False) and steps_list != [1]:
+        # E2E-FT checkpoints run exactly one deterministic step (the pipeline refuses others).
+        print(f'  E2E-FT model: one step only; --sweep-steps {args.sweep_steps} -> 1', flush=True)
+        steps_list = [1]
     try:
         width, height = (int(v) for v in args.sweep_size.lower().split('x'))
     except ValueError as err:
