@@ -29,7 +29,10 @@ BUILD_TIMEOUT_S = 170
 
 
 def build_workspace(root: Path) -> Path:
-    """Copy the package into ``root/src`` and ``colcon build`` it; ``root`` (skips without colcon)."""
+    """Copy the package into ``root/src`` and ``colcon build`` it; ``root``.
+
+    Skips the test when colcon (colcon-core, colcon-ros) is not installed.
+    """
     if importlib.util.find_spec('colcon_core') is None:
         pytest.skip('colcon-core is not installed (pip install colcon-core colcon-ros)')
     if importlib.util.find_spec('colcon_ros') is None:
@@ -111,7 +114,7 @@ class OutputReader:
             return ''.join(self._lines)
 
     def wait_for(self, needle: str, timeout_s: float) -> bool:
-        """Whether ``needle`` was printed within ``timeout_s`` (False early if the process ended)."""
+        """Whether ``needle`` was printed within ``timeout_s`` (False once the process ended)."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if needle in self.text():
