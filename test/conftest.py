@@ -9,7 +9,8 @@ import pytest
 from metricgold_ros.ros_env import free_domain_id, use_loopback
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-# A git worktree elsewhere can point at the data with METRICGOLD_SHARED_DATA.
+# ../shared/data beside the checkout; METRICGOLD_SHARED_DATA names it for a checkout elsewhere
+# (a git worktree).
 SHARED_DATA = Path(os.environ.get('METRICGOLD_SHARED_DATA')
                    or REPO_ROOT.parent / 'shared' / 'data')
 
