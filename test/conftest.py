@@ -61,12 +61,6 @@ def fast_model(monkeypatch, tiny_pipeline):
     torch.set_num_threads(threads)
 
 
-def pytest_configure(config) -> None:
-    config.addinivalue_line(
-        'markers', 'slow: starts processes or runs over ~10 s; `pytest -m "not slow"` is the '
-        'quick loop (CI runs everything)')
-
-
 class NodeRig:
     """The one node rig: a DepthNode in namespace ``ns`` on a RosHarness, a camera publisher
     pair (``image_topic``, ``camera_info``), output collectors, a parameter client and /rosout.
