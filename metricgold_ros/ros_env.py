@@ -3,13 +3,21 @@
 Fast DDS multicasts discovery on every interface by default; ``ROS_AUTOMATIC_DISCOVERY_RANGE=
 LOCALHOST`` (Jazzy and newer) and ``ROS_LOCALHOST_ONLY=1`` (Humble, Iron) keep every packet on
 ``lo``. A free ``ROS_DOMAIN_ID`` keeps parallel runs and leftovers from talking to each other.
+
+Large messages: :func:`with_large_data_profile` gives processes the package's Fast DDS profile
+(``config/fastdds_large_data.xml``, a large shared-memory segment), as ``depth.launch.py``
+does, unless they already have one.
 """
 
 import os
 import socket
-from typing import Dict, Mapping, Optional
+from pathlib import Path
+from typing import Dict, Mapping, MutableMapping, Optional
 
 _PRE_JAZZY = ('humble', 'iron')
+PACKAGE = 'metricgold_ros'
+PROFILE_ENV = 'FASTDDS_DEFAULT_PROFILES_FILE'
+PROFILE_NAME = 'fastdds_large_data.xml'
 
 
 def free_domain_id(start: Optional[int] = None) -> int:
@@ -50,3 +58,27 @@ def loopback_env(base: Optional[Mapping[str, str]] = None,
 def use_loopback(domain_id: Optional[int] = None) -> None:
     """Apply :func:`loopback_env` to this process; call before ``rclpy.init``."""
     os.environ.update(loopback_env(domain_id=domain_id))
+
+
+def large_data_profile() -> Optional[Path]:
+    """The package's Fast DDS profile: the installed ``share/metricgold_ros/config`` (colcon),
+    else the source tree's ``config/``; None when neither has it (a pip-installed core)."""
+    try:
+        from ament_index_python.packages import get_package_share_directory
+        path = Path(get_package_share_directory(PACKAGE)) / 'config' / PROFILE_NAME
+        if path.is_file():
+            return path
+    except (ImportError, LookupError, OSError, ValueError):  # no ament index, not installed
+        pass
+    path = Path(__file__).resolve().parents[1] / 'config' / PROFILE_NAME
+    return path if path.is_file() else None
+
+
+def with_large_data_profile(env: MutableMapping[str, str]) -> MutableMapping[str, str]:
+    """``env`` with ``FASTDDS_DEFAULT_PROFILES_FILE`` set to :func:`large_data_profile`,
+    unless it names a profile already (the user's is kept) or there is none; ``env`` itself."""
+    if not env.get(PROFILE_ENV):
+        profile = large_data_profile()
+        if profile is not None:
+            env[PROFILE_ENV] = str(profile)
+    return env

@@ -9,7 +9,8 @@ import pytest
 from metricgold_ros.ros_env import free_domain_id, use_loopback
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-# A git worktree elsewhere can point at the data with METRICGOLD_SHARED_DATA.
+# ../shared/data beside the checkout; METRICGOLD_SHARED_DATA names it for a checkout elsewhere
+# (a git worktree).
 SHARED_DATA = Path(os.environ.get('METRICGOLD_SHARED_DATA')
                    or REPO_ROOT.parent / 'shared' / 'data')
 
@@ -58,12 +59,6 @@ def fast_model(monkeypatch, tiny_pipeline):
     torch.set_num_threads(1)  # tiny inputs; one thread stays fast on a busy shared machine
     yield tiny_pipeline
     torch.set_num_threads(threads)
-
-
-def pytest_configure(config) -> None:
-    config.addinivalue_line(
-        'markers', 'slow: starts processes or runs over ~10 s; `pytest -m "not slow"` is the '
-        'quick loop (CI runs everything)')
 
 
 class NodeRig:

@@ -105,7 +105,9 @@ def test_launch_arguments_are_declared_and_remappings_are_node_topics(launch_tre
     assert {'model_path', 'params_file', 'namespace', 'image', 'camera_info',
             'device'} <= declared
     node_source = ast.parse((REPO / PACKAGE / 'node' / 'depth_node.py').read_text())
-    subscribed = {_value(call.args[1], {}) for call in _calls(node_source, 'create_subscription')}
+    # Literal topics; the compressed transport's topic is derived from 'image' at run time.
+    subscribed = {_value(call.args[1], {})
+                  for call in _calls(node_source, 'create_subscription')} - {None}
     remaps = _our_nodes(launch_tree)[0]['remappings']
     sources = {_value(pair.elts[0], constants) for pair in remaps.elts}
     assert sources == subscribed == {'image', 'camera_info'}
@@ -141,7 +143,9 @@ def test_parameter_table_is_consistent():
     assert {'model_path', 'device', 'dtype', 'qos'}.isdisjoint(runtime)
 
 
-def test_rviz_config_shows_colored_depth_and_best_effort_cloud():
+def test_rviz_config_shows_colored_depth_and_cloud_as_a_sensor_data_subscriber():
+    """REP 2003: rviz subscribes best effort, which the node's reliable outputs serve too."""
+    assert SPECS['output_qos'].default == 'reliable' and SPECS['qos'].default == 'sensor_data'
     data = yaml.safe_load(RVIZ_FILE.read_text())
     manager = data['Visualization Manager']
     displays = {d['Class']: d for d in manager['Displays']}
@@ -159,6 +163,7 @@ def test_setup_installs_launch_and_config():
     source = ast.unparse(_keywords(next(iter(_calls(tree, 'setup'))))['data_files'])
     assert "glob('launch/*.launch.py')" in source
     assert "glob('config/*.yaml')" in source and "glob('config/*.rviz')" in source
+    assert "glob('config/*.xml')" in source  # the Fast DDS profile the launch file applies
 
 
 def test_launch_file_runs(tmp_path):

@@ -6,11 +6,14 @@ shared with the bag tool) and publishes every output with the input frame's head
 that arrive while the model runs replace the waiting one and are counted as dropped, so the
 latency stays bounded when the camera is faster than the model.
 
-Topics (relative, remap them): in ``image``, ``camera_info``; out ``depth/image``,
+Topics (relative, remap them): in ``image`` (sensor_msgs/Image) or, with ``image_transport:
+compressed``, ``<image>/compressed`` (sensor_msgs/CompressedImage, jpeg or png: the topic
+image_transport's ``compressed`` transport uses), and ``camera_info``; out ``depth/image``,
 ``depth/camera_info``, ``depth/colored``, ``depth/uncertainty``, ``points``, ``depth/scale``
 (``diagnostic_msgs/DiagnosticArray`` per frame while ``camera_height_m`` > 0 or the checkpoint
 is camera-aware: the applied scale, the ground fit's inlier share and state); and
-``/diagnostics``. Parameters: :data:`metricgold_ros.node.parameters.PARAMETERS`. The
+``/diagnostics``. QoS (REP 2003): inputs sensor-data, outputs reliable (parameters ``qos``,
+``output_qos``). Parameters: :data:`metricgold_ros.node.parameters.PARAMETERS`. The
 process around the node (signals, executor, exit) is :mod:`metricgold_ros.node.main`.
 
 Faults: bad input is logged (rate-limited, naming the topic and the fix) and the frame
@@ -34,7 +37,7 @@ import os
 import threading
 import time
 import traceback
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, Union
 
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import (FloatingPointRange, IntegerRange, ParameterDescriptor,
@@ -44,7 +47,7 @@ from rclpy.logging import LoggingSeverity
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
-from sensor_msgs.msg import CameraInfo, Image, PointCloud2
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
 
 from metricgold_ros import messages
 from metricgold_ros.camera import Calibration
@@ -67,6 +70,7 @@ OUTPUTS = dict(zip(OUTPUT_TOPICS, (Image, CameraInfo, Image, Image, PointCloud2,
                                    DiagnosticArray)))
 ERROR_PERIOD_S = 5.0  # each distinct input problem is logged at most this often
 JOIN_TIMEOUT_S = 1.0  # shutdown waits this long for the worker; inference may outlive it
+TRANSPORT_HINT_PERIOD_S = 5.0  # until the first frame: is the camera on the other transport?
 
 
 def _qos(choice: str) -> QoSProfile:
@@ -95,7 +99,7 @@ def _descriptor(spec: ParamSpec) -> ParameterDescriptor:
 class _Frame:
     """A received image waiting in the mailbox."""
 
-    msg: Image
+    msg: Union[Image, CompressedImage]
     received_s: float
 
 
@@ -140,6 +144,7 @@ class DepthNode(Node):
         self._image_size: Optional[Tuple[int, int]] = None  # (width, height) of the last frame
         self._scale: Optional[MetricScale] = None  # the last frame's, for /diagnostics
         self._executor_checked = False
+        self._got_frame = False
 
         out_qos = _qos(self._values['output_qos'])
         self._pubs = {name: self.create_publisher(msg_type, name, out_qos)
@@ -148,7 +153,11 @@ class DepthNode(Node):
         if self._values['publish_diagnostics'] and self._values['stats_period'] > 0:
             self._diagnostics = self.create_publisher(DiagnosticArray, '/diagnostics', 10)
         in_qos = _qos(self._values['qos'])
-        self._image_sub = self.create_subscription(Image, 'image', self._on_image, in_qos)
+        if self._values['image_transport'] == 'compressed':
+            self._image_sub = self.create_subscription(
+                CompressedImage, self._compressed_topic(), self._on_image, in_qos)
+        else:
+            self._image_sub = self.create_subscription(Image, 'image', self._on_image, in_qos)
         self._info_sub = self.create_subscription(
             CameraInfo, 'camera_info', self._on_camera_info, in_qos)
         self.add_on_set_parameters_callback(self._on_set_parameters)
@@ -156,12 +165,22 @@ class DepthNode(Node):
             self._stats_timer = self.create_timer(self._values['stats_period'], self._on_stats)
         self._worker = threading.Thread(target=self._work, name='depth_worker', daemon=True)
         self._worker.start()
+        self._hint_timer = self.create_timer(TRANSPORT_HINT_PERIOD_S, self._on_transport_hint)
         self.get_logger().info(
             f'listening on {self._image_sub.topic_name} + {self._info_sub.topic_name} '
-            f'({self._values["qos"]} QoS); publishing {", ".join(OUTPUTS)} under '
-            f'{self.get_namespace()}')
+            f'({self._values["image_transport"]}, {self._values["qos"]} QoS); publishing '
+            f'{", ".join(OUTPUTS)} under {self.get_namespace()} ({self._values["output_qos"]} '
+            'QoS)')
 
     # -- start-up ----------------------------------------------------------------------------
+
+    def _compressed_topic(self) -> str:
+        """``<image>/compressed``: the ``image`` topic, remapped and expanded, + ``/compressed``.
+
+        What image_transport's ``compressed`` subscriber does with its base topic, so
+        ``-r image:=...`` (the launch file's ``image``) names the camera in both transports.
+        """
+        return self.resolve_topic_name('image') + '/compressed'
 
     def _load_model(self) -> 'MetricGoldPipeline':
         """The pipeline of ``model_path`` (or the bundled model); CheckpointError names it."""
@@ -181,10 +200,11 @@ class DepthNode(Node):
 
     # -- callbacks (never block, never raise) ------------------------------------------------
 
-    def _on_image(self, msg: Image) -> None:
+    def _on_image(self, msg: Union[Image, CompressedImage]) -> None:
         if not self._executor_checked:
             self._executor_checked = True
             self._check_executor()
+        self._got_frame = True
         self._stats.count('received')
         if not self._has_subscribers():
             self._stats.count('idle')
@@ -199,6 +219,23 @@ class DepthNode(Node):
                 'spun by a MultiThreadedExecutor: before ros2/rclpy#1547 it busy-loops while '
                 'callbacks wait in its pool and can starve inference of the GIL (seen: 10-20x '
                 'slower); spin this node in its own SingleThreadedExecutor or process')
+
+    def _on_transport_hint(self) -> None:
+        """Until the first frame: warn when only the other image transport has a publisher."""
+        if self._got_frame:
+            self._hint_timer.cancel()
+            return
+        if self.count_publishers(self._image_sub.topic_name) > 0:
+            return
+        compressed = self._values['image_transport'] == 'compressed'
+        base = self.resolve_topic_name('image')
+        other = base if compressed else base + '/compressed'
+        if self.count_publishers(other) > 0:
+            self.get_logger().warning(
+                f'{self._image_sub.topic_name}: no publisher yet, but {other} has one: set '
+                f'image_transport:={"raw" if compressed else "compressed"} (parameter or '
+                'launch argument), or remap image to the camera\'s topic',
+                throttle_duration_sec=ERROR_PERIOD_S)
 
     def _on_camera_info(self, msg: CameraInfo) -> None:
         self._infos.add(messages.stamp_ns(msg.header.stamp), messages.calibration_from_info(msg))

@@ -18,6 +18,7 @@ from metricgold_ros.image_encodings import DEFAULT_PIXEL_BUDGET
 ParamValue = Union[bool, int, float, str]
 
 QOS_CHOICES = ('sensor_data', 'reliable')
+TRANSPORT_CHOICES = ('raw', 'compressed')  # image_transport's names
 _DEVICE_RE = re.compile(r'^(auto|cpu|cuda(:\d+)?)$')
 
 
@@ -84,10 +85,15 @@ PARAMETERS: Tuple[ParamSpec, ...] = (
               '(positive: the image\'s right side dips)', float_range=(-180.0, 180.0)),
     ParamSpec('max_pixels', DEFAULT_PIXEL_BUDGET, 'Images with more pixels are refused before any '
               'allocation', int_range=(1, 2 ** 31 - 1)),
+    ParamSpec('image_transport', 'raw', 'Input transport, named as image_transport names it: '
+              'raw (sensor_msgs/Image on image) or compressed (sensor_msgs/CompressedImage, '
+              'jpeg or png, on <image>/compressed)', runtime=False, choices=TRANSPORT_CHOICES),
     ParamSpec('qos', 'sensor_data', 'QoS of the image and camera_info subscriptions: '
-              'sensor_data (best effort) or reliable', runtime=False, choices=QOS_CHOICES),
-    ParamSpec('output_qos', 'sensor_data', 'QoS of the outputs: sensor_data (best effort) or '
-              'reliable (also serves reliable subscribers)', runtime=False, choices=QOS_CHOICES),
+              'sensor_data (best effort, REP 2003: matches every camera driver) or reliable',
+              runtime=False, choices=QOS_CHOICES),
+    ParamSpec('output_qos', 'reliable', 'QoS of the outputs: reliable (REP 2003: serves '
+              'reliable and best-effort subscribers) or sensor_data (best effort)',
+              runtime=False, choices=QOS_CHOICES),
     ParamSpec('stats_period', 10.0, 'Seconds between info-level summaries and /diagnostics; '
               '0: off', runtime=False, float_range=(0.0, 3600.0)),
     ParamSpec('publish_diagnostics', True, 'Publish diagnostic_msgs/DiagnosticArray on '

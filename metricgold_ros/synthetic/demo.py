@@ -17,6 +17,7 @@ without a mounting.
 
 import argparse
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -29,7 +30,7 @@ import numpy as np
 
 from metricgold_ros.atomic import write_json_atomic
 from metricgold_ros.model_paths import model_or_untrained
-from metricgold_ros.ros_env import loopback_env, use_loopback
+from metricgold_ros.ros_env import loopback_env, use_loopback, with_large_data_profile
 
 CAMERA_NS = '/camera'
 
@@ -56,8 +57,8 @@ class Recorder:
         from rclpy.qos import QoSProfile, ReliabilityPolicy
         from sensor_msgs.msg import Image, PointCloud2
 
-        # Reliable end to end: with loopback-only discovery Fast DDS sends over UDP (no shared
-        # memory), where megabyte-sized best-effort frames are lost whenever a reader lags.
+        # Reliable: the recorder wants every frame the node publishes (REP 2003 publishers are
+        # reliable; the package's Fast DDS profile carries megabyte frames in shared memory).
         qos = QoSProfile(depth=5, reliability=ReliabilityPolicy.RELIABLE)
 
         self.lock = threading.Lock()
@@ -199,8 +200,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     start = time.monotonic()
     model = model_or_untrained(args.model, args.out, lambda line: print(f'demo: {line}',
                                                                        flush=True))
-    env = loopback_env()
+    env = with_large_data_profile(loopback_env())
     use_loopback(int(env['ROS_DOMAIN_ID']))
+    with_large_data_profile(os.environ)  # this process (the recorder) too, before rclpy.init
     bin_dir = Path(sys.executable).parent
     node_cmd = [str(bin_dir / 'depth_node'), '--ros-args', '-p', f'model_path:={model}',
                 '-r', f'image:={CAMERA_NS}/image_raw', '-r', f'camera_info:={CAMERA_NS}/camera_info',
