@@ -46,8 +46,16 @@ def processing_focal_px(camera: Optional[Intrinsics], width: int, height: int,
     proc_h, proc_w = processing_size(height, width, processing_resolution)
     if camera is None:
         return proc_w / 2 / math.tan(math.radians(ASSUMED_HFOV_DEG) / 2), True
-    return (camera.fx_px * proc_w / camera.width + camera.fy_px * proc_h / camera.height) / 2, \
-        False
+    return mean_focal_px(camera, proc_w, proc_h), False
+
+
+def mean_focal_px(camera: Intrinsics, width: int, height: int) -> float:
+    """The mean of fx and fy (px) of ``camera``'s image resized to ``width`` x ``height``.
+
+    The one definition of "the focal length" of camera-aware checkpoints, for training targets
+    (at the training size) and inference (at the processing size) alike.
+    """
+    return (camera.fx_px * width / camera.width + camera.fy_px * height / camera.height) / 2
 
 
 def canonical_scale(metadata: Any, focal_px: float) -> float:

@@ -11,10 +11,11 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
+from metricgold_ros.camera import Intrinsics
+from metricgold_ros.canonical_camera import processing_focal_px
 from metricgold_ros.colorize import colorize_depth
 from metricgold_ros.evaluation import depth_metrics
 from metricgold_ros.model.checkpoint import Checkpoint, ModelMetadata
-from metricgold_ros.model.image_ops import processing_size
 from metricgold_ros.model.pipeline import MetricGoldPipeline
 
 SUMMARY_KEYS = ('abs_rel', 'sq_rel', 'rmse', 'rmse_log', 'delta1')
@@ -56,8 +57,11 @@ def validate(checkpoint: Checkpoint, items: List[dict], device: torch.device, *,
                                   processing_resolution=processing_resolution, seed=index)
             depth_m = prediction.depth
             if canonical_focal_px is not None:
-                depth_m = depth_m * np.float32(_processing_focal_px(
-                    item, processing_resolution) / canonical_focal_px)
+                height, width = item['depth_m'].shape
+                focal_px, _ = processing_focal_px(
+                    Intrinsics(*item['intrinsics'][:4], width, height), width, height,
+                    processing_resolution)
+                depth_m = depth_m * np.float32(focal_px / canonical_focal_px)
             metrics = depth_metrics(depth_m, item['depth_m'], item['valid'])
             per_image.append((item['domain'], metrics))
             if len(images) < image_count:
@@ -71,14 +75,6 @@ def validate(checkpoint: Checkpoint, items: List[dict], device: torch.device, *,
             summary[f'{domain}/{key}'] = float(np.mean([m[key] for d, m in per_image
                                                         if d == domain]))
     return summary, images
-
-
-def _processing_focal_px(item: dict, processing_resolution: int) -> float:
-    """Mean of fx and fy (px) of ``item`` once resized to the processing resolution."""
-    height, width = item['depth_m'].shape
-    new_h, new_w = processing_size(height, width, processing_resolution)
-    fx, fy = item['intrinsics'][:2]
-    return 0.5 * (fx * new_w / width + fy * new_h / height)
 
 
 def constant_baseline(frames, items: List[dict], count: int = 64) -> Dict[str, float]:
