@@ -200,3 +200,19 @@ def node_rig(tiny_model_dir):
             assert wait_for_publishers(made.rosout.subscription)
             return made
         yield make
+
+
+@pytest.fixture(scope='session')
+def workspace(tmp_path_factory) -> Path:
+    """The package built and installed by colcon once per session (skips without colcon)."""
+    from colcon_helpers import build_workspace
+
+    return build_workspace(tmp_path_factory.mktemp('colcon_ws'))
+
+
+@pytest.fixture(scope='session')
+def ros2(workspace) -> str:
+    """The ``ros2`` command, for the colcon-installed package (skips without the ros2 CLI)."""
+    from colcon_helpers import ros2_command
+
+    return ros2_command()

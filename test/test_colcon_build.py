@@ -6,14 +6,9 @@ import time
 
 import pytest
 
-from colcon_helpers import PACKAGE, build_workspace, installed_env
+from colcon_helpers import PACKAGE, installed_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
-
-
-@pytest.fixture(scope='module')
-def workspace(tmp_path_factory):
-    return build_workspace(tmp_path_factory.mktemp('colcon_ws'))
 
 
 def test_colcon_installs_node_launch_and_config(workspace):

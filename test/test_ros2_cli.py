@@ -19,8 +19,7 @@ pytest.importorskip('rclpy')
 
 from sensor_msgs.msg import CameraInfo, Image  # noqa: E402
 
-from colcon_helpers import (PACKAGE, build_workspace, installed_env, ros2_command,  # noqa: E402
-                            start, stop)
+from colcon_helpers import (PACKAGE, installed_env, start, stop)
 from ros_helpers import (RosHarness, camera_info_msg, image_msg, reliable_qos,  # noqa: E402
                          sensor_qos, stamp_of, synthetic_frame, wait_for_subscribers)
 
@@ -58,16 +57,6 @@ class Camera:
     @property
     def image_publisher(self):
         return self._image_pub
-
-
-@pytest.fixture(scope='module')
-def workspace(tmp_path_factory) -> Path:
-    return build_workspace(tmp_path_factory.mktemp('colcon_ws'))
-
-
-@pytest.fixture(scope='module')
-def ros2(workspace) -> str:
-    return ros2_command()
 
 
 @pytest.fixture(scope='module')

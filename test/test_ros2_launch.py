@@ -22,8 +22,7 @@ pytest.importorskip('rclpy')
 
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2  # noqa: E402
 
-from colcon_helpers import (PACKAGE, build_workspace, installed_env, ros2_command,  # noqa: E402
-                            start, stop)
+from colcon_helpers import (PACKAGE, installed_env, start, stop)
 from ros_helpers import (REPO_ROOT, RosHarness, camera_info_msg, header,  # noqa: E402
                          image_msg, reliable_qos, sensor_qos, stamp_of, synthetic_frame,
                          wait_for_subscribers)
@@ -33,16 +32,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 PROFILE_ENV = 'FASTDDS_DEFAULT_PROFILES_FILE'
 RASPICAM_BAG = Path('bags') / 'raspicam_aruco_images' / 'aruco_images_mcap'
 START_TIMEOUT_S = 120
-
-
-@pytest.fixture(scope='module')
-def workspace(tmp_path_factory) -> Path:
-    return build_workspace(tmp_path_factory.mktemp('colcon_ws'))
-
-
-@pytest.fixture(scope='module')
-def ros2(workspace) -> str:
-    return ros2_command()
 
 
 def _params_file(path: Path, **changes: Any) -> Path:
