@@ -30,7 +30,7 @@ def shared_data() -> Path:
 
 @pytest.fixture(scope='session')
 def tiny_model_dir(tmp_path_factory) -> Path:
-    """A tiny MetricGold checkpoint (random weights, real architecture) saved in the real layout."""
+    """A tiny MetricGold checkpoint (random weights, real architecture) in the real layout."""
     from metricgold_ros.model import build_tiny_checkpoint, save_checkpoint
 
     path = tmp_path_factory.mktemp('models') / 'tiny'
@@ -216,3 +216,23 @@ def ros2(workspace) -> str:
     from colcon_helpers import ros2_command
 
     return ros2_command()
+
+
+@pytest.fixture(scope='session')
+def raspicam(shared_data) -> dict:
+    """The real Raspberry Pi camera's first JPEG and CameraInfo (../shared/data):
+    ``format``, ``data`` (bytes), ``k`` (fx, fy, cx, cy) and ``size`` (width, height)."""
+    from rosbags.highlevel import AnyReader
+
+    found: dict = {}
+    bag = shared_data / 'bags' / 'raspicam_aruco_images' / 'aruco_images_mcap'
+    with AnyReader([bag]) as reader:
+        for connection, _, raw in reader.messages():
+            msg = reader.deserialize(raw, connection.msgtype)
+            if connection.msgtype.endswith('CompressedImage') and 'data' not in found:
+                found['data'], found['format'] = bytes(msg.data), str(msg.format)
+            elif connection.msgtype.endswith('CameraInfo') and 'k' not in found:
+                found['k'] = (msg.k[0], msg.k[4], msg.k[2], msg.k[5])
+                found['size'] = (int(msg.width), int(msg.height))
+    assert {'data', 'k'} <= set(found), found.keys()
+    return found

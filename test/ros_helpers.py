@@ -234,6 +234,29 @@ class RosHarness:
         self.close()
 
 
+class PairPublisher:
+    """Publishes ``make(stamp_ns) -> (image, camera_info)`` at ``rate_hz`` in a thread,
+    stamped with the wall clock (a camera inside the test process)."""
+
+    def __init__(self, image_pub: Any, info_pub: Any, make: Callable[[int], Any],
+                 rate_hz: float) -> None:
+        self.image_pub, self._info_pub, self._make = image_pub, info_pub, make
+        self._period_s = 1.0 / rate_hz
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._period_s):
+            image, info = self._make(time.time_ns())
+            self._info_pub.publish(info)
+            self.image_pub.publish(image)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2.0)
+
+
 def wait_for_subscribers(publisher: Any, count: int = 1, timeout_s: float = 10.0) -> bool:
     """Whether ``publisher`` matched ``count`` subscriptions within the time."""
     return bool(wait_until(lambda: publisher.get_subscription_count() >= count, timeout_s))

@@ -4,8 +4,7 @@ real DDS with the tiny real model. The real Raspberry Pi camera JPEG, PNG (16-bi
 the pixel budget checked from the header before decoding, corrupt data."""
 
 import array
-from pathlib import Path
-from typing import Any, Dict, Iterator
+from typing import Any, Iterator
 
 import cv2
 import numpy as np
@@ -27,7 +26,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
 NS = '/camc'
 TOPIC = f'{NS}/image_raw/compressed'  # `image` remapped to image_raw, then /compressed
-RASPICAM_BAG = Path('bags') / 'raspicam_aruco_images' / 'aruco_images_mcap'
 OUT_TIMEOUT_S = 30.0
 
 
@@ -82,31 +80,16 @@ def rig(tiny_model_dir) -> Iterator[CompressedRig]:
         yield rig
 
 
-def _raspicam(shared_data: Path) -> Dict[str, Any]:
-    from rosbags.highlevel import AnyReader
-
-    found: Dict[str, Any] = {}
-    with AnyReader([shared_data / RASPICAM_BAG]) as reader:
-        for connection, _, raw in reader.messages():
-            msg = reader.deserialize(raw, connection.msgtype)
-            if connection.msgtype.endswith('CompressedImage') and 'data' not in found:
-                found['data'], found['format'] = bytes(msg.data), str(msg.format)
-            elif connection.msgtype.endswith('CameraInfo') and 'info' not in found:
-                found['info'] = ((msg.k[0], msg.k[4], msg.k[2], msg.k[5]),
-                                 (int(msg.width), int(msg.height)))
-    return found
-
-
 def test_subscribes_to_the_compressed_topic_of_the_remapped_image(rig):
     assert rig.node.get_subscriptions_info_by_topic(TOPIC)
     assert not rig.node.get_subscriptions_info_by_topic(f'{NS}/image_raw')
 
 
-def test_real_raspicam_jpeg_gives_depth_and_points(rig, shared_data):
-    camera = _raspicam(shared_data)
-    (width, height) = camera['info'][1]
+def test_real_raspicam_jpeg_gives_depth_and_points(rig, raspicam):
+    camera = raspicam
+    (width, height) = camera['size']
     assert camera['format'] == 'jpg'  # the legacy name some drivers write
-    stamp = rig.send(camera['data'], camera['format'], camera['info'])
+    stamp = rig.send(camera['data'], camera['format'], (camera['k'], camera['size']))
     assert rig.depth_of(stamp) == (stamp, width // 4, height // 4)
     assert rig.points.wait_for(lambda item: item[0] == stamp, OUT_TIMEOUT_S) == \
         (stamp, width // 4, height // 4)

@@ -8,7 +8,6 @@ depth/image. ros2 exits 0 on most failures, so the printed text is what is check
 
 import re
 import subprocess
-import threading
 import time
 from pathlib import Path
 from typing import Iterator, List, Tuple
@@ -19,9 +18,10 @@ pytest.importorskip('rclpy')
 
 from sensor_msgs.msg import CameraInfo, Image  # noqa: E402
 
-from colcon_helpers import (PACKAGE, installed_env, start, stop)
-from ros_helpers import (RosHarness, camera_info_msg, image_msg, reliable_qos,  # noqa: E402
-                         sensor_qos, stamp_of, synthetic_frame, wait_for_subscribers)
+from colcon_helpers import PACKAGE, installed_env, start, stop  # noqa: E402
+from ros_helpers import (PairPublisher, RosHarness, camera_info_msg, image_msg,  # noqa: E402
+                         reliable_qos, sensor_qos, stamp_of, synthetic_frame,
+                         wait_for_subscribers)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -30,33 +30,6 @@ NODE = f'{NAMESPACE}/depth_node'
 WIDTH, HEIGHT = 160, 120
 CLI_TIMEOUT_S = 60
 DISCOVERY = ('--no-daemon', '--spin-time', '3')  # no daemon left behind; 0.5 s is too short
-
-
-class Camera:
-    """Image + CameraInfo at ``rate_hz`` from this process, stamped with the wall clock."""
-
-    def __init__(self, ros: RosHarness, rate_hz: float = 5.0) -> None:
-        self._image_pub = ros.publisher(Image, f'{NAMESPACE}/cam/image', reliable_qos(5))
-        self._info_pub = ros.publisher(CameraInfo, f'{NAMESPACE}/cam/info', reliable_qos(5))
-        self._rgb, self._k = synthetic_frame(0, WIDTH, HEIGHT)
-        self._period_s = 1.0 / rate_hz
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._period_s):
-            stamp = time.time_ns()
-            self._info_pub.publish(camera_info_msg(stamp, WIDTH, HEIGHT, self._k))
-            self._image_pub.publish(image_msg(self._rgb, stamp))
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(2.0)
-
-    @property
-    def image_publisher(self):
-        return self._image_pub
 
 
 @pytest.fixture(scope='module')
@@ -72,9 +45,14 @@ def running(workspace, ros2) -> Iterator[Tuple[RosHarness, object, object]]:
         with RosHarness('cli_test') as ros:
             depth = ros.collector(Image, f'{NAMESPACE}/depth/image', sensor_qos(),
                                   keep=lambda msg: (stamp_of(msg), msg.width, msg.height))
-            camera = Camera(ros)
+            rgb, k = synthetic_frame(0, WIDTH, HEIGHT)
+            camera = PairPublisher(
+                ros.publisher(Image, f'{NAMESPACE}/cam/image', reliable_qos(5)),
+                ros.publisher(CameraInfo, f'{NAMESPACE}/cam/info', reliable_qos(5)),
+                lambda stamp: (image_msg(rgb, stamp), camera_info_msg(stamp, WIDTH, HEIGHT, k)),
+                rate_hz=5.0)
             try:
-                assert wait_for_subscribers(camera.image_publisher, 1, 30)
+                assert wait_for_subscribers(camera.image_pub, 1, 30)
                 assert depth.wait_for(lambda item: True, 60), output.text()
                 yield ros, depth, output
             finally:

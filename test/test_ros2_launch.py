@@ -10,7 +10,6 @@ the received messages are what is checked.
 import array
 import os
 import re
-import threading
 import time
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
@@ -22,15 +21,14 @@ pytest.importorskip('rclpy')
 
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2  # noqa: E402
 
-from colcon_helpers import (PACKAGE, installed_env, start, stop)
-from ros_helpers import (REPO_ROOT, RosHarness, camera_info_msg, header,  # noqa: E402
-                         image_msg, reliable_qos, sensor_qos, stamp_of, synthetic_frame,
-                         wait_for_subscribers)
+from colcon_helpers import PACKAGE, installed_env, start, stop  # noqa: E402
+from ros_helpers import (REPO_ROOT, PairPublisher, RosHarness, camera_info_msg,  # noqa: E402
+                         header, image_msg, reliable_qos, sensor_qos, stamp_of,
+                         synthetic_frame, wait_for_subscribers)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
 PROFILE_ENV = 'FASTDDS_DEFAULT_PROFILES_FILE'
-RASPICAM_BAG = Path('bags') / 'raspicam_aruco_images' / 'aruco_images_mcap'
 START_TIMEOUT_S = 120
 
 
@@ -42,27 +40,6 @@ def _params_file(path: Path, **changes: Any) -> Path:
     params.update(changes)
     path.write_text(yaml.safe_dump(data))
     return path
-
-
-class _Publisher:
-    """Publishes ``make(stamp_ns)`` pairs (image, camera_info) at ``rate_hz`` in a thread."""
-
-    def __init__(self, image_pub: Any, info_pub: Any, make: Any, rate_hz: float) -> None:
-        self.image_pub, self._info_pub, self._make = image_pub, info_pub, make
-        self._period_s = 1.0 / rate_hz
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._period_s):
-            image, info = self._make(time.time_ns())
-            self._info_pub.publish(info)
-            self.image_pub.publish(image)
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(2.0)
 
 
 def _launch(ros2: str, workspace: Path, args: Dict[str, str], env: Optional[dict] = None):
@@ -129,7 +106,7 @@ def test_launch_starts_the_node_with_its_arguments_and_shuts_down_cleanly(
         points = harness.collector(PointCloud2, '/lt/points', reliable_qos(),
                                    keep=lambda msg: (msg.width, msg.height))
         rgb, k = synthetic_frame(0, width, height)
-        publisher = _Publisher(
+        publisher = PairPublisher(
             harness.publisher(Image, '/lt/cam/image', reliable_qos(5)),
             harness.publisher(CameraInfo, '/lt/cam/info', reliable_qos(5)),
             lambda stamp: (image_msg(rgb, stamp), camera_info_msg(stamp, width, height, k)),
@@ -148,27 +125,9 @@ def test_launch_starts_the_node_with_its_arguments_and_shuts_down_cleanly(
     print(f'launch test: {time.monotonic() - started:.1f} s')
 
 
-def _raspicam(shared_data: Path) -> Dict[str, Any]:
-    """The real Raspberry Pi camera's JPEG (CompressedImage) and its CameraInfo K and size."""
-    from rosbags.highlevel import AnyReader
-
-    found: Dict[str, Any] = {}
-    with AnyReader([shared_data / RASPICAM_BAG]) as reader:
-        for connection, _, raw in reader.messages():
-            msg = reader.deserialize(raw, connection.msgtype)
-            if connection.msgtype.endswith('CompressedImage') and 'jpeg' not in found:
-                found['format'] = str(msg.format)
-                found['jpeg'] = array.array('B', bytes(msg.data))
-            elif connection.msgtype.endswith('CameraInfo') and 'k' not in found:
-                found['k'] = (msg.k[0], msg.k[4], msg.k[2], msg.k[5])
-                found['size'] = (int(msg.width), int(msg.height))
-    assert {'jpeg', 'k'} <= set(found), found.keys()
-    return found
-
-
 def test_launch_with_compressed_transport_takes_the_real_jpeg(
-        workspace, ros2, tiny_model_dir, harness, tmp_path, shared_data):
-    camera = _raspicam(shared_data)
+        workspace, ros2, tiny_model_dir, harness, tmp_path, raspicam):
+    camera = raspicam
     width, height = camera['size']
     params = _params_file(tmp_path / 'params.yaml', output_scale=0.25, processing_resolution=64,
                           stats_period=0.0)
@@ -186,10 +145,10 @@ def test_launch_with_compressed_transport_takes_the_real_jpeg(
 
         def make(stamp: int) -> tuple:
             image = CompressedImage(header=header(stamp), format=camera['format'])
-            image.data = camera['jpeg']
+            image.data = array.array('B', camera['data'])
             return image, camera_info_msg(stamp, width, height, camera['k'])
 
-        publisher = _Publisher(
+        publisher = PairPublisher(
             harness.publisher(CompressedImage, '/lc/raspicam/image/compressed', sensor_qos()),
             harness.publisher(CameraInfo, '/lc/raspicam/camera_info', sensor_qos()),
             make, rate_hz=2.0)
