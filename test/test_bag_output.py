@@ -1,5 +1,8 @@
 """The output-bag writer on its own: order, stamps, atomic commit, abort, overwrite, errors."""
 
+import os
+import signal
+
 import numpy as np
 import pytest
 
@@ -42,6 +45,32 @@ def test_an_error_before_commit_leaves_nothing(tmp_path):
             types = messages.rosbags_types(out.typestore)
             out.write_message('/d', 1, _depth_msg(types, 1, 1.0))
             raise RuntimeError('stop')
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize('background', [True, False])
+def test_sigterm_during_the_clean_up_still_leaves_nothing(tmp_path, monkeypatch, background):
+    """Ctrl-C, then the SIGTERM a fleet driver sends the worker it stops, lands while the
+    aborted bag is being removed: the folder still goes, and the SIGTERM is not lost."""
+    def _interrupt(signum, frame):
+        raise KeyboardInterrupt(f'signal {signum}')
+
+    def _abort_storage_then_sigterm(self):
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives mid clean-up
+        original(self)
+
+    original = OutputBag._abort_storage
+    monkeypatch.setattr(OutputBag, '_abort_storage', _abort_storage_then_sigterm)
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        with pytest.raises(KeyboardInterrupt) as raised:
+            with OutputBag(tmp_path / 'out', background=background) as out:
+                out.write_message('/d', 1, _depth_msg(messages.rosbags_types(out.typestore),
+                                                      1, 1.0))
+                raise KeyboardInterrupt('Ctrl-C')
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert str(raised.value) == f'signal {int(signal.SIGTERM)}'  # held, then raised again
     assert list(tmp_path.iterdir()) == []
 
 

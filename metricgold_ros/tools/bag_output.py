@@ -75,15 +75,21 @@ class OutputBag:
     def __enter__(self) -> 'OutputBag':
         from rosbags.rosbag2 import StoragePlugin, Writer
 
-        self._temp_dir = Path(tempfile.mkdtemp(prefix=f'.{self.path.name}.partial-',
-                                               dir=self.path.parent))
-        plugin = StoragePlugin.MCAP if self.storage == 'mcap' else StoragePlugin.SQLITE3
-        self._writer = Writer(self._temp_dir / self.path.name, version=BAG_VERSION,
-                              storage_plugin=plugin)
-        if self._background:  # sqlite3 wants every call on the thread that opened the bag
-            self._thread = threading.Thread(target=self._work, name='bag-writer', daemon=True)
-            self._thread.start()
-        self._submit(self._writer.open)
+        try:  # `__exit__` does not run when `__enter__` raises: clean up here
+            with _interrupts_deferred():  # the folder is known before a Ctrl-C can land
+                self._temp_dir = Path(tempfile.mkdtemp(prefix=f'.{self.path.name}.partial-',
+                                                       dir=self.path.parent))
+            plugin = StoragePlugin.MCAP if self.storage == 'mcap' else StoragePlugin.SQLITE3
+            self._writer = Writer(self._temp_dir / self.path.name, version=BAG_VERSION,
+                                  storage_plugin=plugin)
+            if self._background:  # sqlite3 wants every call on the thread that opened the bag
+                self._thread = threading.Thread(target=self._work, name='bag-writer',
+                                                daemon=True)
+                self._thread.start()
+            self._submit(self._writer.open)
+        except BaseException:
+            self._abort()
+            raise
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
@@ -128,7 +134,7 @@ class OutputBag:
         self._submit(self._writer.close)
         self._stop_worker(discard=False)
         self._writer = None
-        with _sigint_ignored():  # the swap must not be interrupted half way
+        with _interrupts_deferred():  # the swap must not be interrupted half way
             if self.path.exists() or self.path.is_symlink():
                 if not self.overwrite:
                     raise BagError(f'OUTPUT {self.path} appeared while writing; the new bag is '
@@ -256,7 +262,9 @@ class OutputBag:
 
     def _abort(self) -> None:
         """Drop the unfinished bag (and its temporary folder)."""
-        with _sigint_ignored():  # a second Ctrl-C must not leave the temporary folder behind
+        # A second Ctrl-C, or the SIGTERM a fleet driver sends a worker it is stopping, must
+        # not leave the temporary folder behind.
+        with _interrupts_deferred():
             self._stop_worker(discard=True, last=self._abort_storage)
             self._writer = None
             if self._temp_dir is not None:
@@ -274,16 +282,25 @@ def _unchanged(raw: Any) -> Any:
 
 
 @contextlib.contextmanager
-def _sigint_ignored() -> Iterator[None]:
-    """Ignore Ctrl-C inside the block (main thread only; elsewhere signals cannot be set)."""
+def _interrupts_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM back inside the block; one that came is raised again after it.
+
+    Main thread only (elsewhere signals cannot be set, and Python runs handlers there anyway).
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    held: List[int] = []
+    signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.signal(sig, lambda signum, frame: held.append(signum))
+                for sig in signals}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for signum in dict.fromkeys(held):
+            signal.raise_signal(signum)
 
 
 def _remove(path: Path) -> None:

@@ -194,7 +194,8 @@ def write_record(job: Job, summary: Dict[str, Any]) -> None:
 def remove_stale_partials(output: str) -> List[str]:
     """Delete ``.NAME.partial-*`` folders beside ``output`` left by a killed worker or run.
 
-    Only the worker that owns a job calls this, right before writing the job's output.
+    Called by the worker that owns a job right before writing the job's output, and by the
+    driver once every worker has ended (a worker killed mid-bag cannot clean up itself).
     """
     import shutil
 
@@ -300,6 +301,8 @@ def run(args: argparse.Namespace, inputs: Sequence[str]) -> int:
                 finally:
                     workers = backend.describe()
                     backend.stop()
+                    for job in pending:  # every worker has ended: nothing still writes these
+                        remove_stale_partials(job.output)
     except KeyboardInterrupt:
         interrupted = True
     finally:
