@@ -477,8 +477,12 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, synthetic_root):
     assert sorted(p.name for p in (broken / 'checkpoints').iterdir()) == ['step_000002']
     assert train_main(['--config', str(config), '--output', str(broken)]) == 1  # no --resume
     assert train_main(['--config', str(config), '--output', str(broken), '--resume']) == 0
+    unet_file = Path('unet') / 'diffusion_pytorch_model.safetensors'
     for run in (straight, broken):
         assert MetricGoldPipeline.from_pretrained(run / 'final', device='cpu')
+        # final/ is the last checkpoint's model/ (EMA weights), linked rather than copied
+        assert (run / 'final' / unet_file).samefile(
+            run / 'checkpoints' / 'step_000004' / 'model' / unet_file)
     # Same batches, noise and optimizer state: the trajectories are the same. Usually bit for
     # bit; 1e-6 leaves room for oneDNN, whose CPU kernels can sum in another order depending on
     # where in memory a tensor lands (seen once in many runs, at 1e-7).

@@ -5,11 +5,13 @@ import json
 import os
 import resource
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -135,6 +137,43 @@ def test_two_processes_match_one_with_twice_the_accumulation(tmp_path, tiny_mode
     np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5, atol=1e-7)
 
 
+def _limit_file_size(limit_bytes: int):
+    """A ``preexec_fn``: files may not grow past ``limit_bytes`` (a write beyond fails with
+    EFBIG, as on a full disk, instead of the default SIGXFSZ kill)."""
+    def apply() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+    return apply
+
+
+def test_a_checkpoint_the_disk_cannot_hold_fails_clearly_and_null_trains_anyway(
+        tmp_path, tiny_model_dir, synthetic_train):
+    """Files capped at 15 MB: the tiny UNet's weights (9.8 MB) fit, Adam's moments (19.6 MB)
+    do not. The run stops with an error naming the step, the folder and the ways out, leaves
+    no half-written checkpoint, and `checkpoint_every: null` then trains to final/."""
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONPATH': str(REPO_ROOT)}
+    config = _config(tmp_path / 'c.yaml', tiny_model_dir, synthetic_train, batch_size=1,
+                     accumulation=1, steps=1, effective=1)
+    runs = {}
+    for name, every in (('full', '1000'), ('null', 'null')):
+        config.write_text(config.read_text().replace('checkpoint_every: 1000',
+                                                      f'checkpoint_every: {every}'))
+        runs[name] = subprocess.run(
+            [sys.executable, 'training/train.py', '--config', str(config), '--output',
+             str(tmp_path / name)], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+            timeout=300, preexec_fn=_limit_file_size(15 * 10 ** 6))
+    full, null = runs['full'], runs['null']
+    assert full.returncode == 1, full.stderr[-3000:]
+    assert 'ERROR: the checkpoint of step 1 could not be written to' in full.stderr
+    assert 'train.checkpoint_every: null' in full.stderr and 'Traceback' not in full.stderr
+    assert list((tmp_path / 'full' / 'checkpoints').iterdir()) == []  # nothing half-written
+    assert not (tmp_path / 'full' / 'final').exists()
+    assert null.returncode == 0, null.stderr[-3000:]
+    assert not (tmp_path / 'null' / 'checkpoints').exists()
+    assert 'no resumable checkpoints' in (tmp_path / 'null' / 'train.log').read_text()
+    assert _unet_weights(tmp_path / 'null')
+
+
 def _unet_weights_from(model: Path) -> dict:
     from safetensors.torch import load_file
 
@@ -209,7 +248,7 @@ def _sd2_folder(path: Path) -> Path:
     return path
 
 
-def _sd2_config(path: Path, sd2: Path, data: Path) -> Path:
+def _sd2_config(path: Path, sd2: Path, data: Path, *, checkpoint_every: Optional[int]) -> Path:
     """training/configs/metricgold_sd2.yaml as shipped, cut to 2 steps of 64x64 synthetic data."""
     import yaml
 
@@ -223,7 +262,7 @@ def _sd2_config(path: Path, sd2: Path, data: Path) -> Path:
     config['data']['val'] = []  # `metricgold infer` runs the pipeline on the result
     config['data']['num_workers'] = 0
     config['train'].update(steps=2, batch_size=1, effective_batch_size=1, warmup_steps=1,
-                           checkpoint_every=2, log_every=1)  # bf16, gradient checkpointing
+                           checkpoint_every=checkpoint_every, log_every=1)  # bf16, grad. ckpt.
     config.update(cpu_threads=2, tensorboard=False)
     path.write_text(yaml.safe_dump(config))
     return path
@@ -236,28 +275,41 @@ def _available_memory_gb() -> float:
     return float('inf')
 
 
+# Disk the SD2-size test needs (measured): the SD2 folder 4.9 GB, final/ 3.6 GB, and with
+# resumable checkpoints the accelerator state (UNet 3.5 GB + Adam's moments 6.9 GB) and the
+# checkpoint's model/ 3.6 GB (final/ is then hard links to it). 1.5 GB of margin each.
+SD2_DISK_GB = {'checkpoints': 20.5, 'final only': 10.0}
+
+
 @pytest.mark.slow
 def test_stable_diffusion_2_size_trains_saves_and_infers(tmp_path):
     """SD2-size networks (865M UNet, 83M VAE, 340M text encoder; random weights) through the
     shipped SD2 recipe: convert, 2 training steps, save, `metricgold infer` the result.
 
     Peak memory is the UNet in float32 four times over (weights, gradients, Adam's two
-    moments: 3.5 GB each): 14.1 GB RSS measured for the training process. The test skips, with
-    the reason, on a machine with less than 16 GB available. Time on a shared 2-core machine:
-    4-7 min (folder ~55 s, training 160-270 s, of which the first step alone is ~2 min,
-    `metricgold infer` 45-75 s), set by moving 865M float32 parameters through forward,
-    backward and Adam on two cores and writing ~17 GB of checkpoints (accelerator state with
-    Adam's moments, the step's model and final/).
+    moments: 3.5 GB each): 14.1 GB RSS measured for the training process. Disk: ~19 GB with
+    the recipe's resumable checkpoint, ~8.5 GB without one (``checkpoint_every: null``); the
+    test takes the first where the disk allows, else the second, and skips, with the reason,
+    on a machine with less than 16 GB of memory or 10 GB of disk available. Time on a shared
+    2-core machine: 1.5-7 min (folder ~55 s, training 30-270 s, of which the first step alone
+    can take ~2 min, `metricgold infer` 15-75 s), set by moving 865M float32 parameters through
+    forward, backward and Adam on two cores and writing the checkpoints.
     """
     if _available_memory_gb() < 16:
         pytest.skip(f'SD2-size training needs ~16 GB of free memory, '
                     f'{_available_memory_gb():.1f} GB available')
+    free_gb = shutil.disk_usage(tmp_path).free / 1e9
+    mode = next((m for m, need in SD2_DISK_GB.items() if free_gb >= need), None)
+    if mode is None:
+        pytest.skip(f'SD2-size training needs ~{SD2_DISK_GB["final only"]:.0f} GB of free disk '
+                    f'in {tmp_path}, {free_gb:.1f} GB available')
     start = time.perf_counter()
     sd2 = _sd2_folder(tmp_path / 'sd2')
     build_s = time.perf_counter() - start
     data = tmp_path / 'data'
     write_vkitti2(data, 1, seed=7, width=64, height=64)
-    config = _sd2_config(tmp_path / 'sd2.yaml', sd2, data)
+    config = _sd2_config(tmp_path / 'sd2.yaml', sd2, data,
+                         checkpoint_every=2 if mode == 'checkpoints' else None)
     env = {**os.environ, 'PYTHONPATH': str(REPO_ROOT), 'OMP_NUM_THREADS': '2'}
     start = time.perf_counter()
     result = subprocess.run(
@@ -267,8 +319,9 @@ def test_stable_diffusion_2_size_trains_saves_and_infers(tmp_path):
     train_s = time.perf_counter() - start
     assert result.returncode == 0, result.stderr[-4000:]
     train_peak_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2 ** 20
-    print(f'\nSD2 size: folder built in {build_s:.0f} s; training {train_s:.0f} s, peak RSS '
-          f'{train_peak_gb:.1f} GB; stages {_stage_times(tmp_path / "run" / "metrics.json")}')
+    print(f'\nSD2 size ({mode}, {free_gb:.0f} GB free): folder built in {build_s:.0f} s; '
+          f'training {train_s:.0f} s, peak RSS {train_peak_gb:.1f} GB; '
+          f'stages {_stage_times(tmp_path / "run" / "metrics.json")}')
     final = tmp_path / 'run' / 'final'
     unet_config = json.loads((final / 'unet' / 'config.json').read_text())
     assert unet_config['in_channels'] == 8 and unet_config['cross_attention_dim'] == 1024
@@ -278,6 +331,13 @@ def test_stable_diffusion_2_size_trains_saves_and_infers(tmp_path):
     assert 'effective batch 1 = 1 per device x 1 accumulated x 1 process(es)' in log
     metrics = json.loads((tmp_path / 'run' / 'metrics.json').read_text())
     assert len(metrics['loss']) == 2 and all(np.isfinite(metrics['loss']))
+    weights = Path('unet') / 'diffusion_pytorch_model.safetensors'
+    if mode == 'checkpoints':  # resumable, and final/ is no second copy of the weights
+        step = tmp_path / 'run' / 'checkpoints' / 'step_000002'
+        assert {'optimizer.bin', 'progress.json', 'model'} <= {p.name for p in step.iterdir()}
+        assert (final / weights).samefile(step / 'model' / weights)
+    else:
+        assert not (tmp_path / 'run' / 'checkpoints').exists()
     # The checkpoint, unchanged, through the user's command.
     shutil.copy(next((data / 'Scene01').rglob('rgb_*.jpg')), tmp_path / 'frame.jpg')
     start = time.perf_counter()

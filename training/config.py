@@ -146,7 +146,9 @@ class TrainConfig:
     multi_res_noise: float = 0.9  # pyramid-noise strength; 0 = plain Gaussian noise
     annealed_noise: bool = True  # strength * t / T (Marigold)
     sampling_timestep_p: float = 0.0  # share of samples at the checkpoint's DDIM timesteps
-    checkpoint_every: int = 500
+    # Resumable checkpoints (UNet, Adam's moments, a loadable model: ~13 GB at SD2 size), every
+    # N steps and at the end; None: none, only final/ (the run cannot be resumed).
+    checkpoint_every: Optional[int] = 500
     keep_checkpoints: int = 2
     log_every: int = 10
 

@@ -6,6 +6,8 @@ learning-rate and validation curves, the VAE stage report and the constant-depth
 """
 
 import logging
+import os
+import shutil
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -14,12 +16,62 @@ import numpy as np
 from training.config import Config
 
 PROGRESS_FILE = 'progress.json'
+LOGGER = logging.getLogger('metricgold.train')
+GB = 1e9
 
 
 def latest_checkpoint(folder: Path) -> Optional[Path]:
     """The complete ``step_NNNNNN`` folder with the highest step, or None."""
     done = [p for p in folder.glob('step_*') if (p / PROGRESS_FILE).is_file()]
     return max(done, key=lambda p: int(p.name[len('step_'):])) if done else None
+
+
+def checkpoint_bytes(unet: 'torch.nn.Module', vae: 'torch.nn.Module', ema: bool) -> tuple:
+    """``(state, model)``: bytes of one resumable checkpoint's accelerator state (the UNet's
+    weights, Adam's two moments, the EMA copy) and of its loadable ``model/`` (UNet + VAE)."""
+    def size(module):
+        return sum(p.numel() * p.element_size() for p in module.parameters())
+
+    return size(unet) * (3 + int(ema)), size(unet) + size(vae)
+
+
+def check_checkpoint_disk(output: Path, state_bytes: int, model_bytes: int,
+                          keep: Optional[int]) -> None:
+    """Log what the run's checkpoints will take and warn now when ``output``'s disk is short.
+
+    With ``keep`` checkpoints kept, a new one is written before the oldest goes, and
+    ``final/`` is linked to the last one's ``model/`` (``keep`` None: no checkpoints).
+    """
+    free = shutil.disk_usage(output).free
+    if keep is None:
+        need = model_bytes
+        LOGGER.info('no resumable checkpoints (train.checkpoint_every: null); final/ %.1f GB, '
+                    '%.1f GB free in %s', model_bytes / GB, free / GB, output)
+    else:
+        need = (keep + 1) * (state_bytes + model_bytes)
+        LOGGER.info('checkpoints: %.1f GB each (accelerator state %.1f GB + model/ %.1f GB), '
+                    'up to %d at once; %.1f GB free in %s', (state_bytes + model_bytes) / GB,
+                    state_bytes / GB, model_bytes / GB, keep + 1, free / GB, output)
+    if free < need:
+        LOGGER.warning('%s has %.1f GB free but the checkpoints need ~%.1f GB: the run will '
+                       'fail when the disk fills. Free space, lower train.keep_checkpoints, '
+                       'or set train.checkpoint_every: null (final/ only, no --resume)',
+                       output, free / GB, need / GB)
+
+
+def link_final(checkpoint_model: Path, final: Path) -> bool:
+    """``final`` as hard links to the files of the last checkpoint's ``model/`` (the same
+    weights: no second copy on disk), renamed into place complete; False when the file system
+    cannot link (the caller then writes ``final`` itself)."""
+    from metricgold_ros.atomic import atomic_path
+
+    try:
+        with atomic_path(final, directory=True) as temp:
+            shutil.copytree(checkpoint_model, temp, copy_function=os.link, dirs_exist_ok=True)
+    except OSError as err:
+        LOGGER.info('final/ is written out (hard links to %s failed: %s)', checkpoint_model, err)
+        return False
+    return True
 
 
 def summarize(progress: dict, config: Config, wall_s: Dict[str, float],

@@ -16,8 +16,11 @@ Stages, each resumable with ``--resume`` (``DIR`` keeps everything):
    Every ``train.checkpoint_every`` steps ``DIR/checkpoints/step_NNNNNN/`` receives the
    accelerator state (UNet, Adam, LR schedule, RNGs, EMA), ``progress.json`` (step, data
    position, curves) and ``model/``, a checkpoint the node loads; the newest one is resumed.
+   Their size, and the disk's free space, are logged at the start (a warning when short);
+   ``train.checkpoint_every: null`` writes none.
 
-At the end: ``DIR/final/`` (the model, EMA weights when ``train.ema``), ``DIR/metrics.json``
+At the end: ``DIR/final/`` (the model, EMA weights when ``train.ema``; hard links to the last
+checkpoint's ``model/`` where the file system allows), ``DIR/metrics.json``
 (``val_abs_rel_start``/``_end``, loss and validation curves, VAE stage numbers) and
 TensorBoard logs in ``DIR/logs/``.
 """
@@ -50,7 +53,8 @@ from training import data as train_data  # noqa: E402
 from training.config import Config, load_config, resolve_accumulation  # noqa: E402
 from training.models import Components, load_components, load_trained_vae  # noqa: E402
 from training.progress import (  # noqa: E402
-    PROGRESS_FILE, fmt, latest_checkpoint, setup_logging, summarize)
+    PROGRESS_FILE, check_checkpoint_disk, checkpoint_bytes, fmt, latest_checkpoint, link_final,
+    setup_logging, summarize)
 from training.recipe import (  # noqa: E402
     WarmupExponentialDecay, annealed_strength, decoded_depth, latent_valid_mask, masked_mse,
     multi_res_noise_like, sample_timesteps, velocity_target)
@@ -170,6 +174,9 @@ class Run:
             self.ema.to(self.device)
             acc.register_for_checkpointing(self.ema)
         self.metadata = self._metadata(parts)
+        if acc.is_main_process:
+            check_checkpoint_disk(self.output, *checkpoint_bytes(unet, self.vae, cfg.ema),
+                                  cfg.keep_checkpoints if cfg.checkpoint_every else None)
         progress = {'step': 0, 'loss': [], 'lr': [], 'val': [], 'vae': vae_report,
                     'baseline': self.baseline}
         latest = latest_checkpoint(self.output / 'checkpoints') if self.resume else None
@@ -219,7 +226,7 @@ class Run:
                 self.wall['unet_stage'] += time.perf_counter() - start
                 self._validate(progress)
                 start = time.perf_counter()
-            if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+            if cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
                 self._save_state(progress)
             if done == self.stop_at_step:
                 LOGGER.warning('stopping after step %d as asked (--stop-at-step)', done)
@@ -227,8 +234,11 @@ class Run:
                 return progress
         self.wall['unet_stage'] += time.perf_counter() - start
         if acc.is_main_process:
-            self._with_ema(lambda: save_checkpoint(self.output / 'final', self._checkpoint(),
-                                                   overwrite=True))
+            last = self.output / 'checkpoints' / f'step_{cfg.steps:06d}' / 'model'
+            if not (cfg.checkpoint_every and last.is_dir() and
+                    link_final(last, self.output / 'final')):
+                self._with_ema(lambda: save_checkpoint(self.output / 'final',
+                                                       self._checkpoint(), overwrite=True))
         acc.wait_for_everyone()
         return progress
 
@@ -393,10 +403,19 @@ class Run:
         if acc.is_main_process and tmp.exists():
             shutil.rmtree(tmp)
         acc.wait_for_everyone()
-        acc.save_state(str(tmp))
+        try:
+            acc.save_state(str(tmp))
+            if acc.is_main_process:
+                self._with_ema(lambda: save_checkpoint(tmp / 'model', self._checkpoint()))
+                (tmp / PROGRESS_FILE).write_text(json.dumps(progress) + '\n')
+        except (OSError, RuntimeError) as err:  # torch reports a full disk as a RuntimeError
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise MetricGoldError(
+                f'the checkpoint of step {progress["step"]} could not be written to {tmp} '
+                f'({type(err).__name__}: {str(err)[:200]}); '
+                f'{shutil.disk_usage(folder).free / 1e9:.1f} GB free there. Free space, lower '
+                'train.keep_checkpoints, or set train.checkpoint_every: null') from err
         if acc.is_main_process:
-            self._with_ema(lambda: save_checkpoint(tmp / 'model', self._checkpoint()))
-            (tmp / PROGRESS_FILE).write_text(json.dumps(progress) + '\n')
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
