@@ -239,12 +239,15 @@ def test_shipped_configs_are_valid(tmp_path, name):
         assert config.model.tiny and config.data.generate
 
 
-@pytest.mark.parametrize('name, start, resolution', [
-    ('tiny_bundled_e2e', 'runs/tiny/final', 128), ('tiny_bundled_e2e_192', 'runs/e2e/final', 192)])
-def test_shipped_e2e_fine_tune_configs_are_valid(tmp_path, name, start, resolution):
+@pytest.mark.parametrize('name, start, resolution, focal', [
+    ('tiny_bundled_e2e', 'runs/tiny/final', 128, None),
+    ('tiny_bundled_e2e_192', 'runs/e2e/final', 192, None),
+    ('tiny_bundled_e2e_camera', 'runs/e2e/final', 128, 100.0)])
+def test_shipped_e2e_fine_tune_configs_are_valid(tmp_path, name, start, resolution, focal):
     """The bundled model's E2E-FT fine-tune: from a checkpoint, single step, same training seeds."""
     config = load_config(REPO_ROOT / 'training' / 'configs' / f'{name}.yaml', tmp_path)
     assert config.model.pretrained == start and not config.model.tiny
+    assert config.model.canonical_focal_px == focal
     assert config.train.objective == 'e2e_ft' and config.model.denoising_steps == 1
     assert config.model.processing_resolution == resolution and config.cpu_threads == 1
     assert config.data.generate['train'].seed == 0 and config.data.generate['train'].count == 2000

@@ -3,7 +3,8 @@
     python training/evaluate_synthetic.py --model DIR --per-kind 100 --json FILE
 
 Renders held-out rooms and streets (scene seeds from ``--seed``, far from the training seeds),
-predicts depth with the model, and scores three predictions per image with ``metricgold eval``
+predicts depth with the model (a camera-aware one is given each image's focal length, as the
+node gets it from CameraInfo), and scores three predictions per image with ``metricgold eval``
 (the same code, through its command line): the model; the best constant depth (the median of
 the training split's valid depth, per domain); and an oracle-scaled constant (per image, the
 constant with the lowest AbsRel against that image's ground truth: the 1/depth-weighted median,
@@ -27,6 +28,9 @@ try:
 except ImportError:  # run from a source checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from metricgold_ros.tools import cli
+from metricgold_ros.camera import Intrinsics
+from metricgold_ros.canonical_camera import canonical_focal_px, canonical_scale, \
+    processing_focal_px
 from metricgold_ros.model import MetricGoldPipeline
 from metricgold_ros.synthetic.scenes import KINDS, render_sample
 
@@ -54,6 +58,8 @@ def evaluate(model: Path, per_kind: int, seed: int, width: int, height: int,
              medians: Dict[str, float], workdir: Path, steps: Optional[int] = None) -> dict:
     """``{kind: {method: metrics mean}}`` plus the settings, scored by ``metricgold eval``."""
     pipeline = MetricGoldPipeline.from_pretrained(model, device='cpu', dtype='float32')
+    canonical = canonical_focal_px(pipeline.metadata)
+    resolution = pipeline.metadata.default_processing_resolution
     results: dict = {}
     for kind in KINDS:
         gt_dir = workdir / 'gt' / kind
@@ -67,6 +73,11 @@ def evaluate(model: Path, per_kind: int, seed: int, width: int, height: int,
             gt_units = np.where(sample.valid, np.round(sample.depth_m * GT_UNITS_PER_M), 0)
             cv2.imwrite(str(gt_dir / f'{name}.png'), gt_units.astype(np.uint16))
             depth = pipeline(sample.rgb, denoising_steps=steps).depth_m
+            if canonical is not None:  # a camera-aware model: back from the canonical camera
+                camera = Intrinsics(sample.fx_px, sample.fy_px, sample.cx_px, sample.cy_px,
+                                    width, height)
+                focal_px, _ = processing_focal_px(camera, width, height, resolution)
+                depth = depth * np.float32(canonical_scale(pipeline.metadata, focal_px))
             np.save(pred_dirs['model'] / f'{name}.npy', depth)
             np.save(pred_dirs['constant'] / f'{name}.npy',
                     np.full_like(depth, medians[kind]))

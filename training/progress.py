@@ -17,7 +17,6 @@ from training.config import Config
 
 PROGRESS_FILE = 'progress.json'
 LOGGER = logging.getLogger('metricgold.train')
-GB = 1e9
 
 
 def latest_checkpoint(folder: Path) -> Optional[Path]:
@@ -45,18 +44,22 @@ def check_checkpoint_disk(output: Path, state_bytes: int, model_bytes: int,
     free = shutil.disk_usage(output).free
     if keep is None:
         need = model_bytes
-        LOGGER.info('no resumable checkpoints (train.checkpoint_every: null); final/ %.1f GB, '
-                    '%.1f GB free in %s', model_bytes / GB, free / GB, output)
+        LOGGER.info('no resumable checkpoints (train.checkpoint_every: null); final/ %s, %s '
+                    'free in %s', _size(model_bytes), _size(free), output)
     else:
         need = (keep + 1) * (state_bytes + model_bytes)
-        LOGGER.info('checkpoints: %.1f GB each (accelerator state %.1f GB + model/ %.1f GB), '
-                    'up to %d at once; %.1f GB free in %s', (state_bytes + model_bytes) / GB,
-                    state_bytes / GB, model_bytes / GB, keep + 1, free / GB, output)
+        LOGGER.info('checkpoints: %s each (accelerator state %s + model/ %s), up to %d at '
+                    'once; %s free in %s', _size(state_bytes + model_bytes), _size(state_bytes),
+                    _size(model_bytes), keep + 1, _size(free), output)
     if free < need:
-        LOGGER.warning('%s has %.1f GB free but the checkpoints need ~%.1f GB: the run will '
-                       'fail when the disk fills. Free space, lower train.keep_checkpoints, '
-                       'or set train.checkpoint_every: null (final/ only, no --resume)',
-                       output, free / GB, need / GB)
+        LOGGER.warning('%s has %s free but the checkpoints need ~%s: the run will fail when '
+                       'the disk fills. Free space, lower train.keep_checkpoints, or set '
+                       'train.checkpoint_every: null (final/ only, no --resume)',
+                       output, _size(free), _size(need))
+
+
+def _size(nbytes: float) -> str:
+    return f'{nbytes / 1e9:.1f} GB' if nbytes >= 1e8 else f'{nbytes / 1e6:.0f} MB'
 
 
 def link_final(checkpoint_model: Path, final: Path) -> bool:
