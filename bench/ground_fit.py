@@ -38,7 +38,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout
-from metricgold_ros.camera import Intrinsics  # noqa: E402
+from metricgold_ros.canonical_camera import for_camera  # noqa: E402
 from metricgold_ros.evaluation import evaluate_image, get_protocol  # noqa: E402
 from metricgold_ros.ground import (GroundFitSettings, Mounting, ScaleFilter,  # noqa: E402
                                    fit_ground, floor_depth_m)
@@ -51,9 +51,10 @@ METHODS = ('model', 'model + ground fit', 'model + fit, pitch +2 deg', 'relative
            'oracle: model x true scale of its floor', 'oracle: model x true global scale')
 
 
-def intrinsics(sample: Sample) -> Intrinsics:
-    height, width = sample.depth_m.shape
-    return Intrinsics(sample.fx_px, sample.fy_px, sample.cx_px, sample.cy_px, width, height)
+def predict(pipeline, sample: Sample) -> np.ndarray:
+    """The model's metric depth for ``sample`` (a camera-aware one told the camera)."""
+    return for_camera(pipeline(sample.rgb).depth_m, pipeline.metadata, sample.intrinsics,
+                      pipeline.metadata.default_processing_resolution)
 
 
 def mounting(sample: Sample, pitch_error_deg: float = 0.0) -> Mounting:
@@ -80,8 +81,8 @@ def accuracy(pipeline, kind: str, per_kind: int, seed: int, width: int, height: 
     shares, scales = [], []
     for index in range(per_kind):
         sample = render_sample(seed + index, kind, width, height)
-        camera = intrinsics(sample)
-        depth_m = pipeline(sample.rgb).depth_m
+        camera = sample.intrinsics
+        depth_m = predict(pipeline, sample)
         fit = fit_ground(depth_m, camera, mounting(sample), relative=False, settings=settings)
         states[fit.state] = states.get(fit.state, 0) + 1
         shares.append(fit.inlier_share)
@@ -131,8 +132,8 @@ def jitter(pipeline, frames: int, width: int, height: int, fps: float,
         raw, filtered = [], []
         absrel: Dict[str, List[float]] = {'model': [], 'raw': [], 'filtered': []}
         for sample in (s for s in sequence if s.kind == kind):
-            depth_m = pipeline(sample.rgb).depth_m
-            fit = fit_ground(depth_m, intrinsics(sample), Mounting(*DEMO_MOUNTING),
+            depth_m = predict(pipeline, sample)
+            fit = fit_ground(depth_m, sample.intrinsics, Mounting(*DEMO_MOUNTING),
                              relative=False, settings=settings)
             absrel['model'].append(score(depth_m, sample)['abs_rel'])
             if not fit.ok:  # the node publishes the model's own scale

@@ -59,12 +59,11 @@ def camera_main(args: argparse.Namespace) -> int:
     from sensor_msgs.msg import CameraInfo, Image
 
     from metricgold_ros import messages
-    from metricgold_ros.camera import Intrinsics
     from metricgold_ros.synthetic.scenes import render_sample
 
     width, height = _size(args.size)
     sample = render_sample(0, 'indoor', width, height)
-    intr = Intrinsics(sample.fx_px, sample.fy_px, sample.cx_px, sample.cy_px, width, height)
+    intr = sample.intrinsics
     types = messages.rclpy_types()
     rclpy.init()
     sent = 0

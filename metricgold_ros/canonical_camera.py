@@ -16,7 +16,10 @@ Checkpoints without ``canonical_focal_px`` get a factor of exactly 1.
 import math
 from typing import Any, Optional, Tuple
 
+import numpy as np
+
 from metricgold_ros.camera import Intrinsics
+from metricgold_ros.errors import InputError
 from metricgold_ros.model.image_ops import processing_size
 
 ASSUMED_HFOV_DEG = 60.0  # horizontal field of view assumed when no intrinsics are known
@@ -62,3 +65,20 @@ def canonical_scale(metadata: Any, focal_px: float) -> float:
     """``focal_px / canonical_focal_px``: multiplies a camera-aware checkpoint's depth; else 1."""
     canonical = canonical_focal_px(metadata)
     return 1.0 if canonical is None else focal_px / canonical
+
+
+def for_camera(depth: np.ndarray, metadata: Any, camera: Optional[Intrinsics],
+               processing_resolution: int) -> np.ndarray:
+    """A prediction for ``camera``'s frame (the size fed to the pipeline, processed at
+    ``processing_resolution``): a camera-aware checkpoint's depth times ``f / f_c``; any
+    other checkpoint's depth as it is. For offline scoring, where the intrinsics are known
+    (None is an error for a camera-aware checkpoint); the node and bag tool go through
+    :class:`metricgold_ros.metric_scale.MetricScaler`, which may assume a field of view."""
+    canonical = canonical_focal_px(metadata)
+    if canonical is None:
+        return depth
+    if camera is None:
+        raise InputError(f'a camera-aware checkpoint (canonical focal {canonical:g} px) is '
+                         'scored without the frame\'s intrinsics: give each frame its camera')
+    focal_px, _ = processing_focal_px(camera, camera.width, camera.height, processing_resolution)
+    return depth * np.float32(focal_px / canonical)

@@ -39,9 +39,7 @@ class CameraBag:
 def frames(count: int, width: int, height: int, seed: int = 0):
     """``count`` rendered RGB frames and their Intrinsics."""
     samples = list(camera_sequence(seed, 'indoor', count, width, height))
-    s = samples[0]
-    camera = Intrinsics(s.fx_px, s.fy_px, s.cx_px, s.cy_px, width, height)
-    return [x.rgb for x in samples], camera
+    return [x.rgb for x in samples], samples[0].intrinsics
 
 
 def image_msg(types: Any, header: Any, rgb: np.ndarray, encoding: str,

@@ -10,24 +10,20 @@ import pytest
 
 from metricgold_ros import messages
 from metricgold_ros.camera import Calibration, Intrinsics
-from metricgold_ros.canonical_camera import (ASSUMED_HFOV_DEG, canonical_scale,
+from metricgold_ros.canonical_camera import (ASSUMED_HFOV_DEG, canonical_scale, for_camera,
                                              processing_focal_px)
 from metricgold_ros.depth_frame import DepthFrameProcessor, FrameOptions, frame_messages
 from metricgold_ros.errors import InputError
 from metricgold_ros.ground import (NO_CAMERA, NO_FLOOR, OFF, OK, POOR_FIT, Mounting,
                                    ScaleFilter, fit_ground, floor_depth_m)
 from metricgold_ros.model import MetricGoldPipeline
+from metricgold_ros.metric_scale import MetricScaler
 from metricgold_ros.model_paths import bundled_model_path
 from metricgold_ros.synthetic.camera import DEMO_MOUNTING
 from metricgold_ros.synthetic.scenes import (CameraPose, camera_sequence, make_scene,
                                              render_sample, render_view)
 
 WIDTH, HEIGHT = 96, 72
-
-
-def camera_of(sample) -> Intrinsics:
-    height, width = sample.depth_m.shape
-    return Intrinsics(sample.fx_px, sample.fy_px, sample.cx_px, sample.cy_px, width, height)
 
 
 def mounting_of(sample, pitch_error_deg: float = 0.0) -> Mounting:
@@ -54,7 +50,7 @@ def room():
 def test_floor_plane_from_the_mounting_is_the_rendered_floor(kind):
     """The generator's mounting (sign conventions, roll included) puts the plane on its floor."""
     for sample in list(camera_sequence(7, kind, 3, WIDTH, HEIGHT, fps=1.0)):
-        floor = floor_depth_m(camera_of(sample), mounting_of(sample))
+        floor = floor_depth_m(sample.intrinsics, mounting_of(sample))
         seen = np.isfinite(floor) & sample.valid & (np.abs(sample.depth_m / floor - 1) < 1e-3)
         assert seen.sum() > 0.05 * sample.depth_m.size
         # Nothing is seen behind the floor: every valid pixel is at most the floor's depth.
@@ -75,7 +71,7 @@ def test_pose_conventions_flip_to_the_mounting():
 def test_metric_scale_recovered_exactly(street, room, scale):
     for sample in (street, room):
         truth = depth_or_nan(sample)
-        fit = fit_ground(truth / scale, camera_of(sample), mounting_of(sample), relative=False)
+        fit = fit_ground(truth / scale, sample.intrinsics, mounting_of(sample), relative=False)
         assert fit.state == OK, fit.reason
         assert fit.scale == pytest.approx(scale, rel=1e-3)
         assert fit.shift_m == 0.0
@@ -88,7 +84,7 @@ def test_relative_scale_and_shift_recovered_exactly(street, room):
         truth = depth_or_nan(sample)
         low, high = np.nanmin(truth), np.nanmax(truth)
         relative = (truth - low) / (high - low)
-        fit = fit_ground(relative, camera_of(sample), mounting_of(sample), relative=True)
+        fit = fit_ground(relative, sample.intrinsics, mounting_of(sample), relative=True)
         assert fit.state == OK, fit.reason
         assert fit.scale == pytest.approx(high - low, rel=1e-3)
         assert fit.shift_m == pytest.approx(low, rel=1e-3)
@@ -102,7 +98,7 @@ def with_objects(sample, share: float) -> np.ndarray:
     stand side by side along the image's columns from the left.
     """
     depth = depth_or_nan(sample)
-    floor = floor_depth_m(camera_of(sample), mounting_of(sample))
+    floor = floor_depth_m(sample.intrinsics, mounting_of(sample))
     on_floor = np.isfinite(floor) & (np.abs(depth / floor - 1) < 1e-3)
     target, covered, column = share * on_floor.sum(), 0, 0
     while covered < target and column < depth.shape[1]:
@@ -121,7 +117,7 @@ def with_objects(sample, share: float) -> np.ndarray:
 def test_objects_covering_half_the_floor(street, relative):
     truth = depth_or_nan(street)
     depth = with_objects(street, 0.5)
-    floor = floor_depth_m(camera_of(street), mounting_of(street))
+    floor = floor_depth_m(street.intrinsics, mounting_of(street))
     seen_before = (np.abs(truth / floor - 1) < 1e-3).sum()
     seen_after = (np.abs(depth / floor - 1) < 1e-3).sum()
     assert 0.45 < 1 - seen_after / seen_before < 0.6  # half of the floor is hidden
@@ -132,7 +128,7 @@ def test_objects_covering_half_the_floor(street, relative):
     else:
         depth = depth / 1.4
         expected = (1.4, 0.0)
-    fit = fit_ground(depth, camera_of(street), mounting_of(street), relative=relative)
+    fit = fit_ground(depth, street.intrinsics, mounting_of(street), relative=relative)
     assert fit.state == OK, fit.reason
     assert 0.3 < fit.inlier_share < 0.85  # boxes stay inliers near their foot
     assert (fit.scale, fit.shift_m) == pytest.approx(expected, rel=1e-3, abs=1e-6)
@@ -145,7 +141,7 @@ def test_wrong_pitch_by_two_degrees(street, room, record_property):
     for name, sample in (('street', street), ('room', room)):
         truth = depth_or_nan(sample)
         for sign in (-1, 1):
-            fit = fit_ground(truth, camera_of(sample), mounting_of(sample, 2.0 * sign),
+            fit = fit_ground(truth, sample.intrinsics, mounting_of(sample, 2.0 * sign),
                              relative=False)
             assert fit.state == OK, fit.reason
             errors[f'{name} pitch {2 * sign:+d} deg'] = round(fit.scale - 1.0, 4)
@@ -163,7 +159,7 @@ def test_no_fit_looking_at_the_sky():
                          intrinsics, WIDTH, HEIGHT)
     assert sample.camera_pitch_deg == pytest.approx(-45.0)
     for relative in (False, True):
-        fit = fit_ground(depth_or_nan(sample), camera_of(sample), mounting_of(sample),
+        fit = fit_ground(depth_or_nan(sample), sample.intrinsics, mounting_of(sample),
                          relative=relative)
         assert fit.state == NO_FLOOR
         assert fit.scale == 1.0 and fit.shift_m == 0.0
@@ -190,11 +186,11 @@ def test_no_fit_facing_a_wall():
 
 def test_states_without_mounting_or_camera(street):
     depth = depth_or_nan(street)
-    assert fit_ground(depth, camera_of(street), Mounting(), relative=False).state == OFF
+    assert fit_ground(depth, street.intrinsics, Mounting(), relative=False).state == OFF
     fit = fit_ground(depth, None, mounting_of(street), relative=False)
     assert fit.state == NO_CAMERA and 'camera_info' in fit.reason
     with pytest.raises(InputError, match='intrinsics are for'):
-        fit_ground(depth[:, :-1], camera_of(street), mounting_of(street), relative=False)
+        fit_ground(depth[:, :-1], street.intrinsics, mounting_of(street), relative=False)
 
 
 @pytest.mark.parametrize('kwargs, match', [
@@ -269,6 +265,21 @@ def test_processing_focal_follows_the_processed_size():
     assert canonical_scale(object(), 250.0) == 1.0  # no field: exactly as before
 
 
+def test_offline_scoring_rescales_as_the_node_does():
+    """`for_camera` (evaluation, validation, benches) applies the node's factor f / f_c."""
+    camera = Intrinsics(500.0, 510.0, 319.5, 239.5, 640, 480)
+    depth = np.full((480, 640), 2.0, np.float32)
+    scored = for_camera(depth, CameraAware(), camera, 128)
+    published, _, report = MetricScaler().correct(
+        depth, None, relative=False, camera=camera, image_size=(640, 480),
+        processing_resolution=128, metadata=CameraAware(), mounting=Mounting())
+    assert report.canonical_factor == pytest.approx(1.01)  # f = (100 + 102) / 2 at 128x96
+    np.testing.assert_allclose(scored, published)
+    assert for_camera(depth, object(), None, 128) is depth  # not camera-aware: untouched
+    with pytest.raises(InputError, match='intrinsics'):
+        for_camera(depth, CameraAware(), None, 128)
+
+
 def test_two_fields_of_view_give_the_same_metric_depth():
     """A canonical-camera model's output (depth as if seen with f_c) rescaled per camera."""
     scene = make_scene(2_000_003, 'indoor')
@@ -278,7 +289,7 @@ def test_two_fields_of_view_give_the_same_metric_depth():
         focal = WIDTH / 2 / math.tan(math.radians(hfov_deg) / 2)
         sample = render_view(scene, pose, (focal, focal, (WIDTH - 1) / 2, (HEIGHT - 1) / 2),
                              WIDTH, HEIGHT)
-        focal_px, _ = processing_focal_px(camera_of(sample), WIDTH, HEIGHT, 48)
+        focal_px, _ = processing_focal_px(sample.intrinsics, WIDTH, HEIGHT, 48)
         canonical_prediction = sample.depth_m * CameraAware.canonical_focal_px / focal_px
         assert not np.allclose(canonical_prediction, sample.depth_m)
         depths.append(canonical_prediction * canonical_scale(CameraAware(), focal_px))
@@ -292,7 +303,7 @@ def test_two_fields_of_view_give_the_same_metric_depth():
 
 
 def calibration_of(sample) -> Calibration:
-    return Calibration(camera_of(sample))
+    return Calibration(sample.intrinsics)
 
 
 def mounting_options(sample) -> FrameOptions:

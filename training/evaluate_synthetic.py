@@ -28,9 +28,7 @@ try:
 except ImportError:  # run from a source checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from metricgold_ros.tools import cli
-from metricgold_ros.camera import Intrinsics
-from metricgold_ros.canonical_camera import canonical_focal_px, canonical_scale, \
-    processing_focal_px
+from metricgold_ros.canonical_camera import for_camera
 from metricgold_ros.model import MetricGoldPipeline
 from metricgold_ros.synthetic.scenes import KINDS, render_sample
 
@@ -58,7 +56,6 @@ def evaluate(model: Path, per_kind: int, seed: int, width: int, height: int,
              medians: Dict[str, float], workdir: Path, steps: Optional[int] = None) -> dict:
     """``{kind: {method: metrics mean}}`` plus the settings, scored by ``metricgold eval``."""
     pipeline = MetricGoldPipeline.from_pretrained(model, device='cpu', dtype='float32')
-    canonical = canonical_focal_px(pipeline.metadata)
     resolution = pipeline.metadata.default_processing_resolution
     results: dict = {}
     for kind in KINDS:
@@ -72,12 +69,8 @@ def evaluate(model: Path, per_kind: int, seed: int, width: int, height: int,
             name = f'{kind}_{seed + index:07d}'
             gt_units = np.where(sample.valid, np.round(sample.depth_m * GT_UNITS_PER_M), 0)
             cv2.imwrite(str(gt_dir / f'{name}.png'), gt_units.astype(np.uint16))
-            depth = pipeline(sample.rgb, denoising_steps=steps).depth_m
-            if canonical is not None:  # a camera-aware model: back from the canonical camera
-                camera = Intrinsics(sample.fx_px, sample.fy_px, sample.cx_px, sample.cy_px,
-                                    width, height)
-                focal_px, _ = processing_focal_px(camera, width, height, resolution)
-                depth = depth * np.float32(canonical_scale(pipeline.metadata, focal_px))
+            depth = for_camera(pipeline(sample.rgb, denoising_steps=steps).depth_m,
+                               pipeline.metadata, sample.intrinsics, resolution)
             np.save(pred_dirs['model'] / f'{name}.npy', depth)
             np.save(pred_dirs['constant'] / f'{name}.npy',
                     np.full_like(depth, medians[kind]))

@@ -371,7 +371,7 @@ class Run:
                 denoising_steps=val.denoising_steps or model.denoising_steps,
                 ensemble_size=val.ensemble_size,
                 processing_resolution=val.processing_resolution or model.processing_resolution,
-                image_count=image_count, canonical_focal_px=model.canonical_focal_px)
+                image_count=image_count)
         self.accelerator.wait_for_everyone()
         self.wall['validation'] += time.perf_counter() - start
         return result if image_count else (result[0] if result else None)

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from metricgold_ros.camera import Intrinsics
-from metricgold_ros.canonical_camera import processing_focal_px
+from metricgold_ros.canonical_camera import for_camera
 from metricgold_ros.colorize import colorize_depth
 from metricgold_ros.evaluation import depth_metrics
 from metricgold_ros.model.checkpoint import Checkpoint, ModelMetadata
@@ -33,13 +33,12 @@ def make_checkpoint(unet: torch.nn.Module, vae: torch.nn.Module, scheduler_confi
 @torch.no_grad()
 def validate(checkpoint: Checkpoint, items: List[dict], device: torch.device, *,
              denoising_steps: int, ensemble_size: int, processing_resolution: int,
-             image_count: int = 0, canonical_focal_px: Optional[float] = None
-             ) -> Tuple[Dict[str, float], List[np.ndarray]]:
+             image_count: int = 0) -> Tuple[Dict[str, float], List[np.ndarray]]:
     """Mean metrics over ``items`` (and per domain: ``indoor/abs_rel`` ...), plus images.
 
-    With ``canonical_focal_px`` (a camera-aware model) each prediction, depth for the canonical
-    camera, is multiplied by ``f / canonical_focal_px``, f = the item's mean focal length at
-    the processing resolution. The networks are put in eval mode for the call and back into
+    A camera-aware model's prediction (depth for its canonical camera) is multiplied by
+    ``f / canonical_focal_px``, f = the item's mean focal length at the processing resolution
+    (:func:`~metricgold_ros.canonical_camera.for_camera`). The networks are put in eval mode for the call and back into
     their previous mode after.
     Returns the metrics and up to ``image_count`` previews ``[H, 3W, 3]`` uint8 RGB:
     input | prediction | ground truth, coloured on the ground truth's range.
@@ -55,13 +54,11 @@ def validate(checkpoint: Checkpoint, items: List[dict], device: torch.device, *,
             prediction = pipeline(item['rgb'], denoising_steps=denoising_steps,
                                   ensemble_size=ensemble_size,
                                   processing_resolution=processing_resolution, seed=index)
-            depth_m = prediction.depth
-            if canonical_focal_px is not None:
-                height, width = item['depth_m'].shape
-                focal_px, _ = processing_focal_px(
-                    Intrinsics(*item['intrinsics'][:4], width, height), width, height,
-                    processing_resolution)
-                depth_m = depth_m * np.float32(focal_px / canonical_focal_px)
+            height, width = item['depth_m'].shape
+            camera = None if item.get('intrinsics') is None else Intrinsics(
+                *item['intrinsics'][:4], width, height)
+            depth_m = for_camera(prediction.depth, checkpoint.metadata, camera,
+                                 processing_resolution)
             metrics = depth_metrics(depth_m, item['depth_m'], item['valid'])
             per_image.append((item['domain'], metrics))
             if len(images) < image_count:

@@ -76,7 +76,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from sensor_msgs.msg import CameraInfo, Image
 
     from metricgold_ros import messages
-    from metricgold_ros.camera import Intrinsics
 
     types = messages.rclpy_types()
     rclpy.init()
@@ -100,9 +99,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             header = types.Header(
                 stamp=types.Time(sec=stamp_ns // 10**9, nanosec=stamp_ns % 10**9),
                 frame_id=args.frame_id)
-            intr = Intrinsics(sample.fx_px, sample.fy_px, sample.cx_px, sample.cy_px,
-                              width, height)
-            info_pub.publish(messages.camera_info_msg(types, header, intr))
+            info_pub.publish(messages.camera_info_msg(types, header, sample.intrinsics))
             image_pub.publish(messages.rgb_image_msg(types, header, sample.rgb))
             sent[str(stamp_ns)] = index % len(frames)
             index += 1

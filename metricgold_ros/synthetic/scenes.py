@@ -28,6 +28,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from metricgold_ros.camera import Intrinsics
 from metricgold_ros.errors import InputError
 
 KINDS = ('indoor', 'outdoor')
@@ -60,6 +61,12 @@ class Sample:
     camera_height_m: float = 0.0
     camera_pitch_deg: float = 0.0
     camera_roll_deg: float = 0.0
+
+    @property
+    def intrinsics(self) -> Intrinsics:
+        """The frame's pinhole camera, at the frame's size."""
+        height, width = self.depth_m.shape
+        return Intrinsics(self.fx_px, self.fy_px, self.cx_px, self.cy_px, width, height)
 
 
 @dataclass(frozen=True)
