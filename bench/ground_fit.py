@@ -87,7 +87,7 @@ def accuracy(pipeline, kind: str, per_kind: int, seed: int, width: int, height: 
         states[fit.state] = states.get(fit.state, 0) + 1
         shares.append(fit.inlier_share)
         if fit.ok:
-            scales.append(fit.scale)
+            scales.append(fit.floor_scale)
         off = fit_ground(depth_m, camera, mounting(sample, 2.0), relative=False,
                          settings=settings)
         relative = min_max(depth_m)

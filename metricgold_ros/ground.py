@@ -8,7 +8,11 @@ and ``g . r > 0``. Where the prediction agrees with that plane it sees the floor
 over the pixels whose ray meets the floor within range gives:
 
 * metric checkpoints: one scale ``s`` (``depth_m = s * depth``), fitted in log space (the
-  mode of ``log z_floor - log depth`` over the candidates, refined by the inliers' median);
+  mode of ``log z_floor - log depth`` over the candidates, refined by the inliers' median). The
+  model's own scale is a second estimate, so the floor's moves it only as far as the fit's
+  confidence ``c`` goes: ``s = s_floor ** c`` (log-space weights ``c`` and ``1 - c``). On the
+  ground-fit bench's tuning split this beat applying ``s_floor`` whole for both a camera-aware
+  and a camera-unaware model (BENCHMARKS.md, section 13);
 * relative checkpoints: a scale and a shift (``depth_m = s * depth + shift_m``). Marigold v1 is
   affine-invariant **depth** (not inverse depth: diffusers' ``MarigoldDepthPipeline`` aligns
   ``scale * depth + shift``), so the affine applies to depth; RANSAC over pairs of pixels, then
@@ -30,7 +34,7 @@ Numpy only: used by the frame processor (node, bag tool, infer) and the ground-f
 
 import math
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import List, Optional, Tuple
 
 import numpy as np
@@ -131,13 +135,15 @@ class GroundFit:
 
     Attributes:
         state: one of ``FIT_STATES``; only ``ok`` carries a usable scale.
-        scale: multiplies the prediction (1.0 unless ``ok``).
+        scale: multiplies the prediction (1.0 unless ``ok``): for metric checkpoints
+            ``floor_scale ** confidence``, for relative ones ``floor_scale``.
         shift_m: metres added after scaling (relative checkpoints; 0.0 for metric ones).
         inlier_share: inliers / candidate floor pixels, in [0, 1] (0 without candidates).
         confidence: ``inlier_share * min(1, inliers / (10 % of the sampled pixels))``, in
             [0, 1]: high when much of the image is floor and agrees with the plane.
         floor_pixels: candidate floor pixels (sampled grid) the fit used.
         reason: one line for logs and diagnostics, empty when ``ok``.
+        floor_scale: the scale the floor alone gives (also when the fit was refused).
     """
 
     state: str
@@ -147,6 +153,7 @@ class GroundFit:
     confidence: float = 0.0
     floor_pixels: int = 0
     reason: str = ''
+    floor_scale: float = 1.0
 
     @property
     def ok(self) -> bool:
@@ -240,7 +247,7 @@ def fit_ground(depth: np.ndarray, camera: Optional[Intrinsics], mounting: Mounti
     count = int(inliers.sum())
     share = count / z_floor.size
     confidence = share * min(1.0, count / (0.1 * sampled))
-    fit = GroundFit(OK, scale, shift_m, share, confidence, int(z_floor.size))
+    fit = GroundFit(OK, scale, shift_m, share, confidence, int(z_floor.size), floor_scale=scale)
     if share < settings.min_inlier_share:
         return _failed(fit, f'the prediction does not hold the floor plane: {share:.0%} of '
                        f'{z_floor.size} floor pixels agree (< {settings.min_inlier_share:.0%}); '
@@ -258,13 +265,13 @@ def fit_ground(depth: np.ndarray, camera: Optional[Intrinsics], mounting: Mounti
     if relative and not (scale > 0 and scale * float(np.min(pred)) + shift_m > 0):
         return _failed(fit, f'fitted scale {scale:.3g} / shift {shift_m:.3g} m would give '
                        'non-positive depth')
-    return fit
+    return fit if relative else replace(fit, scale=float(scale ** confidence))
 
 
 def _failed(fit: GroundFit, reason: str) -> GroundFit:
     """``fit``'s statistics with state ``poor_fit``, scale 1 and no shift."""
     return GroundFit(POOR_FIT, 1.0, 0.0, fit.inlier_share, fit.confidence, fit.floor_pixels,
-                     reason)
+                     reason, fit.floor_scale)
 
 
 def _inliers(fitted: np.ndarray, z_floor: np.ndarray, tol: float) -> np.ndarray:

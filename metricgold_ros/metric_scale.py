@@ -79,6 +79,7 @@ class MetricScale:
         pairs = [('state', self.fit.state), ('scale', f'{self.scale:.6g}'),
                  ('shift_m', f'{self.shift_m:.6g}'),
                  ('fitted_scale', f'{self.fit.scale:.6g}'),
+                 ('floor_scale', f'{self.fit.floor_scale:.6g}'),
                  ('inlier_share', f'{self.fit.inlier_share:.3f}'),
                  ('confidence', f'{self.fit.confidence:.3f}'),
                  ('floor_pixels', str(self.fit.floor_pixels)),

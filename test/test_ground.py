@@ -15,7 +15,7 @@ from metricgold_ros.canonical_camera import (ASSUMED_HFOV_DEG, canonical_scale, 
 from metricgold_ros.depth_frame import DepthFrameProcessor, FrameOptions, frame_messages
 from metricgold_ros.errors import InputError
 from metricgold_ros.ground import (NO_CAMERA, NO_FLOOR, OFF, OK, POOR_FIT, Mounting,
-                                   ScaleFilter, fit_ground, floor_depth_m)
+                                   ScaleFilter, fit_ground, floor_depth_m, scale_depth)
 from metricgold_ros.model import MetricGoldPipeline
 from metricgold_ros.metric_scale import MetricScaler
 from metricgold_ros.model_paths import bundled_model_path
@@ -73,9 +73,12 @@ def test_metric_scale_recovered_exactly(street, room, scale):
         truth = depth_or_nan(sample)
         fit = fit_ground(truth / scale, sample.intrinsics, mounting_of(sample), relative=False)
         assert fit.state == OK, fit.reason
-        assert fit.scale == pytest.approx(scale, rel=1e-3)
+        assert fit.floor_scale == pytest.approx(scale, rel=1e-3)
         assert fit.shift_m == 0.0
-        assert np.nanmax(np.abs(fit.apply(truth / scale) / truth - 1)) < 1e-3
+        assert np.nanmax(np.abs(scale_depth(truth / scale, fit.floor_scale) / truth - 1)) < 1e-3
+        # Applied: the floor's scale weighted by the confidence (nearly 1 on exact depth).
+        assert fit.confidence > 0.95
+        assert fit.scale == pytest.approx(scale ** fit.confidence, rel=1e-3)
 
 
 def test_relative_scale_and_shift_recovered_exactly(street, room):
@@ -131,8 +134,14 @@ def test_objects_covering_half_the_floor(street, relative):
     fit = fit_ground(depth, street.intrinsics, mounting_of(street), relative=relative)
     assert fit.state == OK, fit.reason
     assert 0.3 < fit.inlier_share < 0.85  # boxes stay inliers near their foot
-    assert (fit.scale, fit.shift_m) == pytest.approx(expected, rel=1e-3, abs=1e-6)
-    assert np.nanmedian(np.abs(fit.apply(depth) / with_objects(street, 0.5) - 1)) < 1e-3
+    assert (fit.floor_scale, fit.shift_m) == pytest.approx(expected, rel=1e-3, abs=1e-6)
+    assert np.nanmedian(np.abs(scale_depth(depth, fit.floor_scale, fit.shift_m) /
+                               with_objects(street, 0.5) - 1)) < 1e-3
+    if relative:  # no scale of its own: the floor's is applied whole
+        assert fit.scale == fit.floor_scale
+    else:  # half the floor agrees: the model's own scale keeps its share of the weight
+        assert fit.confidence < 0.85
+        assert fit.scale == pytest.approx(1.4 ** fit.confidence, rel=1e-3)
 
 
 def test_wrong_pitch_by_two_degrees(street, room, record_property):
