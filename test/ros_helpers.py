@@ -283,9 +283,12 @@ def camera_main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     from metricgold_ros.ros_env import use_loopback
     use_loopback()
-    signal.signal(signal.SIGTERM, _interrupt)  # before rclpy.init, which chains to it
+    signal.signal(signal.SIGTERM, _interrupt)
     import rclpy
-    rclpy.init()
+    from rclpy.signals import SignalHandlerOptions
+    # Signals as plain KeyboardInterrupts between two frames: rclpy's handler would shut the
+    # context down under a publish in flight ("context is invalid", exit 1).
+    rclpy.init(signal_handler_options=SignalHandlerOptions.NO)
     try:
         node = rclpy.create_node('test_camera')
         image_pub = node.create_publisher(_msg('Image'), args.image_topic, reliable_qos(5))
