@@ -35,8 +35,9 @@ from typing import Any, Dict, List
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from metricgold_ros.constants import PIPELINE_STAGES  # noqa: E402 - the model's stages
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-MODEL_STAGES = ('preprocess', 'vae_encode', 'unet', 'vae_decode', 'postprocess', 'ensemble')
 
 
 def write_bags(folder: Path, bags: int, frames: int, width: int, height: int) -> None:
@@ -45,16 +46,16 @@ def write_bags(folder: Path, bags: int, frames: int, width: int, height: int) ->
     from rosbags.rosbag2 import StoragePlugin, Writer
     from rosbags.typesys import Stores, get_typestore
 
+    from metricgold_ros import messages
     from metricgold_ros.synthetic.scenes import camera_sequence
 
     store = get_typestore(Stores.ROS2_HUMBLE)
-    types = store.types
+    types = messages.rosbags_types(store)
     samples = list(camera_sequence(7, 'indoor', frames, width, height))
     jpegs = [cv2.imencode('.jpg', cv2.cvtColor(s.rgb, cv2.COLOR_RGB2BGR))[1].tobytes()
              for s in samples]
-    s = samples[0]
-    k = [s.fx_px, 0.0, s.cx_px, 0.0, s.fy_px, s.cy_px, 0.0, 0.0, 1.0]
-    p = [s.fx_px, 0.0, s.cx_px, 0.0, 0.0, s.fy_px, s.cy_px, 0.0, 0.0, 0.0, 1.0, 0.0]
+    camera = samples[0].intrinsics
+    compressed = store.types['sensor_msgs/msg/CompressedImage']
     import numpy as np
 
     for b in range(bags):
@@ -66,20 +67,14 @@ def write_bags(folder: Path, bags: int, frames: int, width: int, height: int) ->
                                          typestore=store)
             for i, data in enumerate(jpegs):
                 stamp_ns = 1_700_000_000_000_000_000 + b * 10**12 + i * 33_333_333
-                header = types['std_msgs/msg/Header'](
-                    stamp=types['builtin_interfaces/msg/Time'](
-                        sec=stamp_ns // 10**9, nanosec=stamp_ns % 10**9),
-                    frame_id='cam_optical')
-                msg = types['sensor_msgs/msg/CameraInfo'](
-                    header=header, height=height, width=width, distortion_model='plumb_bob',
-                    d=np.zeros(5), k=np.array(k), r=np.eye(3).reshape(-1), p=np.array(p),
-                    binning_x=0, binning_y=0, roi=types['sensor_msgs/msg/RegionOfInterest'](
-                        x_offset=0, y_offset=0, height=0, width=0, do_rectify=False))
+                header = types.Header(stamp=types.Time(sec=stamp_ns // 10**9,
+                                                       nanosec=stamp_ns % 10**9),
+                                      frame_id='cam_optical')
                 writer.write(info, stamp_ns, store.serialize_cdr(
-                    msg, 'sensor_msgs/msg/CameraInfo'))
-                msg = types['sensor_msgs/msg/CompressedImage'](
-                    header=header, format='rgb8; jpeg compressed bgr8',
-                    data=np.frombuffer(data, np.uint8))
+                    messages.camera_info_msg(types, header, camera),
+                    'sensor_msgs/msg/CameraInfo'))
+                msg = compressed(header=header, format='rgb8; jpeg compressed bgr8',
+                                 data=np.frombuffer(data, np.uint8))
                 writer.write(image, stamp_ns, store.serialize_cdr(
                     msg, 'sensor_msgs/msg/CompressedImage'))
 
@@ -113,12 +108,12 @@ def loop_child(inputs: Path, out: Path, model: Path, resolution: int) -> Dict[st
     parser = argparse.ArgumentParser()
     bag.add_arguments(parser)
     args = parser.parse_args([str(inputs), str(out), *common_flags(model, resolution)])
+    settings = job_settings(args)
     start = time.perf_counter()
-    pipeline, load_s = load_worker_pipeline(job_settings(args), threads=1)
+    pipeline, load_s = load_worker_pipeline(settings, threads=1)
     summaries = []
     out.mkdir()
     for job in fleet.plan_jobs([str(inputs)], str(out)):
-        settings = job_settings(args)
         one = argparse.Namespace(**settings, input=job.input, output=job.output, quiet=True)
         begin = time.time()
         summaries.append(bag.convert(one, pipeline=pipeline))
@@ -240,7 +235,7 @@ def report(results: List[Dict[str, Any]], args: argparse.Namespace, load_before:
               f'{r["fps_steady"]:.2f} | {ratio} |')
     for r in results:
         r['stage_ms_per_frame'] = stage_ms(r['per_bag'])
-        model_ms = sum(v for k, v in r['stage_ms_per_frame'].items() if k in MODEL_STAGES)
+        model_ms = sum(v for k, v in r['stage_ms_per_frame'].items() if k in PIPELINE_STAGES)
         r['model_ms_per_frame'] = round(model_ms, 2)
     print('\nms per frame by stage:')
     for r in results:

@@ -113,15 +113,15 @@ class Check:
 
     def save(self, final: bool = False) -> None:
         """Write the JSON and the markdown table (atomically); called after every section."""
+        from metricgold_ros.atomic import write_atomic
+
         with self.lock:
             self.report['elapsed_s'] = round(self.budget.elapsed(), 1)
             self.report['finished'] = final
             text = json.dumps(self.report, indent=2, default=str)
             table = report_md.markdown(self.report)
         for name, content in (('gpu_check.json', text + '\n'), ('gpu_check.md', table)):
-            tmp = self.out_dir / (name + '.tmp')
-            tmp.write_text(content, encoding='utf-8')
-            os.replace(tmp, self.out_dir / name)
+            write_atomic(self.out_dir / name, content.encode('utf-8'))
 
     def run_section(self, name: str, fn: Callable[['Check'], Dict[str, Any]],
                     budget_s: float) -> None:
@@ -402,9 +402,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     _settings(args, cuda)
     if args.tiny:  # one thread: on a shared CPU, more spin in OpenMP barriers (10x slower here)
-        import cv2
-        torch.set_num_threads(1)
-        cv2.setNumThreads(1)
+        from metricgold_ros.tools.bench import set_threads
+        set_threads(1)
         os.environ['OMP_NUM_THREADS'] = '1'  # for the node's and the camera's processes
     check = Check(args, out_dir)
     watchdog = threading.Timer(args.budget, _on_deadline, (check,))

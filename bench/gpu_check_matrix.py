@@ -56,16 +56,6 @@ def median_ms(fn: Callable[[], Any], repeats: int, torch: Any, device: Any) -> f
     return round(statistics.median(times) * 1e3, 3)
 
 
-def test_image(height: int, width: int) -> Any:
-    """A textured RGB uint8 frame (gradients plus noise), deterministic."""
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    v, u = np.mgrid[0:height, 0:width].astype(np.float32)
-    base = np.stack([u / width, v / height, 0.5 + 0.5 * np.sin(u / 37.0 + v / 23.0)], axis=-1)
-    return np.clip(base * 200 + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
-
-
 def make_pipeline(check: Any, dtype: str, channels_last: bool) -> Any:
     """A pipeline over the shared checkpoint, its modules set to ``dtype`` and the layout.
 
@@ -114,8 +104,10 @@ def measure_cell(check: Any, pipeline: Any, cell: Dict[str, Any], reference: Any
     import numpy as np
     import torch
 
+    from metricgold_ros.tools.bench import reference_diff, textured_frame
+
     height, width = cell['input']
-    rgb = test_image(height, width)
+    rgb = textured_frame(width, height)
     steps, members = cell['steps'], cell['ensemble']
     outputs: Dict[str, Any] = {}
 
@@ -166,9 +158,7 @@ def measure_cell(check: Any, pipeline: Any, cell: Dict[str, Any], reference: Any
     if reference is not None:
         row['diffusers_ms'] = round(statistics.median(times['diffusers']), 2)
         row['ratio'] = round(row['ours_ms'] / row['diffusers_ms'], 4)
-        ref_x = 2.0 * np.asarray(outputs['reference'].prediction, np.float32)[0, :, :, 0] - 1.0
-        ref_depth = pipeline.to_depth(torch.from_numpy(ref_x)).numpy()
-        diff = np.abs(np.log(depth) - np.log(ref_depth))
+        diff = reference_diff(pipeline, depth, outputs['reference'])
         row['max_abs_log_depth_diff'] = float(diff.max())
         row['mean_abs_log_depth_diff'] = float(diff.mean())
     return row

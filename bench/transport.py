@@ -42,6 +42,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from metricgold_ros.atomic import write_json_atomic  # noqa: E402
 from metricgold_ros.ros_env import (PROFILE_ENV, free_domain_id, loopback_env,  # noqa: E402
                                     with_large_data_profile)
 
@@ -293,7 +294,7 @@ def bench_main(args: argparse.Namespace) -> int:
                 print(json.dumps(row), flush=True)
                 rows.append(row)
     if args.json is not None:
-        args.json.write_text(json.dumps({'seconds': args.seconds, 'rows': rows}, indent=1))
+        write_json_atomic(args.json, {'seconds': args.seconds, 'rows': rows})
     if args.markdown:
         print(markdown(rows))
     return 0

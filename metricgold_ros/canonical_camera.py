@@ -81,4 +81,4 @@ def for_camera(depth: np.ndarray, metadata: Any, camera: Optional[Intrinsics],
         raise InputError(f'a camera-aware checkpoint (canonical focal {canonical:g} px) is '
                          'scored without the frame\'s intrinsics: give each frame its camera')
     focal_px, _ = processing_focal_px(camera, camera.width, camera.height, processing_resolution)
-    return depth * np.float32(focal_px / canonical)
+    return depth * np.float32(canonical_scale(metadata, focal_px))

@@ -41,9 +41,8 @@ class DepthPngEncoding:
         """``[H,W]`` metres -> uint16 codes; invalid depth gets ``invalid[0]``."""
         depth = np.asarray(depth_m, dtype=np.float64)
         valid = valid_depth(depth)
-        low = 1 if 0 in self.invalid else 0
-        high = UINT16_MAX - 1 if UINT16_MAX in self.invalid else UINT16_MAX
-        codes = np.clip(np.round(np.where(valid, depth, 0.0) * self.units_per_m), low, high)
+        codes = np.clip(np.round(np.where(valid, depth, 0.0) * self.units_per_m),
+                        *self._code_range)
         return np.where(valid, codes, self.invalid[0]).astype(np.uint16)
 
     def decode(self, raw: np.ndarray, dtype: type = np.float32) -> np.ndarray:
@@ -59,8 +58,13 @@ class DepthPngEncoding:
     @property
     def max_m(self) -> float:
         """The largest depth the encoding holds (metres); deeper saturates."""
-        top = UINT16_MAX - 1 if UINT16_MAX in self.invalid else UINT16_MAX
-        return top / self.units_per_m
+        return self._code_range[1] / self.units_per_m
+
+    @property
+    def _code_range(self) -> Tuple[int, int]:
+        """The lowest and highest codes that hold depth (the invalid ones at the ends left out)."""
+        return (1 if 0 in self.invalid else 0,
+                UINT16_MAX - 1 if UINT16_MAX in self.invalid else UINT16_MAX)
 
 
 # 16UC1 (REP 118) and our ``infer`` PNGs: millimetres, 0 = invalid, saturates at 65.535 m.

@@ -22,7 +22,7 @@ import numpy as np
 
 from metricgold_ros.camera import Intrinsics
 from metricgold_ros.canonical_camera import (ASSUMED_HFOV_DEG, canonical_focal_px,
-                                             processing_focal_px)
+                                             canonical_scale, processing_focal_px)
 from metricgold_ros.ground import (OFF, GroundFit, Mounting, ScaleFilter, fit_ground,
                                    scale_depth)
 
@@ -128,7 +128,7 @@ class MetricScaler:
         canonical = canonical_focal_px(metadata)
         if canonical is not None and not relative:
             focal_px, assumed = processing_focal_px(camera, *image_size, processing_resolution)
-            factor = focal_px / canonical
+            factor = canonical_scale(metadata, focal_px)
             if assumed and not self._told_assumed_focal:
                 self._told_assumed_focal = True
                 notes.append(

@@ -21,12 +21,11 @@ import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, Dataset, Sampler
 
-from metricgold_ros.camera import Intrinsics
 from metricgold_ros.canonical_camera import mean_focal_px
 from metricgold_ros.synthetic.vkitti import write_vkitti2
 from training.config import DataConfig, DatasetConfig
 from training.datasets import (
-    HypersimDataset, MixedBatchSampler, TartanAirDataset, VirtualKitti2Dataset)
+    HypersimDataset, MixedBatchSampler, TartanAirDataset, VirtualKitti2Dataset, item_camera)
 
 LOGGER = logging.getLogger(__name__)
 _COMPLETE = '.complete.json'
@@ -112,10 +111,8 @@ def augment(item: dict, resolution: Tuple[int, int], scale_range: Tuple[float, f
     if flipped:
         rgb, depth_m, valid = rgb[:, ::-1], depth_m[:, ::-1], valid[:, ::-1]
     rgb_t = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float() / 127.5 - 1.0
-    focal_px = None
-    if item.get('intrinsics') is not None:
-        focal_px = mean_focal_px(Intrinsics(*item['intrinsics'][:4], width, height), new_w,
-                                 new_h)
+    camera = item_camera(item)
+    focal_px = None if camera is None else mean_focal_px(camera, new_w, new_h)
     return {'rgb': rgb_t,
             'depth_m': torch.from_numpy(np.ascontiguousarray(depth_m, np.float32))[None],
             'valid': torch.from_numpy(np.ascontiguousarray(valid))[None],

@@ -37,6 +37,7 @@ import cv2
 import numpy as np
 from torch.utils.data import ConcatDataset, Dataset, Sampler
 
+from metricgold_ros.camera import Intrinsics
 from metricgold_ros.depth_traits import VKITTI2_CENTIMETRES
 from metricgold_ros.errors import InputError
 
@@ -67,6 +68,14 @@ class _Item(NamedTuple):
     name: str
     domain: str
     intrinsics: tuple[float, float, float, float] | None  # None: derive from the image size
+
+
+def item_camera(item: Mapping) -> Intrinsics | None:
+    """A dataset item's pinhole camera at its image's size; None when it has no intrinsics."""
+    if item.get('intrinsics') is None:
+        return None
+    height, width = item['depth_m'].shape
+    return Intrinsics(*item['intrinsics'][:4], width, height)
 
 
 def hypersim_distance_to_planar(distance_m: np.ndarray, width: int = 1024, height: int = 768,

@@ -19,6 +19,11 @@ PROGRESS_FILE = 'progress.json'
 LOGGER = logging.getLogger('metricgold.train')
 
 
+def checkpoint_folder(folder: Path, step: int) -> Path:
+    """Where the checkpoint of ``step`` lives under ``folder`` (``DIR/checkpoints``)."""
+    return folder / f'step_{step:06d}'
+
+
 def latest_checkpoint(folder: Path) -> Optional[Path]:
     """The complete ``step_NNNNNN`` folder with the highest step, or None."""
     done = [p for p in folder.glob('step_*') if (p / PROGRESS_FILE).is_file()]

@@ -53,8 +53,8 @@ from training import data as train_data  # noqa: E402
 from training.config import Config, load_config, resolve_accumulation  # noqa: E402
 from training.models import Components, load_components, load_trained_vae  # noqa: E402
 from training.progress import (  # noqa: E402
-    PROGRESS_FILE, check_checkpoint_disk, checkpoint_bytes, fmt, latest_checkpoint, link_final,
-    setup_logging, summarize)
+    PROGRESS_FILE, check_checkpoint_disk, checkpoint_bytes, checkpoint_folder, fmt,
+    latest_checkpoint, link_final, setup_logging, summarize)
 from training.recipe import (  # noqa: E402
     WarmupExponentialDecay, annealed_strength, decoded_depth, latent_valid_mask, masked_mse,
     multi_res_noise_like, sample_timesteps, velocity_target)
@@ -234,7 +234,7 @@ class Run:
                 return progress
         self.wall['unet_stage'] += time.perf_counter() - start
         if acc.is_main_process:
-            last = self.output / 'checkpoints' / f'step_{cfg.steps:06d}' / 'model'
+            last = checkpoint_folder(self.output / 'checkpoints', cfg.steps) / 'model'
             if not (cfg.checkpoint_every and last.is_dir() and
                     link_final(last, self.output / 'final')):
                 self._with_ema(lambda: save_checkpoint(self.output / 'final',
@@ -398,7 +398,7 @@ class Run:
     def _save_state(self, progress: dict) -> None:
         """Accelerator state + progress + a loadable model, renamed into place when complete."""
         acc, folder = self.accelerator, self.output / 'checkpoints'
-        final = folder / f'step_{progress["step"]:06d}'
+        final = checkpoint_folder(folder, progress['step'])
         tmp = folder / f'.{final.name}.tmp'
         if acc.is_main_process and tmp.exists():
             shutil.rmtree(tmp)

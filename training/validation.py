@@ -6,17 +6,17 @@ and scoring through :func:`metricgold_ros.evaluation.depth_metrics` on the groun
 pixels, so a validation AbsRel means what ``metricgold eval`` would print.
 """
 
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import numpy as np
 import torch
 
-from metricgold_ros.camera import Intrinsics
 from metricgold_ros.canonical_camera import for_camera
 from metricgold_ros.colorize import colorize_depth
 from metricgold_ros.evaluation import depth_metrics
 from metricgold_ros.model.checkpoint import Checkpoint, ModelMetadata
 from metricgold_ros.model.pipeline import MetricGoldPipeline
+from training.datasets import item_camera
 
 SUMMARY_KEYS = ('abs_rel', 'sq_rel', 'rmse', 'rmse_log', 'delta1')
 
@@ -38,8 +38,8 @@ def validate(checkpoint: Checkpoint, items: List[dict], device: torch.device, *,
 
     A camera-aware model's prediction (depth for its canonical camera) is multiplied by
     ``f / canonical_focal_px``, f = the item's mean focal length at the processing resolution
-    (:func:`~metricgold_ros.canonical_camera.for_camera`). The networks are put in eval mode for the call and back into
-    their previous mode after.
+    (:func:`~metricgold_ros.canonical_camera.for_camera`). The networks are put in eval mode
+    for the call and back into their previous mode after.
     Returns the metrics and up to ``image_count`` previews ``[H, 3W, 3]`` uint8 RGB:
     input | prediction | ground truth, coloured on the ground truth's range.
     """
@@ -54,10 +54,7 @@ def validate(checkpoint: Checkpoint, items: List[dict], device: torch.device, *,
             prediction = pipeline(item['rgb'], denoising_steps=denoising_steps,
                                   ensemble_size=ensemble_size,
                                   processing_resolution=processing_resolution, seed=index)
-            height, width = item['depth_m'].shape
-            camera = None if item.get('intrinsics') is None else Intrinsics(
-                *item['intrinsics'][:4], width, height)
-            depth_m = for_camera(prediction.depth, checkpoint.metadata, camera,
+            depth_m = for_camera(prediction.depth, checkpoint.metadata, item_camera(item),
                                  processing_resolution)
             metrics = depth_metrics(depth_m, item['depth_m'], item['valid'])
             per_image.append((item['domain'], metrics))

@@ -30,7 +30,7 @@ import numpy as np
 
 from metricgold_ros.atomic import write_json_atomic
 from metricgold_ros.model_paths import model_or_untrained
-from metricgold_ros.ros_env import loopback_env, use_loopback, with_large_data_profile
+from metricgold_ros.ros_env import loopback_env, with_large_data_profile
 
 CAMERA_NS = '/camera'
 
@@ -201,8 +201,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     model = model_or_untrained(args.model, args.out, lambda line: print(f'demo: {line}',
                                                                        flush=True))
     env = with_large_data_profile(loopback_env())
-    use_loopback(int(env['ROS_DOMAIN_ID']))
-    with_large_data_profile(os.environ)  # this process (the recorder) too, before rclpy.init
+    os.environ.update(env)  # this process (the recorder) too, before rclpy.init
     bin_dir = Path(sys.executable).parent
     node_cmd = [str(bin_dir / 'depth_node'), '--ros-args', '-p', f'model_path:={model}',
                 '-r', f'image:={CAMERA_NS}/image_raw', '-r', f'camera_info:={CAMERA_NS}/camera_info',

@@ -146,10 +146,10 @@ def run(args: argparse.Namespace) -> int:
                            'a folder of bags')
     args.input = args.input[0]
     output, plan, counts, stats, seconds, load_s = _convert(args)
-    _report(args, output, plan, counts, stats, seconds, load_s)
+    data = summary(output.resolve(), plan, counts, stats, seconds, load_s)
+    _report(args, data, output, plan, counts, stats, seconds, load_s)
     if args.summary_json:
-        fleet_summary.write_summary(args.summary_json, summary(
-            output.resolve(), plan, counts, stats, seconds, load_s))
+        fleet_summary.write_summary(args.summary_json, data)
     _raise_failures(output, stats)
     return 0
 
@@ -401,10 +401,10 @@ def summary(output: Path, plan: _Plan, counts: Dict[str, int], stats: _Run, seco
     }
 
 
-def _report(args: argparse.Namespace, output: Path, plan: _Plan, counts: Dict[str, int],
-            stats: _Run, seconds: float, load_s: float) -> None:
-    """One JSON line with ``--quiet``, else a short human summary on stdout."""
-    data = summary(output.resolve(), plan, counts, stats, seconds, load_s)
+def _report(args: argparse.Namespace, data: Dict[str, Any], output: Path, plan: _Plan,
+            counts: Dict[str, int], stats: _Run, seconds: float, load_s: float) -> None:
+    """``data`` (the :func:`summary`) as one JSON line with ``--quiet``, else a short human
+    summary on stdout."""
     if args.quiet:
         print(json.dumps(data))
         return

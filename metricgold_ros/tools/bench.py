@@ -159,7 +159,7 @@ def run_stages(pipeline: Any, args: argparse.Namespace) -> Dict[str, Any]:
     out: Dict[str, Any] = {'sizes': {}, 'reference': {}, 'reference_note': REFERENCE_NOTE}
     for width, height in sizes:
         key = f'{width}x{height}'
-        rgb = _test_image(width, height)
+        rgb = textured_frame(width, height)
         out['sizes'][key] = time_frame(pipeline, rgb, args, repeats, warmup)
         if args.reference:
             ensembles = (args.ensemble,) if args.quick or key != '640x480' else \
@@ -175,12 +175,25 @@ def run_stages(pipeline: Any, args: argparse.Namespace) -> Dict[str, Any]:
     return out
 
 
-def _test_image(width: int, height: int) -> np.ndarray:
-    """A textured RGB frame (smooth gradients plus noise, like a camera image)."""
+def textured_frame(width: int, height: int) -> np.ndarray:
+    """A textured RGB uint8 frame (smooth gradients plus noise, like a camera image),
+    deterministic."""
     rng = np.random.default_rng(0)
     v, u = np.mgrid[0:height, 0:width].astype(np.float32)
     base = np.stack([u / width, v / height, 0.5 + 0.5 * np.sin(u / 37.0 + v / 23.0)], axis=-1)
     return np.clip(base * 200 + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
+
+
+def reference_diff(pipeline: Any, depth: np.ndarray, reference: Any) -> np.ndarray:
+    """Per pixel, ours vs diffusers' ``MarigoldDepthPipeline`` output ``reference``: |log depth
+    difference| (metric checkpoints) or |depth difference| (relative ones)."""
+    import torch
+
+    ref_x = 2.0 * np.asarray(reference.prediction, np.float32)[0, :, :, 0] - 1.0
+    ref_depth = pipeline.to_depth(torch.from_numpy(ref_x)).numpy()
+    if pipeline.relative:
+        return np.abs(depth - ref_depth)
+    return np.abs(np.log(depth) - np.log(ref_depth))
 
 
 def time_frame(pipeline: Any, rgb: np.ndarray, args: argparse.Namespace, repeats: int,
@@ -193,7 +206,7 @@ def time_frame(pipeline: Any, rgb: np.ndarray, args: argparse.Namespace, repeats
     from metricgold_ros.colorize import colorize_depth
     from metricgold_ros.depth_frame import FrameResult, frame_messages
     from metricgold_ros.model import image_ops
-    from metricgold_ros.model.pipeline import ensemble_members
+    from metricgold_ros.model.ensemble import ensemble_members
     from metricgold_ros.pointcloud import depth_to_points
 
     height, width = rgb.shape[:2]
@@ -350,11 +363,7 @@ def compare_reference(pipeline: Any, rgb: np.ndarray, args: argparse.Namespace,
         [statistics.median(t[i] for t in times[k]) for k in ('ours', 'reference')]
         for i in (0, 1))
     # Same noise, same networks: the outputs agree up to the input resize (uint8 vs float).
-    ref_x = 2.0 * np.asarray(outputs['reference'].prediction)[0, :, :, 0] - 1.0
-    ref_depth = pipeline.to_depth(torch.from_numpy(ref_x)).numpy()
-    ours_depth = outputs['ours'].depth
-    log_diff = np.abs(np.log(ours_depth) - np.log(ref_depth)) if not pipeline.relative else \
-        np.abs(ours_depth - ref_depth)
+    log_diff = reference_diff(pipeline, outputs['ours'].depth, outputs['reference'])
     # On the CPU the ratio of CPU times: the same work, without the waits for a core that a
     # shared machine adds to wall time at random. On a GPU, wall time.
     on_cpu = pipeline.device.type == 'cpu'

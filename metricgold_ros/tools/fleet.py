@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
+from metricgold_ros.atomic import write_atomic
 from metricgold_ros.errors import BagError, MetricGoldError
 from metricgold_ros.tools.options import non_negative_int, positive_int
 
@@ -182,13 +183,10 @@ def completed(job: Job) -> Optional[Dict[str, Any]]:
 
 
 def write_record(job: Job, summary: Dict[str, Any]) -> None:
-    """Write the completion record atomically (temporary name, then rename)."""
-    record = record_path(job.output)
-    temp = record.with_name(f'.{record.name}.tmp-{os.getpid()}')
+    """Write the completion record atomically."""
     data = {'version': RECORD_VERSION, 'input': job.input,
             'input_fingerprint': input_fingerprint(job.input), 'summary': summary}
-    temp.write_text(json.dumps(data, indent=1) + '\n')
-    os.replace(temp, record)
+    write_atomic(record_path(job.output), (json.dumps(data, indent=1) + '\n').encode())
 
 
 def remove_stale_partials(output: str) -> List[str]:

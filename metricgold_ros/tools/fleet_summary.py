@@ -7,12 +7,11 @@ attempts and worker, and the total. Times are seconds.
 
 import argparse
 import json
-import os
 import sys
 import time
-from pathlib import Path
 from typing import Any, Dict, Sequence
 
+from metricgold_ros.atomic import write_atomic
 from metricgold_ros.tools.fleet import Job, Outcome
 
 
@@ -117,11 +116,8 @@ def _outcome_line(outcome: Outcome) -> str:
 
 
 def write_summary(path: str, data: Dict[str, Any]) -> None:
-    """``--summary-json PATH``, written atomically."""
-    target = Path(path)
-    temp = target.with_name(f'.{target.name}.tmp-{os.getpid()}')
-    temp.write_text(json.dumps(data, indent=1) + '\n')
-    os.replace(temp, target)
+    """``--summary-json PATH``, written atomically (NaN kept as JSON's NaN)."""
+    write_atomic(path, (json.dumps(data, indent=1) + '\n').encode())
 
 
 def report(args: argparse.Namespace, data: Dict[str, Any], interrupted: bool) -> int:
