@@ -117,3 +117,38 @@ def test_bfloat16_runs_on_cpu(tiny_model_dir):
     result = pipeline(_image(40, 56))
     assert result.depth.dtype == np.float32 and np.isfinite(result.depth).all()
     assert next(pipeline.unet.parameters()).dtype == torch.bfloat16
+
+
+def test_a_batch_gives_each_image_what_it_gets_alone(tiny_pipeline):
+    """Several cameras in one pass: same size, same warm state -> one UNet batch of N*E; each
+    image keeps its own seed and warm start; another size runs in its own pass."""
+    images = [_image(60, 80, seed=1), _image(60, 80, seed=2), _image(48, 48, seed=3)]
+    seeds = [5, 6, 7]
+    alone = [tiny_pipeline(rgb, seed=seed, denoising_steps=2, ensemble_size=2,
+                           processing_resolution=64) for rgb, seed in zip(images, seeds)]
+    calls = []
+    handle = tiny_pipeline.unet.register_forward_hook(
+        lambda module, args, output: calls.append(args[0].shape[0]))
+    try:
+        batched = tiny_pipeline.predict_batch(images, seeds=seeds, denoising_steps=2,
+                                              ensemble_size=2, processing_resolution=64)
+    finally:
+        handle.remove()
+    assert calls == [4, 4, 2, 2]  # 2 steps of the two 60x80 images (2 members each), then 48x48
+    for one, many in zip(alone, batched):
+        assert many.depth.shape == one.depth.shape
+        np.testing.assert_allclose(many.depth, one.depth, rtol=1e-4)
+        np.testing.assert_allclose(many.uncertainty, one.uncertainty, rtol=1e-3, atol=1e-5)
+        assert many.depth_latent.shape == one.depth_latent.shape
+    assert np.abs(batched[0].depth - batched[1].depth).max() > 1e-3  # not one image repeated
+    # Warm-started and cold images of one size run apart (their schedules differ).
+    warm = tiny_pipeline.predict_batch(images[:2], seeds=seeds[:2], denoising_steps=2,
+                                       processing_resolution=64,
+                                       init_latents=[alone[0].depth_latent[:1], None])
+    cold = tiny_pipeline(images[1], seed=seeds[1], denoising_steps=2, processing_resolution=64)
+    np.testing.assert_allclose(warm[1].depth, cold.depth, rtol=1e-4)
+
+
+def test_a_batch_needs_one_value_per_image(tiny_pipeline):
+    with pytest.raises(InputError, match='seeds: 1 values for 2 images'):
+        tiny_pipeline.predict_batch([_image(8, 8), _image(8, 8)], seeds=[0])

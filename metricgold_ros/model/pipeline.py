@@ -21,7 +21,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Iterator, Optional, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -220,6 +220,43 @@ class MetricGoldPipeline:
                 by E2E-FT models.
             output_size: ``(H, W)`` of the returned maps; default the input size.
         """
+        return self.predict_batch(
+            [rgb], denoising_steps=denoising_steps, ensemble_size=ensemble_size,
+            processing_resolution=processing_resolution, seeds=[seed],
+            init_latents=[init_latent], warm_start_strength=warm_start_strength,
+            output_sizes=[output_size])[0]
+
+    @torch.no_grad()
+    def predict_batch(self, rgbs: Sequence[np.ndarray], *,
+                      denoising_steps: Optional[int] = None, ensemble_size: int = 1,
+                      processing_resolution: Optional[int] = None,
+                      seeds: Optional[Sequence[Optional[int]]] = None,
+                      init_latents: Optional[Sequence[Optional[torch.Tensor]]] = None,
+                      warm_start_strength: float = 0.5,
+                      output_sizes: Optional[Sequence[Optional[Tuple[int, int]]]] = None
+                      ) -> List[DepthPrediction]:
+        """Predict depth for several images (e.g. one per camera) with shared settings.
+
+        Images whose processing size and warm-start state match run through the networks as
+        one batch (``N x ensemble_size`` latents); the others run in turn. Each image gets what
+        :meth:`__call__` would give it alone (its own seed and warm start), to float round-off
+        of batched kernels. Relative (Marigold) models run one image at a time, so that each
+        stays bit-identical to diffusers. A batch's stage times are shared by its images.
+
+        Args:
+            rgbs: ``N`` RGB uint8 ``[H,W,3]`` images (sizes may differ).
+            seeds, init_latents, output_sizes: one per image (default: 0, None, None); see
+                :meth:`__call__` for the rest.
+        """
+        count = len(rgbs)
+        seeds = [0] * count if seeds is None else list(seeds)
+        init_latents = [None] * count if init_latents is None else list(init_latents)
+        output_sizes = [None] * count if output_sizes is None else list(output_sizes)
+        for name, values in (('seeds', seeds), ('init_latents', init_latents),
+                             ('output_sizes', output_sizes)):
+            if len(values) != count:
+                raise InputError(f'{name}: {len(values)} values for {count} images; give one '
+                                 'per image')
         meta = self.metadata
         steps = meta.default_denoising_steps if denoising_steps is None else denoising_steps
         resolution = meta.default_processing_resolution \
@@ -231,41 +268,85 @@ class MetricGoldPipeline:
                            'ensemble_size=1', ensemble_size)
             self._warned_ensemble = True
         members = 1 if self.e2e_ft else ensemble_size
-        timings: Dict[str, float] = {}
+        # 1. Each image -> [1,3,PH,PW] in [-1, 1], padded to multiples of 8; then groups of
+        #    images that can share one pass through the networks.
+        prepared, groups = [], {}
+        for index, rgb in enumerate(rgbs):
+            timings: Dict[str, float] = {}
+            with self._stage('preprocess', timings):
+                prepare = image_ops.prepare_image_exact if self.relative \
+                    else image_ops.prepare_image
+                image, padding, input_size = prepare(rgb, resolution, self.device, self.dtype)
+            prepared.append((self._layout(image), padding, input_size, timings))
+            latent_shape = (members, int(self.vae.config.latent_channels),
+                            image.shape[-2] // image_ops.LATENT_FACTOR,
+                            image.shape[-1] // image_ops.LATENT_FACTOR)  # [E,4,h,w]
+            warm = not self.e2e_ft and self._warm(init_latents[index], latent_shape)
+            key = index if self.relative else (tuple(image.shape), warm)
+            groups.setdefault(key, []).append(index)
+        results: List[Optional[DepthPrediction]] = [None] * count
+        for indices in groups.values():
+            images = [prepared[i] for i in indices]
+            group = self._predict_group(
+                torch.cat([image for image, _, _, _ in images]), steps, members,
+                [seeds[i] for i in indices], [init_latents[i] for i in indices],
+                warm_start_strength)
+            for i, (depth_latent, x, rgb_latent, timings) in zip(indices, group):
+                _, padding, input_size, own = prepared[i]
+                results[i] = self._finish_prediction(
+                    x, padding, output_sizes[i] or input_size, ensemble_size, rgb_latent,
+                    depth_latent, {**own, **timings})
+        return results
 
-        # 1. Image -> [1,3,PH,PW] in [-1, 1], padded to multiples of 8.
-        with self._stage('preprocess', timings):
-            prepare = image_ops.prepare_image_exact if self.relative else image_ops.prepare_image
-            image, padding, input_size = prepare(rgb, resolution, self.device, self.dtype)
-            image = self._layout(image)
-        # 2. One RGB latent for all ensemble members and all steps.
+    def _predict_group(self, image: torch.Tensor, steps: int, members: int,
+                       seeds: List[Optional[int]], init_latents: List[Optional[torch.Tensor]],
+                       strength: float) -> List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                      Dict[str, float]]]:
+        """Networks for ``N`` prepared images ``[N,3,PH,PW]`` of one size and warm state.
+
+        Returns per image: its depth latents ``[E,4,h,w]``, decoded members ``[E,1,PH,PW]``,
+        RGB latent ``[1,4,h,w]`` and the group's stage times.
+        """
+        timings: Dict[str, float] = {}
+        count = image.shape[0]
+        # 2. One RGB latent per image for all its ensemble members and all steps.
         with self._stage('vae_encode', timings):
-            rgb_latent = self.vae.encode(image).latent_dist.mode() * self.latent_scale  # [1,4,h,w]
-        # 3. Initial depth latents: noise, or the previous frame's latent partly re-noised.
+            rgb_latent = self.vae.encode(image).latent_dist.mode() * self.latent_scale  # [N,4,h,w]
+        # 3. Initial depth latents: noise, or the previous frame's latent partly re-noised;
+        #    each image's from its own seed.
         if not self.e2e_ft:
-            timesteps, depth_latent, generator = self._prepare_latents(
-                rgb_latent, members, steps, seed, init_latent, warm_start_strength)
+            starts = [self._prepare_latents(rgb_latent[i:i + 1], members, steps, seeds[i],
+                                            init_latents[i], strength) for i in range(count)]
+            timesteps, generator = starts[0][0], starts[0][2]
+            depth_latent = torch.cat([latent for _, latent, _ in starts])  # [N*E,4,h,w]
         # 4. Denoise: E2E-FT's one step, else the sampler (relative: a member at a time).
-        batch = 1 if self.relative else members
+        batch = 1 if self.relative else count * members
         with self._stage('unet', timings):
             if self.e2e_ft:
                 depth_latent = predict_x0_single_step(
                     self.unet, self.scheduler, rgb_latent, self.empty_text_embedding)
             else:
-                rgb_batch = rgb_latent.repeat_interleave(members, dim=0) if self.relative \
-                    else rgb_latent.expand(members, -1, -1, -1)  # [E,4,h,w]
+                rgb_batch = rgb_latent.repeat_interleave(members, dim=0)  # [N*E,4,h,w]
                 depth_latent = torch.cat([
                     self._denoise(rgb_batch[i:i + batch], depth_latent[i:i + batch], steps,
-                                  timesteps, generator) for i in range(0, members, batch)])
+                                  timesteps, generator)
+                    for i in range(0, count * members, batch)])
             # Returned in the networks' layout: decoding it again gives the same numbers.
             depth_latent = self._layout(depth_latent)
         # 5. Decode; the 3 output channels are one value replicated: average them.
         with self._stage('vae_decode', timings):
             x = torch.cat([self._decode(part)
-                           for part in depth_latent.split(batch)])  # [E,1,PH,PW]
-        # 6. Ensemble, resize once, map to depth.
+                           for part in depth_latent.split(batch)])  # [N*E,1,PH,PW]
+        return [(depth_latent[i * members:(i + 1) * members], x[i * members:(i + 1) * members],
+                 rgb_latent[i:i + 1], timings) for i in range(count)]
+
+    def _finish_prediction(self, x: torch.Tensor, padding: Tuple[int, int],
+                           size: Tuple[int, int], ensemble_size: int, rgb_latent: torch.Tensor,
+                           depth_latent: torch.Tensor, timings: Dict[str, float]
+                           ) -> DepthPrediction:
+        """6. Ensemble one image's members ``[E,1,PH,PW]``, resize once, map to depth."""
+        timings = dict(timings)
         with self._stage('postprocess', timings):
-            size = output_size or input_size
             if self.relative:
                 depth, uncertainty = self._finish_relative(image_ops.unpad(x, padding), size)
             else:
@@ -325,7 +406,7 @@ class MetricGoldPipeline:
             self.device, self.dtype)
         self.scheduler.set_timesteps(steps, device=self.device)
         timesteps = self.scheduler.timesteps
-        if init_latent is None or tuple(init_latent.shape) != shape:
+        if not self._warm(init_latent, shape):
             return timesteps, noise, generator
         # img2img-style warm start: skip the noisiest part of the schedule, keep >= 1 step.
         keep = max(1, min(steps, round(steps * strength)))
@@ -333,6 +414,11 @@ class MetricGoldPipeline:
         start = self.scheduler.add_noise(init_latent.to(self.device, self.dtype), noise,
                                          timesteps[:1])
         return timesteps, start, generator
+
+    @staticmethod
+    def _warm(init_latent: Optional[torch.Tensor], shape: Tuple[int, ...]) -> bool:
+        """Whether ``init_latent`` can warm-start latents of ``shape`` ``[E,4,h,w]``."""
+        return init_latent is not None and tuple(init_latent.shape) == tuple(shape)
 
     def _finish(self, x: torch.Tensor, output_size: Tuple[int, int]
                 ) -> Tuple[np.ndarray, Optional[np.ndarray]]:
