@@ -235,7 +235,7 @@ def soak(args: argparse.Namespace) -> Dict[str, Any]:
         model = model_or_untrained(args.model, Path(scratch))
         script = Path(sys.executable).parent / 'depth_node'
         node_cmd = [str(script) if script.is_file() else sys.executable,
-                    *([] if script.is_file() else ['-m', 'metricgold_ros.node.depth_node']),
+                    *([] if script.is_file() else ['-m', 'metricgold_ros.node.main']),
                     '--ros-args', '--params-file', str(REPO_ROOT / 'config' / 'depth.yaml'),
                     '-p', f'model_path:={model}', '-p', 'device:=cpu',
                     '-p', f'processing_resolution:={args.processing_resolution}',

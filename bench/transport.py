@@ -217,7 +217,7 @@ def run_once(size: str, profile: str, args: argparse.Namespace, model: Path) -> 
     if profile == 'package':
         with_large_data_profile(env)
     me = [sys.executable, str(Path(__file__).resolve())]
-    node = _Process([sys.executable, '-m', 'metricgold_ros.node.depth_node', '--ros-args',
+    node = _Process([sys.executable, '-m', 'metricgold_ros.node.main', '--ros-args',
                      '--params-file', str(REPO / 'config' / 'depth.yaml'),
                      '-p', f'model_path:={model}', '-p', 'processing_resolution:=64',
                      '-p', 'stats_period:=1.0', '-r', f'__ns:={NAMESPACE}',

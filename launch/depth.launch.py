@@ -1,8 +1,10 @@
-"""Metric depth for one camera: ``ros2 launch metricgold_ros depth.launch.py``.
+"""Metric depth for one camera or several: ``ros2 launch metricgold_ros depth.launch.py``.
 
 Examples::
 
     ros2 launch metricgold_ros depth.launch.py model_path:=/models/metricgold
+    ros2 launch metricgold_ros depth.launch.py cameras:="[front, rear]"   # one node, one model
+    ros2 launch metricgold_ros depth.launch.py autostart:=false   # for a lifecycle manager
     ros2 launch metricgold_ros depth.launch.py namespace:=front image:=color/image_raw \
         camera_info:=color/camera_info image_transport:=compressed device:=cuda rviz:=true
 
@@ -83,8 +85,16 @@ def generate_launch_description() -> LaunchDescription:
     share = FindPackageShare(PACKAGE)
     arguments = [
         DeclareLaunchArgument('model_path', default_value='',
-                              description='Local MetricGold checkpoint folder; empty: the '
-                                          'bundled model (`metricgold init-model` makes one)'),
+                              description='Checkpoint: a local folder or a Hugging Face repo '
+                                          'id (org/name[@revision]); empty: the bundled model'),
+        DeclareLaunchArgument('cameras', default_value="['']",
+                              description='Camera streams served by the one node and model, '
+                                          'e.g. "[front, rear]": front/image + front/'
+                                          "camera_info in, front/depth/... out; ['']: one "
+                                          'unnamed stream (image, camera_info)'),
+        DeclareLaunchArgument('autostart', default_value='true',
+                              description='Configure and activate depth_node at start; false: '
+                                          'leave it unconfigured for a lifecycle manager'),
         DeclareLaunchArgument('params_file',
                               default_value=PathJoinSubstitution([share, 'config', 'depth.yaml']),
                               description='Node parameters (YAML)'),
@@ -130,6 +140,8 @@ def generate_launch_description() -> LaunchDescription:
             LaunchConfiguration('params_file'),
             {
                 'model_path': ParameterValue(LaunchConfiguration('model_path'), value_type=str),
+                'cameras': ParameterValue(LaunchConfiguration('cameras'), value_type=List[str]),
+                'autostart': ParameterValue(LaunchConfiguration('autostart'), value_type=bool),
                 'device': ParameterValue(LaunchConfiguration('device'), value_type=str),
                 'image_transport': ParameterValue(LaunchConfiguration('image_transport'),
                                                   value_type=str),

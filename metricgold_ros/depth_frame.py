@@ -18,7 +18,7 @@ into metres (and so gives it points) when the floor is found.
 import math
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -32,12 +32,7 @@ from metricgold_ros.pointcloud import Cloud, depth_to_points
 
 if TYPE_CHECKING:
     from metricgold_ros.model import MetricGoldPipeline
-
-# The topics every adapter publishes or writes (relative to its output namespace), in order;
-# depth/scale only while a metric-scale correction is configured (MetricScale.active).
-OUTPUT_TOPICS = ('depth/image', 'depth/camera_info', 'depth/colored', 'depth/uncertainty',
-                 'points', 'depth/scale')
-
+    from metricgold_ros.model.pipeline import DepthPrediction
 
 @dataclass
 class FrameOptions:
@@ -95,7 +90,11 @@ class FrameResult:
 
 
 class DepthFrameProcessor:
-    """Runs the pipeline on frames of one stream, keeping the warm-start latent between them."""
+    """Runs the pipeline on frames of one stream, keeping the warm-start latent between them.
+
+    Streams (cameras) sharing one pipeline each have their own processor; :func:`process_frames`
+    runs the frames of several in one batch.
+    """
 
     def __init__(self, pipeline: 'MetricGoldPipeline') -> None:
         self.pipeline = pipeline
@@ -114,20 +113,15 @@ class DepthFrameProcessor:
         ``calibration`` is the frame's camera (None: none known); one that does not fit the
         image gives depth without intrinsics and points (``FrameResult.camera_problem``).
         """
+        return process_frames([FrameJob(self, rgb, calibration, options)])[0]
+
+    def _finish(self, job: 'FrameJob', prepared: '_Prepared',
+                prediction: 'DepthPrediction') -> FrameResult:
+        """The frame's outputs from its prediction: metric scale, colours, points."""
+        rgb, options = job.rgb, job.options
         height, width = rgb.shape[:2]
-        if not 0.0 < options.output_scale <= 1.0:
-            raise InputError(f'output_scale={options.output_scale}, expected a number in (0, 1]')
-        out_h = max(1, round(height * options.output_scale))
-        out_w = max(1, round(width * options.output_scale))
-        mounting = options.mounting()
-        # The depth image's intrinsics, known before any inference time is spent.
-        depth_camera, camera_problem = (None, None) if calibration is None else \
-            calibration.for_image(out_w, out_h)
-        prediction = self.pipeline(
-            rgb, denoising_steps=options.denoising_steps, ensemble_size=options.ensemble_size,
-            processing_resolution=options.processing_resolution, seed=options.seed,
-            init_latent=self._previous_latent if options.warm_start else None,
-            warm_start_strength=options.warm_start_strength, output_size=(out_h, out_w))
+        out_h, out_w = prepared.output_size
+        depth_camera = prepared.depth_camera
         self._previous_latent = prediction.depth_latent if options.warm_start else None
         timings = dict(prediction.timings_s)
 
@@ -140,7 +134,7 @@ class DepthFrameProcessor:
             prediction.depth, prediction.uncertainty if options.uncertainty else None,
             relative=prediction.relative, camera=depth_camera, image_size=(width, height),
             processing_resolution=resolution, metadata=self.pipeline.metadata,
-            mounting=mounting, use_filter=options.scale_filter)
+            mounting=prepared.mounting, use_filter=options.scale_filter)
         timings['metric_scale'] = time.perf_counter() - start
 
         colored = None
@@ -159,11 +153,89 @@ class DepthFrameProcessor:
             cloud = depth_to_points(depth, depth_camera, options.points_stride,
                                     options.max_depth_m, colour)
             timings['cloud'] = time.perf_counter() - start
+        calibration = job.calibration
         return FrameResult(
             depth, not scale.metric, uncertainty, depth_camera, colored, cloud, timings,
-            camera_problem,
+            prepared.camera_problem,
             calibration.distortion_model if calibration is not None else 'plumb_bob',
             calibration.d if calibration is not None else (), scale)
+
+
+@dataclass
+class FrameJob:
+    """One frame of one stream for :func:`process_frames`: RGB uint8 ``[H,W,3]``, its camera
+    (None: none known) and the options of its stream."""
+
+    processor: DepthFrameProcessor
+    rgb: np.ndarray
+    calibration: Optional[Calibration]
+    options: FrameOptions
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """What a frame needs before inference: checked options and the depth image's camera."""
+
+    output_size: Tuple[int, int]  # (H, W) of the depth image
+    mounting: Mounting
+    depth_camera: Optional[Intrinsics]
+    camera_problem: Optional[str]
+
+
+def _prepare(job: FrameJob) -> _Prepared:
+    """Check a frame's options and find the depth image's intrinsics, before any inference."""
+    options = job.options
+    height, width = job.rgb.shape[:2]
+    if not 0.0 < options.output_scale <= 1.0:
+        raise InputError(f'output_scale={options.output_scale}, expected a number in (0, 1]')
+    out_h = max(1, round(height * options.output_scale))
+    out_w = max(1, round(width * options.output_scale))
+    mounting = options.mounting()
+    depth_camera, camera_problem = (None, None) if job.calibration is None else \
+        job.calibration.for_image(out_w, out_h)
+    return _Prepared((out_h, out_w), mounting, depth_camera, camera_problem)
+
+
+def _inference_key(options: FrameOptions) -> Tuple[Any, ...]:
+    """The options one pipeline call shares: frames that agree on them can run as a batch."""
+    return (options.denoising_steps, options.ensemble_size, options.processing_resolution,
+            options.warm_start_strength)
+
+
+def process_frames(jobs: Sequence[FrameJob]) -> List[FrameResult]:
+    """Depth and derived products for frames of several streams sharing one pipeline.
+
+    Frames whose inference options agree go through the pipeline as one batch
+    (:meth:`~metricgold_ros.model.MetricGoldPipeline.predict_batch`, which runs images of one
+    processing size together); each frame keeps its own stream's warm start, scale filter and
+    camera. Bad options raise before any inference (InputError naming the option).
+    """
+    if not jobs:
+        return []
+    pipeline = jobs[0].processor.pipeline
+    if any(job.processor.pipeline is not pipeline for job in jobs):
+        raise InputError('process_frames: the frames\' processors use different pipelines; '
+                         'batch only the streams of one pipeline')
+    prepared = [_prepare(job) for job in jobs]
+    groups: Dict[Tuple[Any, ...], List[int]] = {}
+    for index, job in enumerate(jobs):
+        groups.setdefault(_inference_key(job.options), []).append(index)
+    predictions: List[Optional['DepthPrediction']] = [None] * len(jobs)
+    for indices in groups.values():
+        options = jobs[indices[0]].options
+        batch = pipeline.predict_batch(
+            [jobs[i].rgb for i in indices], denoising_steps=options.denoising_steps,
+            ensemble_size=options.ensemble_size,
+            processing_resolution=options.processing_resolution,
+            seeds=[jobs[i].options.seed for i in indices],
+            init_latents=[jobs[i].processor._previous_latent if jobs[i].options.warm_start
+                          else None for i in indices],
+            warm_start_strength=options.warm_start_strength,
+            output_sizes=[prepared[i].output_size for i in indices])
+        for i, prediction in zip(indices, batch):
+            predictions[i] = prediction
+    return [job.processor._finish(job, ready, prediction)
+            for job, ready, prediction in zip(jobs, prepared, predictions)]
 
 
 def _resize_rgb(rgb: np.ndarray, width: int, height: int) -> np.ndarray:
@@ -172,25 +244,75 @@ def _resize_rgb(rgb: np.ndarray, width: int, height: int) -> np.ndarray:
     return cv2.resize(rgb, (width, height), interpolation=cv2.INTER_AREA)
 
 
+@dataclass(frozen=True)
+class Output:
+    """One output topic: its name (relative to the adapter's output namespace), its message
+    type (an attribute of :class:`messages.MessageTypes`) and the builder of its message for a
+    frame (None: nothing to publish for this frame)."""
+
+    topic: str
+    msg_type: str
+    build: Callable[['messages.MessageTypes', Any, FrameResult], Optional[Any]]
+
+
+def _depth_image(types: 'messages.MessageTypes', header: Any, result: FrameResult) -> Any:
+    return messages.depth_image_msg(types, header, result.depth)
+
+
+def _depth_camera_info(types: 'messages.MessageTypes', header: Any,
+                       result: FrameResult) -> Optional[Any]:
+    """The depth image shares the input image's geometry: the input's distortion model and D."""
+    if result.intrinsics is None:
+        return None
+    return messages.camera_info_msg(types, header, result.intrinsics,
+                                    distortion_model=result.distortion_model,
+                                    d=result.distortion or None)
+
+
+def _colored(types: 'messages.MessageTypes', header: Any, result: FrameResult) -> Optional[Any]:
+    if result.colored_bgr is None:
+        return None
+    return messages.bgr8_image_msg(types, header, result.colored_bgr)
+
+
+def _uncertainty(types: 'messages.MessageTypes', header: Any,
+                 result: FrameResult) -> Optional[Any]:
+    if result.uncertainty is None:
+        return None
+    return messages.float_image_msg(types, header, result.uncertainty)
+
+
+def _points(types: 'messages.MessageTypes', header: Any, result: FrameResult) -> Optional[Any]:
+    if result.cloud is None:
+        return None
+    return messages.pointcloud_msg(types, header, result.cloud)
+
+
+def _scale(types: 'messages.MessageTypes', header: Any, result: FrameResult) -> Optional[Any]:
+    """Only while a metric-scale correction is configured (``MetricScale.active``)."""
+    if result.scale is None or not result.scale.active:
+        return None
+    return messages.scale_msg(types, header, result.scale)
+
+
+# Every output the adapters publish or write, in order: adding one is one line here.
+OUTPUTS: Tuple[Output, ...] = (
+    Output('depth/image', 'Image', _depth_image),
+    Output('depth/camera_info', 'CameraInfo', _depth_camera_info),
+    Output('depth/colored', 'Image', _colored),
+    Output('depth/uncertainty', 'Image', _uncertainty),
+    Output('points', 'PointCloud2', _points),
+    Output('depth/scale', 'DiagnosticArray', _scale),
+)
+OUTPUT_TOPICS: Tuple[str, ...] = tuple(output.topic for output in OUTPUTS)
+
+
 def frame_messages(types: 'messages.MessageTypes', header: Any,
                    result: FrameResult) -> Dict[str, Any]:
     """ROS messages for ``result`` keyed by output topic (relative to the output namespace).
 
     ``types`` is :func:`messages.rclpy_types` or :func:`messages.rosbags_types`; every message
-    carries ``header`` (the input frame's stamp and frame_id). The depth image shares the
-    input image's geometry, so its CameraInfo keeps the input's distortion model and D.
+    carries ``header`` (the input frame's stamp and frame_id).
     """
-    out: Dict[str, Any] = {'depth/image': messages.depth_image_msg(types, header, result.depth)}
-    if result.intrinsics is not None:
-        out['depth/camera_info'] = messages.camera_info_msg(
-            types, header, result.intrinsics, distortion_model=result.distortion_model,
-            d=result.distortion or None)
-    if result.colored_bgr is not None:
-        out['depth/colored'] = messages.bgr8_image_msg(types, header, result.colored_bgr)
-    if result.uncertainty is not None:
-        out['depth/uncertainty'] = messages.float_image_msg(types, header, result.uncertainty)
-    if result.cloud is not None:
-        out['points'] = messages.pointcloud_msg(types, header, result.cloud)
-    if result.scale is not None and result.scale.active:
-        out['depth/scale'] = messages.scale_msg(types, header, result.scale)
-    return out
+    built = ((output.topic, output.build(types, header, result)) for output in OUTPUTS)
+    return {topic: msg for topic, msg in built if msg is not None}

@@ -16,7 +16,7 @@ import gc
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -111,6 +111,12 @@ class Failure:
     text: str  # its message's first line
     out_of_memory: bool
 
+    @classmethod
+    def of(cls, err: BaseException, stage: str) -> 'Failure':
+        """The failure ``err`` raised in ``stage``."""
+        return cls(stage, type(err).__name__, (str(err).splitlines() or [''])[0][:300],
+                   is_out_of_memory(err))
+
     def describe(self) -> str:
         """``'OutOfMemoryError in unet: CUDA out of memory ...'``."""
         return f'{self.kind} in {self.stage}: {self.text}'
@@ -142,7 +148,7 @@ class GuardedProcessor:
         """``stopping`` says the program is shutting down: faults then propagate quietly."""
         self.processor = processor
         self.fallback_resolution = fallback_resolution
-        self._stopping = stopping
+        self.stopping = stopping
 
     def process(self, rgb: np.ndarray, calibration: Optional[Calibration],
                 options: 'FrameOptions') -> Outcome:
@@ -191,23 +197,68 @@ class GuardedProcessor:
         except MetricGoldError:
             raise  # bad input or options: the caller reports it
         except Exception as err:  # noqa: B902 - any inference fault: reported, frame skipped
-            if self._stopping():
+            if self.stopping():
                 raise  # shutting down: the caller ends quietly
-            failure = Failure(pipeline.current_stage, type(err).__name__,
-                              (str(err).splitlines() or [''])[0][:300], is_out_of_memory(err))
+            failure = Failure.of(err, pipeline.current_stage)
         # Out of the except block: the traceback no longer pins the failed stage's tensors.
-        self._free_memory(failure.out_of_memory)
+        self.processor.reset()  # the warm-start latent may be what did not fit
+        _free_memory(pipeline, failure.out_of_memory)
         return None, failure
 
-    def _free_memory(self, out_of_memory: bool) -> None:
-        """Drop the warm-start latent and return cached GPU memory after a failed inference."""
-        self.processor.reset()
-        if out_of_memory:
-            gc.collect()
-        if self.processor.pipeline.device.type == 'cuda':
-            import torch
 
-            torch.cuda.empty_cache()
+@dataclass(frozen=True)
+class GuardedJob:
+    """One frame of one stream for :func:`process_batch`."""
+
+    guard: GuardedProcessor
+    rgb: np.ndarray
+    calibration: Optional[Calibration]
+    options: 'FrameOptions'
+
+
+def process_batch(jobs: Sequence[GuardedJob]
+                  ) -> Tuple[List[Union[Outcome, MetricGoldError]], Optional[Failure]]:
+    """Frames of several streams in one batch, guarded as :meth:`GuardedProcessor.process`.
+
+    Returns each frame's Outcome, or the MetricGoldError its input or options raised (the
+    other frames are not affected), and the batch's own failure when the batch raised and
+    the frames were then run one at a time (each with its own retry and report).
+    """
+    from metricgold_ros.depth_frame import FrameJob, process_frames
+
+    batch_failure = None
+    if len(jobs) > 1:
+        pipeline = jobs[0].guard.processor.pipeline
+        pipeline.current_stage = 'setup'
+        try:
+            results = process_frames([FrameJob(job.guard.processor, job.rgb, job.calibration,
+                                               job.options) for job in jobs])
+            return [Outcome(result) for result in results], None
+        except MetricGoldError:
+            pass  # one frame's bad input: each frame alone below, the bad one reports it
+        except Exception as err:  # noqa: B902 - any inference fault: retried frame by frame
+            if jobs[0].guard.stopping():
+                raise
+            batch_failure = Failure.of(err, pipeline.current_stage)
+        if batch_failure is not None:
+            _free_memory(pipeline, batch_failure.out_of_memory)
+    outcomes: List[Union[Outcome, MetricGoldError]] = []
+    for job in jobs:
+        try:
+            outcomes.append(job.guard.process(job.rgb, job.calibration, job.options))
+        except MetricGoldError as err:
+            outcomes.append(err)
+    return outcomes, batch_failure
+
+
+def _free_memory(pipeline: Any, out_of_memory: bool) -> None:
+    """Return cached (GPU) memory after a failed inference."""
+    if out_of_memory:
+        gc.collect()
+    if pipeline.device.type == 'cuda':
+        import torch
+
+        torch.cuda.empty_cache()
 
 
 def fault_injector_from_env(environ: Dict[str, str]) -> Optional['FaultInjector']:

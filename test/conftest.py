@@ -100,9 +100,9 @@ class NodeRig:
     def outputs(self, *topics):
         """Collectors of the node's output ``topics``, each matched to the node's publisher."""
         from ros_helpers import wait_for_publishers
-        from metricgold_ros.node.depth_node import OUTPUTS
+        from metricgold_ros.node.depth_node import OUTPUT_TYPES
 
-        collectors = {t: self.collect(OUTPUTS[t], t) for t in topics}
+        collectors = {t: self.collect(OUTPUT_TYPES[t], t) for t in topics}
         for collector in collectors.values():
             assert wait_for_publishers(collector.subscription)
         return collectors
@@ -166,14 +166,14 @@ def node_rig(tiny_model_dir):
     """Factory of :class:`NodeRig`s on one module-wide harness, with the tiny model on the CPU.
 
     ``node_rig('/ns', image_topic='image_raw', fault=None, rig=NodeRig, **parameters)``: the
-    node subscribes to ``image`` remapped to ``image_topic``; ``fault`` is the
-    ``METRICGOLD_FAULT`` it starts with; ``rig`` a NodeRig subclass. Nodes not closed by their
-    test are shut down with the module.
+    node subscribes to ``image`` remapped to ``image_topic``, configured and activated;
+    ``fault`` is the fault injection spec it is given (as ``METRICGOLD_FAULT``); ``rig`` a
+    NodeRig subclass. Nodes not closed by their test are shut down with the module.
     """
     pytest.importorskip('rclpy')
     from rclpy.parameter import Parameter
 
-    from metricgold_ros.faults import FAULT_ENV
+    from metricgold_ros.faults import FaultInjector
     from metricgold_ros.node.depth_node import DepthNode
     from ros_helpers import RosHarness, wait_for_publishers, wait_for_subscribers
 
@@ -182,19 +182,12 @@ def node_rig(tiny_model_dir):
                  height: int = 120, fault: Optional[str] = None, rig: type = NodeRig,
                  pub_qos=None, **parameters) -> NodeRig:
             values = {'model_path': str(tiny_model_dir), 'device': 'cpu', **parameters}
-            saved = os.environ.pop(FAULT_ENV, None)
-            if fault is not None:
-                os.environ[FAULT_ENV] = fault
-            try:
-                node = DepthNode(context=ros.context, namespace=ns,
-                                 cli_args=['--ros-args', '-r', f'image:={image_topic}'],
-                                 parameter_overrides=[Parameter(k, value=v)
-                                                      for k, v in values.items()])
-            finally:
-                os.environ.pop(FAULT_ENV, None)
-                if saved is not None:
-                    os.environ[FAULT_ENV] = saved
-            ros.add_node(node)
+            node = DepthNode(faults=FaultInjector(fault) if fault else None,
+                             context=ros.context, namespace=ns,
+                             cli_args=['--ros-args', '-r', f'image:={image_topic}'],
+                             parameter_overrides=[Parameter(k, value=v)
+                                                  for k, v in values.items()])
+            ros.add_node(node)  # configured and activated
             made = rig(ros, node, ns, width, height, image_topic, pub_qos)
             assert wait_for_subscribers(made.image_pub) and wait_for_subscribers(made.info_pub)
             assert wait_for_publishers(made.rosout.subscription)

@@ -205,7 +205,13 @@ class RosHarness:
         except ExternalShutdownException:
             pass
 
-    def add_node(self, node: Any) -> Any:
+    def add_node(self, node: Any, activate: bool = True) -> Any:
+        """Spin ``node``; a lifecycle node is configured and activated first (``activate``)."""
+        if activate and hasattr(node, 'trigger_configure'):
+            from rclpy.lifecycle import TransitionCallbackReturn
+
+            assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
+            assert node.trigger_activate() == TransitionCallbackReturn.SUCCESS
         self._nodes.append(node)
         self.executor.add_node(node)
         return node

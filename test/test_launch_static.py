@@ -104,10 +104,12 @@ def test_launch_arguments_are_declared_and_remappings_are_node_topics(launch_tre
     assert used <= declared, used - declared
     assert {'model_path', 'params_file', 'namespace', 'image', 'camera_info',
             'device'} <= declared
-    node_source = ast.parse((REPO / PACKAGE / 'node' / 'depth_node.py').read_text())
-    # Literal topics; the compressed transport's topic is derived from 'image' at run time.
-    subscribed = {_value(call.args[1], {})
-                  for call in _calls(node_source, 'create_subscription')} - {None}
+    # A stream's input topics (the unnamed stream's are the node's 'image' and 'camera_info';
+    # the compressed transport's topic is derived from 'image' at run time).
+    stream_source = ast.parse((REPO / PACKAGE / 'node' / 'stream.py').read_text())
+    inputs = next(node.value for node in ast.walk(stream_source) if isinstance(node, ast.Assign)
+                  and getattr(node.targets[0], 'id', '') == 'INPUT_TOPICS')
+    subscribed = {_value(element, {}) for element in inputs.elts}
     remaps = _our_nodes(launch_tree)[0]['remappings']
     sources = {_value(pair.elts[0], constants) for pair in remaps.elts}
     assert sources == subscribed == {'image', 'camera_info'}

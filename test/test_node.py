@@ -29,7 +29,7 @@ NS = '/cam'
 OUT_TIMEOUT_S = 20.0
 BASE_PARAMS = {'processing_resolution': 64, 'denoising_steps': 1, 'ensemble_size': 1,
                'points_stride': 1, 'output_scale': 1.0, 'max_depth': 0.0,
-               'max_pixels': 4096 * 4096, 'publish_points': True, 'points_rgb': False}
+               'publish_points': True, 'points_rgb': False}
 
 
 @pytest.fixture(scope='module')
@@ -200,14 +200,18 @@ def test_bad_images_are_logged_and_the_next_good_frame_served(fresh):
         assert _wait_stamp(out['depth/image'], stamp) is not None, f'{case}: node stopped'
 
 
-def test_pixel_budget_refuses_large_images(fresh):
-    rig = fresh
-    out = rig.outputs('depth/image')
-    assert all(r.successful for r in rig.set_params(max_pixels=W * H - 1))
-    rig.send()
-    assert wait_until(lambda: rig.errors_naming(f'{NS}/image_raw', 'pixel budget'), 10.0)
-    assert all(r.successful for r in rig.set_params(max_pixels=W * H))
-    assert _wait_stamp(out['depth/image'], rig.send()) is not None
+def test_pixel_budget_refuses_large_images_and_is_read_only(node_rig, rig):
+    small = node_rig('/budget', max_pixels=W * H - 1, **BASE_PARAMS)
+    try:
+        out = small.outputs('depth/image')
+        small.send()
+        assert wait_until(lambda: small.errors_naming('/budget/image_raw', 'pixel budget'), 10.0)
+        assert out['depth/image'].messages() == []
+        # Read-only: `ros2 param set` cannot raise the budget under a running node.
+        result, = small.set_params(max_pixels=W * H)
+        assert not result.successful and 'read-only' in result.reason
+    finally:
+        small.close()
 
 
 @pytest.mark.parametrize('case, info_k, info_size, words', [
@@ -249,7 +253,7 @@ def test_no_camera_info_gives_depth_and_a_warning(tiny_model_dir):
 def test_lazy_without_subscribers(fresh):
     rig = fresh
     rig.drop_collectors()
-    assert wait_until(lambda: not rig.node._has_subscribers(), 10.0)
+    assert wait_until(lambda: not rig.node.streams[0].has_subscribers(), 10.0)
     before = rig.node.stats()
     for _ in range(5):
         rig.send()
@@ -324,14 +328,25 @@ def test_single_step_models_refuse_more_steps(node_rig, tiny_model_dir, tmp_path
     import json
     import shutil
 
-    from metricgold_ros.errors import InputError
+    from rclpy.lifecycle import TransitionCallbackReturn
 
     e2e = tmp_path_factory.mktemp('e2e') / 'model'
     shutil.copytree(tiny_model_dir, e2e)
     meta = json.loads((e2e / 'metricgold.json').read_text())
     (e2e / 'metricgold.json').write_text(json.dumps({**meta, 'e2e_ft': True}))
-    with pytest.raises(InputError, match='denoising_steps: 4: this model is single-step'):
-        node_rig('/e2e_start', model_path=str(e2e), denoising_steps=4)
+    with RosHarness('e2e_start') as ros:
+        rosout = ros.collector(Log, '/rosout', reliable_qos(200))
+        node = ros.add_node(DepthNode(context=ros.context, namespace='/e2e_start',
+                                      parameter_overrides=[
+                                          Parameter('model_path', value=str(e2e)),
+                                          Parameter('device', value='cpu'),
+                                          Parameter('denoising_steps', value=4)]),
+                            activate=False)
+        assert node.trigger_configure() == TransitionCallbackReturn.FAILURE
+        assert node.pipeline is None and node.streams == ()
+        assert wait_until(lambda: [m for m in rosout.messages() if m.level >= 40 and
+                                   'denoising_steps: 4: this model is single-step' in m.msg],
+                          5.0)
     rig = node_rig('/e2e_live', model_path=str(e2e), processing_resolution=32)
     result = rig.set_params(denoising_steps=2)[0]
     assert not result.successful and 'single-step (E2E-FT' in result.reason

@@ -34,7 +34,7 @@ def test_no_model_at_all_exits_with_a_clear_message(tmp_path):
     shutil.copytree(REPO_ROOT / 'metricgold_ros', tmp_path / 'metricgold_ros',
                     ignore=shutil.ignore_patterns('models', '__pycache__'))
     env = ros_env(PYTHONPATH=str(tmp_path))
-    done = subprocess.run([sys.executable, '-m', 'metricgold_ros.node.depth_node', '--ros-args',
+    done = subprocess.run([sys.executable, '-m', 'metricgold_ros.node.main', '--ros-args',
                            '--params-file', str(PARAMS_FILE)], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 1, done.stderr

@@ -127,6 +127,8 @@ def test_a_multithreaded_executor_is_warned_about(tiny_model_dir):
         node = DepthNode(context=ros.context, namespace='/mte', parameter_overrides=[
             Parameter('model_path', value=str(tiny_model_dir)), Parameter('device', value='cpu'),
             Parameter('processing_resolution', value=32), Parameter('stats_period', value=0.0)])
+        node.trigger_configure()
+        node.trigger_activate()
         executor = MultiThreadedExecutor(num_threads=2, context=ros.context)
         executor.add_node(node)
         spinner = threading.Thread(target=executor.spin, daemon=True)

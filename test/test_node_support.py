@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from metricgold_ros import model_paths
 from metricgold_ros.node.parameters import PARAMETERS, check_parameter, frame_options
-from metricgold_ros.node.runtime import FrameStats, Mailbox, RateLimiter, StampCache
+from metricgold_ros.node.runtime import FrameStats, Mailboxes, RateLimiter, StampCache
 
 
 def default_values():
@@ -27,48 +27,78 @@ class FakeClock:
 
 
 def test_mailbox_keeps_only_the_newest_and_counts_drops():
-    box = Mailbox()
-    assert box.take(timeout_s=0.0) is None
-    assert box.put(1) is False
-    assert box.put(2) is True and box.put(3) is True
-    assert box.take(timeout_s=0.0) == 3 and box.take(timeout_s=0.0) is None
+    box = Mailboxes(1)
+    assert box.take(timeout_s=0.0) == []
+    assert box.put(0, 1) is False
+    assert box.put(0, 2) is True and box.put(0, 3) is True
+    assert box.take(timeout_s=0.0) == [(0, 3)] and box.take(timeout_s=0.0) == []
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.booleans(), max_size=40))
+@given(st.lists(st.tuples(st.booleans(), st.integers(0, 2)), max_size=40))
 def test_mailbox_accounting(ops):
-    """Any sequence of put (True) / take (False): items come out newest-first, none lost."""
-    box, taken, puts, dropped = Mailbox(), [], 0, 0
-    for is_put in ops:
+    """Any sequence of put (True, stream) / take (False): each stream's items come out
+    newest-first, none lost: taken + dropped + waiting = put."""
+    box, taken, puts, dropped = Mailboxes(3), [], 0, 0
+    for is_put, stream in ops:
         if is_put:
-            dropped += box.put(puts)
+            dropped += box.put(stream, (stream, puts))
             puts += 1
         else:
-            item = box.take(timeout_s=0.0)
-            if item is not None:
-                taken.append(item)
-    assert taken == sorted(taken)
-    waiting = box.take(timeout_s=0.0) is not None
+            taken += [item for _, item in box.take(timeout_s=0.0)]
+    for stream in range(3):
+        mine = [n for s, n in taken if s == stream]
+        assert mine == sorted(mine)
+    waiting = len(box.take(timeout_s=0.0))
     assert len(taken) + dropped + waiting == puts
 
 
 def test_mailbox_take_wakes_on_put_and_on_close():
-    box = Mailbox()
+    box = Mailboxes(2)
     got = []
     consumer = threading.Thread(target=lambda: got.append(box.take(timeout_s=5.0)))
     consumer.start()
     time.sleep(0.05)
-    box.put('frame')
+    box.put(1, 'frame')
     consumer.join(1.0)
-    assert got == ['frame']
+    assert got == [[(1, 'frame')]]
     closer = threading.Thread(target=lambda: got.append(box.take(timeout_s=5.0)))
     start = time.monotonic()
     closer.start()
     box.close()
     closer.join(1.0)
-    assert got == ['frame', None] and time.monotonic() - start < 1.0
-    box.put('late')
-    assert box.take(timeout_s=0.0) is None  # closed for good
+    assert got == [[(1, 'frame')], []] and time.monotonic() - start < 1.0
+    box.put(0, 'late')
+    assert box.take(timeout_s=0.0) == []
+
+
+def test_mailboxes_batch_what_waits_and_gather_for_partners():
+    box = Mailboxes(3)
+    box.put(2, 'c')
+    box.put(0, 'a')
+    assert box.take(timeout_s=0.0) == [(0, 'a'), (2, 'c')]  # one batch, in stream order
+    # gather: a partner that arrives within gather_s joins the batch; a full set returns at once
+    box.put(0, 'a2')
+    threading.Timer(0.05, lambda: box.put(1, 'b2')).start()
+    threading.Timer(0.1, lambda: box.put(2, 'c2')).start()
+    start = time.monotonic()
+    assert box.take(timeout_s=1.0, gather_s=5.0) == [(0, 'a2'), (1, 'b2'), (2, 'c2')]
+    assert time.monotonic() - start < 4.0
+    box.put(1, 'b3')
+    start = time.monotonic()
+    assert box.take(timeout_s=1.0, gather_s=0.1) == [(1, 'b3')]  # nobody came: waited gather_s
+    assert time.monotonic() - start >= 0.09
+
+
+def test_mailboxes_limit_serves_every_stream_in_turn():
+    """With a batch limit below the number of busy streams, none starves."""
+    box = Mailboxes(4)
+    served = []
+    for _ in range(8):
+        for stream in range(4):
+            box.put(stream, stream)
+        served += [stream for stream, _ in box.take(timeout_s=0.0, limit=3)]
+    assert sorted(served.count(stream) for stream in range(4)) == [6, 6, 6, 6]
 
 
 def test_rate_limiter_reports_each_key_once_per_period_with_held_count():

@@ -1,75 +1,66 @@
-"""``depth_node``: camera images in, metric depth, its colour view and a point cloud out.
+"""``depth_node``: metric depth, its colour view and point clouds for one camera or several,
+served by one model, as a managed (lifecycle) node.
 
-The image callback only drops the newest frame into a one-slot mailbox; a worker thread turns
-it into RGB, runs :class:`~metricgold_ros.depth_frame.DepthFrameProcessor` (the per-frame code
-shared with the bag tool) and publishes every output with the input frame's header. Frames
-that arrive while the model runs replace the waiting one and are counted as dropped, so the
-latency stays bounded when the camera is faster than the model.
+Streams (:mod:`.stream`): parameter ``cameras`` names them; stream ``front`` subscribes
+``front/image`` (or ``front/image/compressed`` with ``image_transport: compressed``) and
+``front/camera_info`` and publishes ``front/`` + each topic of
+:data:`metricgold_ros.depth_frame.OUTPUTS`; the default ``['']`` is one unnamed stream on
+``image``, ``camera_info``, ``depth/...``, ``points``. All relative: remap them. A stream may
+set its own mounting as ``<stream>.camera_height_m`` (``_pitch_deg``, ``_roll_deg``).
+Callbacks only drop the newest frame into the stream's mailbox; one :class:`.worker.
+BatchWorker` runs the waiting frames of all streams as one batch and publishes.
 
-Topics (relative, remap them): in ``image`` (sensor_msgs/Image) or, with ``image_transport:
-compressed``, ``<image>/compressed`` (sensor_msgs/CompressedImage, jpeg or png: the topic
-image_transport's ``compressed`` transport uses), and ``camera_info``; out ``depth/image``,
-``depth/camera_info``, ``depth/colored``, ``depth/uncertainty``, ``points``, ``depth/scale``
-(``diagnostic_msgs/DiagnosticArray`` per frame while ``camera_height_m`` > 0 or the checkpoint
-is camera-aware: the applied scale, the ground fit's inlier share and state); and
-``/diagnostics``. QoS (REP 2003): inputs sensor-data, outputs reliable (parameters ``qos``,
-``output_qos``). Parameters: :data:`metricgold_ros.node.parameters.PARAMETERS`. The
-process around the node (signals, executor, exit) is :mod:`metricgold_ros.node.main`.
+Lifecycle: configure loads the model (a folder, or a hub id resolved and downloaded here,
+never in a frame callback), warms it up and creates the publishers; activate subscribes and
+starts the worker; deactivate unsubscribes and stops it (the model stays); cleanup frees the
+model. ``depth_node`` configures and activates at start unless ``autostart`` is false
+(:mod:`.main`). Parameters (:data:`.parameters.PARAMETERS`) are checked in the on-set callback
+and applied in the post-set one.
 
 Faults: bad input is logged (rate-limited, naming the topic and the fix) and the frame
-skipped; a CameraInfo that cannot serve the image gives depth without points (the policy of
-:mod:`metricgold_ros.camera`). An inference that raises (CUDA out of memory, ...) is handled
-by :class:`~metricgold_ros.faults.GuardedProcessor`, as in the offline tools: logged with the
-exception type and stage, memory freed, retried once at ``fallback_processing_resolution`` or
-skipped. When the image size changes (a camera restarted in another mode) the warm-start
-latent and the CameraInfo history are reset. Debug only: ``METRICGOLD_FAULT=STAGE:KIND[:every=
-N][:times=N]`` (e.g. ``vae_decode:oom:every=3``) injects real faults through the pipeline's
-stage hook, see :class:`~metricgold_ros.faults.FaultInjector`.
+skipped, without touching the other streams; inference faults go through
+:mod:`metricgold_ros.faults` (a failed batch runs again frame by frame, each retried once at
+``fallback_processing_resolution`` or skipped). A stream whose camera goes quiet gets a WARN
+on ``/diagnostics``, not an error. Fault injection (debug) is passed in as ``faults``.
 
-Executors: ``depth_node`` spins a SingleThreadedExecutor. In a process of your own, do not add
-this node to rclpy's MultiThreadedExecutor before ros2/rclpy#1547 (not in Humble, Jazzy or
-Kilted as released): that executor busy-loops while callbacks are queued in its pool and
-starves the inference thread of the GIL (the model period rose from 0.33 s to 4-7 s here).
+Executors: spin this node in a SingleThreadedExecutor. rclpy's MultiThreadedExecutor before
+ros2/rclpy#1547 (not in Humble, Jazzy or Kilted as released) busy-loops while callbacks are
+queued and starves the inference thread of the GIL (the model period rose from 0.33 s to 4-7 s).
 """
 
-import dataclasses
-import os
-import threading
+import gc
 import time
-import traceback
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
-from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+import numpy as np
+from diagnostic_msgs.msg import DiagnosticArray
 from rcl_interfaces.msg import (FloatingPointRange, IntegerRange, ParameterDescriptor,
                                 SetParametersResult)
 from rclpy.executors import MultiThreadedExecutor
-from rclpy.logging import LoggingSeverity
-from rclpy.node import Node
+from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.parameter import Parameter
 from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
-from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
+from sensor_msgs.msg import CameraInfo
 
 from metricgold_ros import messages
-from metricgold_ros.camera import Calibration
-from metricgold_ros.depth_frame import (OUTPUT_TOPICS, DepthFrameProcessor, FrameOptions,
-                                        FrameResult, frame_messages)
+from metricgold_ros.depth_frame import OUTPUTS, DepthFrameProcessor
 from metricgold_ros.errors import InputError, MetricGoldError
-from metricgold_ros.faults import FAULT_ENV, GuardedProcessor, fault_injector_from_env
-from metricgold_ros.metric_scale import MetricScale
+from metricgold_ros.faults import FAULT_ENV, FaultInjector, GuardedProcessor
 from metricgold_ros.model_paths import load_model, resolve_model_path
-from metricgold_ros.node.parameters import PARAMETERS, ParamSpec, check_parameter, frame_options
-from metricgold_ros.node.runtime import FrameStats, Mailbox, RateLimiter, StampCache, StatsSnapshot
+from metricgold_ros.node.parameters import (PARAMETERS, SPECS, STREAM_PARAMETERS, ParamSpec,
+                                            ParamValue, check_parameter, frame_options,
+                                            split_stream_parameter, stream_parameter)
+from metricgold_ros.node.runtime import StatsSnapshot
+from metricgold_ros.node.stream import Frame, Stream
+from metricgold_ros.node.worker import BatchWorker, Reporter
 
 if TYPE_CHECKING:
-    import numpy as np
-
     from metricgold_ros.model import MetricGoldPipeline
 
 NODE_NAME = 'depth_node'
-OUTPUTS = dict(zip(OUTPUT_TOPICS, (Image, CameraInfo, Image, Image, PointCloud2,
-                                   DiagnosticArray)))
-ERROR_PERIOD_S = 5.0  # each distinct input problem is logged at most this often
-JOIN_TIMEOUT_S = 1.0  # shutdown waits this long for the worker; inference may outlive it
+# Each output's rclpy message class, from the one output table.
+OUTPUT_TYPES: Dict[str, Any] = {output.topic: getattr(messages.rclpy_types(), output.msg_type)
+                                for output in OUTPUTS}
 TRANSPORT_HINT_PERIOD_S = 5.0  # until the first frame: is the camera on the other transport?
 
 
@@ -80,9 +71,10 @@ def _qos(choice: str) -> QoSProfile:
     return qos_profile_sensor_data
 
 
-def _descriptor(spec: ParamSpec) -> ParameterDescriptor:
-    """The ROS descriptor of one parameter: doc, read-only, range, choices."""
-    descriptor = ParameterDescriptor(name=spec.name, description=spec.description,
+def _descriptor(spec: ParamSpec, name: Optional[str] = None) -> ParameterDescriptor:
+    """The ROS descriptor of one parameter (named ``name``, default the spec's): doc,
+    read-only, range, choices."""
+    descriptor = ParameterDescriptor(name=name or spec.name, description=spec.description,
                                      read_only=not spec.runtime)
     if spec.int_range is not None:
         descriptor.integer_range = [IntegerRange(
@@ -95,92 +87,187 @@ def _descriptor(spec: ParamSpec) -> ParameterDescriptor:
     return descriptor
 
 
-@dataclasses.dataclass
-class _Frame:
-    """A received image waiting in the mailbox."""
+class DepthNode(LifecycleNode):
+    """Metric depth for one or several camera streams with one model (see the module doc)."""
 
-    msg: Union[Image, CompressedImage]
-    received_s: float
+    def __init__(self, *, pipeline: Optional['MetricGoldPipeline'] = None,
+                 faults: Optional[FaultInjector] = None, **kwargs: Any) -> None:
+        """Declare and check the parameters; nothing is loaded or subscribed before configure.
 
-
-class DepthNode(Node):
-    """Metric depth from one camera stream (see the module docstring)."""
-
-    def __init__(self, **kwargs: Any) -> None:
+        Args:
+            pipeline: the model to serve (tests, embedding); None: configure loads
+                ``model_path`` (and frees it at cleanup).
+            faults: DEBUG ONLY, real faults injected before pipeline stages.
+            kwargs: rclpy ``Node`` arguments (``context``, ``namespace``, ``cli_args``,
+                ``parameter_overrides``, ...).
+        """
         super().__init__(NODE_NAME, **kwargs)
         try:
             for spec in PARAMETERS:
                 self.declare_parameter(spec.name, spec.default, _descriptor(spec))
-            self._values: Dict[str, Any] = {
+            self._values: Dict[str, ParamValue] = {
                 spec.name: self.get_parameter(spec.name).value for spec in PARAMETERS}
             for name, value in self._values.items():
                 reason = check_parameter(name, value, self._values)
                 if reason is not None:
                     raise InputError(reason)
-            faults = fault_injector_from_env(os.environ)
-            self.pipeline = self._load_model()
-            for name, value in self._values.items():
-                reason = self._model_refuses(name, value)
-                if reason is not None:
-                    raise InputError(reason)
+            self._stream_names: Tuple[str, ...] = tuple(self._values['cameras'])
+            self._overrides = self._declare_stream_parameters()
         except BaseException:
             self.destroy_node()
             raise
-        self._options = frame_options(self._values)
-        self._stop = threading.Event()
-        if faults is not None:
-            self.pipeline.stage_hook = faults
-            self.get_logger().warning(
-                f'{FAULT_ENV}={faults.spec!r}: injecting faults into the pipeline (debug '
-                'only: unset it outside tests and fault drills)')
-        self._processor = GuardedProcessor(
-            DepthFrameProcessor(self.pipeline), self._values['fallback_processing_resolution'],
-            stopping=self._stop.is_set)
-        self._types = messages.rclpy_types()
-        self._stats = FrameStats()
-        self._limiter = RateLimiter(ERROR_PERIOD_S)
-        self._mailbox: Mailbox[_Frame] = Mailbox()
-        self._infos: StampCache[Calibration] = StampCache()
-        self._image_size: Optional[Tuple[int, int]] = None  # (width, height) of the last frame
-        self._scale: Optional[MetricScale] = None  # the last frame's, for /diagnostics
-        self._executor_checked = False
-        self._got_frame = False
-
-        out_qos = _qos(self._values['output_qos'])
-        self._pubs = {name: self.create_publisher(msg_type, name, out_qos)
-                      for name, msg_type in OUTPUTS.items()}
+        self._injected = pipeline
+        self._faults = faults
+        self.pipeline: Optional['MetricGoldPipeline'] = None
+        self._streams: List[Stream] = []
+        self._worker: Optional[BatchWorker] = None  # while active
+        self._timers: List[Any] = []
         self._diagnostics = None
-        if self._values['publish_diagnostics'] and self._values['stats_period'] > 0:
-            self._diagnostics = self.create_publisher(DiagnosticArray, '/diagnostics', 10)
-        in_qos = _qos(self._values['qos'])
-        if self._values['image_transport'] == 'compressed':
-            self._image_sub = self.create_subscription(
-                CompressedImage, self._compressed_topic(), self._on_image, in_qos)
-        else:
-            self._image_sub = self.create_subscription(Image, 'image', self._on_image, in_qos)
-        self._info_sub = self.create_subscription(
-            CameraInfo, 'camera_info', self._on_camera_info, in_qos)
+        self._types = messages.rclpy_types()
+        self._reporter = Reporter(self.get_logger())
+        self._executor_checked = False
         self.add_on_set_parameters_callback(self._on_set_parameters)
+        if hasattr(self, 'add_post_set_parameters_callback'):  # Iron and newer
+            self.add_post_set_parameters_callback(self._on_parameters_set)
+
+    @property
+    def autostart(self) -> bool:
+        """Whether the program configures and activates the node at start."""
+        return bool(self._values['autostart'])
+
+    @property
+    def streams(self) -> Tuple[Stream, ...]:
+        """The configured streams, in the order of ``cameras`` (none while unconfigured)."""
+        return tuple(self._streams)
+
+    def _declare_stream_parameters(self) -> Dict[str, Dict[str, ParamValue]]:
+        """Declare ``<stream>.<name>`` for each named stream; the values set, by stream."""
+        overrides: Dict[str, Dict[str, ParamValue]] = {}
+        for stream in self._stream_names:
+            overrides[stream] = {}
+            if not stream:
+                continue
+            for name in STREAM_PARAMETERS:
+                full = stream_parameter(stream, name)
+                spec = SPECS[name]
+                descriptor = _descriptor(spec, full)
+                descriptor.description = f'{stream} only (unset: {name}): {spec.description}'
+                self.declare_parameter(full, Parameter.Type.DOUBLE, descriptor)
+                value = self.get_parameter(full).value
+                if value is not None:
+                    reason = check_parameter(name, value, self._values)
+                    if reason is not None:
+                        raise InputError(f'{full}: {reason}')
+                    overrides[stream][name] = value
+        return overrides
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+        """Load (or take) the model, warm it up, make the streams and their publishers."""
+        try:
+            pipeline = self._injected if self._injected is not None else self._load_model()
+            for name, value in self._values.items():
+                reason = self._model_refuses(name, value, pipeline)
+                if reason is not None:
+                    raise InputError(reason)
+            self._warm_up(pipeline)
+        except MetricGoldError as err:
+            self.get_logger().error(f'cannot configure: {err}')
+            return TransitionCallbackReturn.FAILURE
+        self.pipeline = pipeline
+        if self._faults is not None:
+            pipeline.stage_hook = self._faults
+            self.get_logger().warning(
+                f'{FAULT_ENV}={self._faults.spec!r}: injecting faults into the pipeline (debug '
+                'only: unset it outside tests and fault drills)')
+        out_qos = _qos(self._values['output_qos'])
+        for name in self._stream_names:
+            guard = GuardedProcessor(DepthFrameProcessor(pipeline),
+                                     self._values['fallback_processing_resolution'],
+                                     stopping=self._stopping)
+            stream = Stream(name, guard)
+            stream.overrides = self._overrides[name]
+            stream.advertise(self, OUTPUT_TYPES, out_qos)
+            self._streams.append(stream)
+        if self._values['publish_diagnostics'] and self._values['stats_period'] > 0:
+            self._diagnostics = self.create_lifecycle_publisher(
+                DiagnosticArray, '/diagnostics', 10)
+        return super().on_configure(state)
+
+    def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        """Subscribe every stream and start the worker."""
+        in_qos = _qos(self._values['qos'])
+        compressed = self._values['image_transport'] == 'compressed'
+        for index, stream in enumerate(self._streams):
+            stream.subscribe(self, in_qos, compressed,
+                             lambda msg, i=index: self._on_image(i, msg),
+                             lambda msg, s=stream: self._on_camera_info(s, msg))
         if self._values['stats_period'] > 0:
-            self._stats_timer = self.create_timer(self._values['stats_period'], self._on_stats)
-        self._worker = threading.Thread(target=self._work, name='depth_worker', daemon=True)
-        self._worker.start()
-        self._hint_timer = self.create_timer(TRANSPORT_HINT_PERIOD_S, self._on_transport_hint)
+            self._timers.append(self.create_timer(self._values['stats_period'], self._on_stats))
+        self._timers.append(self.create_timer(TRANSPORT_HINT_PERIOD_S, self._on_transport_hint))
+        self._worker = BatchWorker(self._streams, lambda: self._values,
+                                   lambda: self.get_clock().now().nanoseconds, self._reporter,
+                                   self._types)
         self.get_logger().info(
-            f'listening on {self._image_sub.topic_name} + {self._info_sub.topic_name} '
-            f'({self._values["image_transport"]}, {self._values["qos"]} QoS); publishing '
-            f'{", ".join(OUTPUTS)} under {self.get_namespace()} ({self._values["output_qos"]} '
-            'QoS)')
+            f'active, {len(self._streams)} stream(s): listening on '
+            + '; '.join(f'{s.image_sub.topic_name} + {s.info_sub.topic_name}'
+                        for s in self._streams)
+            + f' ({self._values["image_transport"]}, {self._values["qos"]} QoS); publishing '
+            f'{", ".join(OUTPUT_TYPES)} per stream under {self.get_namespace()} '
+            f'({self._values["output_qos"]} QoS)')
+        return super().on_activate(state)
+
+    def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        """Unsubscribe and stop the worker; the model and publishers stay."""
+        self._stop_worker()
+        for timer in self._timers:
+            self.destroy_timer(timer)
+        self._timers = []
+        for stream in self._streams:
+            stream.unsubscribe(self)
+        self.get_logger().info('inactive: subscriptions dropped, model kept')
+        return super().on_deactivate(state)
+
+    def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
+        """Destroy the streams' publishers and free the model."""
+        self._release()
+        self.get_logger().info('unconfigured: model freed')
+        return super().on_cleanup(state)
+
+    def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
+        """From any state: stop, unsubscribe, free."""
+        self._stop_worker()
+        if state.label == 'active':
+            self.on_deactivate(state)
+        self._release()
+        return super().on_shutdown(state)
+
+    def on_error(self, state: LifecycleState) -> TransitionCallbackReturn:
+        """A transition raised: stop and free everything, back to unconfigured."""
+        self._stop_worker()
+        self._release()
+        return TransitionCallbackReturn.SUCCESS
+
+    def _release(self) -> None:
+        for stream in self._streams:
+            stream.release(self)
+        if self._diagnostics is not None:
+            self.destroy_lifecycle_publisher(self._diagnostics)
+            self._diagnostics = None
+        self._streams = []
+        if self.pipeline is not None:
+            self.pipeline.stage_hook = None
+            self.pipeline = None
+            gc.collect()
+            try:
+                import torch
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+            except ImportError:  # pragma: no cover - torch is a dependency
+                pass
 
     # -- start-up ----------------------------------------------------------------------------
-
-    def _compressed_topic(self) -> str:
-        """``<image>/compressed``: the ``image`` topic, remapped and expanded, + ``/compressed``.
-
-        What image_transport's ``compressed`` subscriber does with its base topic, so
-        ``-r image:=...`` (the launch file's ``image``) names the camera in both transports.
-        """
-        return self.resolve_topic_name('image') + '/compressed'
 
     def _load_model(self) -> 'MetricGoldPipeline':
         """The pipeline of ``model_path`` (or the bundled model); CheckpointError names it."""
@@ -198,19 +285,37 @@ class DepthNode(Node):
             f'in {time.perf_counter() - start:.1f} s: {kind}')
         return pipeline
 
+    def _warm_up(self, pipeline: 'MetricGoldPipeline') -> None:
+        """One inference on a grey 4:3 frame at the processing resolution: the first camera
+        frame then finds kernels chosen and memory allocated."""
+        options = frame_options(self._values)
+        side = options.processing_resolution or pipeline.metadata.default_processing_resolution
+        side = max(8, int(side or 64))
+        start = time.perf_counter()
+        pipeline.predict_batch([np.full((side * 3 // 4, side, 3), 128, np.uint8)],
+                               denoising_steps=options.denoising_steps,
+                               processing_resolution=options.processing_resolution)
+        self.get_logger().info(f'warmed up at {side} px in {time.perf_counter() - start:.2f} s')
+
     # -- callbacks (never block, never raise) ------------------------------------------------
 
-    def _on_image(self, msg: Union[Image, CompressedImage]) -> None:
+    def _stopping(self) -> bool:
+        """Whether the worker is stopping (inference faults then end it quietly)."""
+        return self._worker is None or self._worker.stopping
+
+    def _on_image(self, index: int, msg: Any) -> None:
         if not self._executor_checked:
             self._executor_checked = True
             self._check_executor()
-        self._got_frame = True
-        self._stats.count('received')
-        if not self._has_subscribers():
-            self._stats.count('idle')
+        stream, worker = self._streams[index], self._worker
+        stream.got_frame = True
+        stream.last_frame_s = time.monotonic()
+        stream.stats.count('received')
+        if worker is None or not stream.has_subscribers():
+            stream.stats.count('idle')
             return
-        if self._mailbox.put(_Frame(msg, time.monotonic())):
-            self._stats.count('dropped')
+        if worker.put(index, Frame(msg, stream.last_frame_s)):
+            stream.stats.count('dropped')
 
     def _check_executor(self) -> None:
         """Warn once when spun by rclpy's MultiThreadedExecutor (see the module docstring)."""
@@ -221,210 +326,106 @@ class DepthNode(Node):
                 'slower); spin this node in its own SingleThreadedExecutor or process')
 
     def _on_transport_hint(self) -> None:
-        """Until the first frame: warn when only the other image transport has a publisher."""
-        if self._got_frame:
-            self._hint_timer.cancel()
-            return
-        if self.count_publishers(self._image_sub.topic_name) > 0:
-            return
+        """Until a stream's first frame: warn when only the other transport has a publisher."""
         compressed = self._values['image_transport'] == 'compressed'
-        base = self.resolve_topic_name('image')
-        other = base if compressed else base + '/compressed'
-        if self.count_publishers(other) > 0:
-            self.get_logger().warning(
-                f'{self._image_sub.topic_name}: no publisher yet, but {other} has one: set '
-                f'image_transport:={"raw" if compressed else "compressed"} (parameter or '
-                'launch argument), or remap image to the camera\'s topic',
-                throttle_duration_sec=ERROR_PERIOD_S)
+        for stream in self._streams:
+            if stream.got_frame or stream.image_sub is None or \
+                    self.count_publishers(stream.image_sub.topic_name) > 0:
+                continue
+            base = self.resolve_topic_name(stream.topic('image'))
+            other = base if compressed else stream.compressed_topic(self)
+            if self.count_publishers(other) > 0:
+                self._reporter.warn((stream.name, 'transport'), (
+                    f'{stream.image_sub.topic_name}: no publisher yet, but {other} has one: set '
+                    f'image_transport:={"raw" if compressed else "compressed"} (parameter or '
+                    'launch argument), or remap the image topic to the camera\'s'))
 
-    def _on_camera_info(self, msg: CameraInfo) -> None:
-        self._infos.add(messages.stamp_ns(msg.header.stamp), messages.calibration_from_info(msg))
+    def _on_camera_info(self, stream: Stream, msg: CameraInfo) -> None:
+        try:
+            stream.infos.add(messages.stamp_ns(msg.header.stamp),
+                             messages.calibration_from_info(msg))
+        except MetricGoldError as err:
+            self._reporter.error(stream, stream.info_topic, str(err))
 
     def _on_set_parameters(self, params: List[Parameter]) -> SetParametersResult:
+        """Validate a change (all or nothing); :meth:`_on_parameters_set` applies it."""
         values = dict(self._values)
         for param in params:
-            reason = check_parameter(param.name, param.value, values) or \
-                self._model_refuses(param.name, param.value)
+            per_stream = split_stream_parameter(param.name, self._stream_names)
+            name = per_stream[1] if per_stream else param.name
+            if param.value is None and per_stream:
+                continue  # unset: the stream follows the node's value again
+            reason = check_parameter(name, param.value, values) or \
+                self._model_refuses(name, param.value, self.pipeline)
             if reason is not None:
                 return SetParametersResult(successful=False, reason=reason)
-            if param.name in values:
+            if per_stream is None and param.name in values:
                 values[param.name] = param.value
-        self._options = frame_options(values)  # one reference swap: the worker sees it whole
-        self._processor.fallback_resolution = values['fallback_processing_resolution']
-        self._values = values
+        if not hasattr(self, 'add_post_set_parameters_callback'):  # Humble: apply here
+            self._on_parameters_set(params)
         return SetParametersResult(successful=True)
 
-    def _model_refuses(self, name: str, value: Any) -> Optional[str]:
-        """Why the loaded model cannot run with ``name := value``, or None."""
+    def _on_parameters_set(self, params: List[Parameter]) -> None:
+        """Apply a validated change: one reference swap each, the worker sees it whole."""
+        values = dict(self._values)
+        for param in params:
+            per_stream = split_stream_parameter(param.name, self._stream_names)
+            if per_stream is not None:
+                stream, name = per_stream
+                overrides = dict(self._overrides[stream])
+                if param.value is None:
+                    overrides.pop(name, None)
+                else:
+                    overrides[name] = param.value
+                self._overrides[stream] = overrides
+            elif param.name in values:
+                values[param.name] = param.value
+        self._values = values
+        for stream in self._streams:
+            stream.overrides = self._overrides[stream.name]
+            stream.guard.fallback_resolution = values['fallback_processing_resolution']
+
+    def _model_refuses(self, name: str, value: Any,
+                       pipeline: Optional['MetricGoldPipeline']) -> Optional[str]:
+        """Why ``pipeline`` cannot run with ``name := value``, or None (also without one)."""
         if name == 'denoising_steps' and isinstance(value, int) and value > 1 and \
-                self.pipeline.metadata.e2e_ft:
+                pipeline is not None and pipeline.metadata.e2e_ft:
             return (f'denoising_steps: {value}: this model is single-step (E2E-FT, zero noise, '
                     'the predicted depth in one step); use 0 (its default) or 1')
         return None
 
     def _on_stats(self) -> None:
-        snap = self._stats.snapshot()
-        self.get_logger().info(snap.summary())
-        if self._diagnostics is None:
-            return
-        status = DiagnosticStatus(
-            level=DiagnosticStatus.WARN if snap.period_errors else DiagnosticStatus.OK,
-            name=f'{self.get_fully_qualified_name()}: depth',
-            hardware_id=str(self.pipeline.device),
-            message=(f'{snap.period_errors} input errors' if snap.period_errors else
-                     f'{snap.period_published} frames in {snap.period_s:.0f} s'),
-            values=[KeyValue(key=key, value=value) for key, value in snap.key_values()])
-        statuses = [status]
-        scale = self._scale
-        if scale is not None and scale.active:
-            statuses.append(DiagnosticStatus(
-                level=DiagnosticStatus.OK if scale.fit.ok or scale.fit.state == 'off' else
-                DiagnosticStatus.WARN, name=f'{self.get_fully_qualified_name()}: metric scale',
-                hardware_id=str(self.pipeline.device), message=scale.message,
-                values=[KeyValue(key=key, value=value) for key, value in scale.key_values()]))
-        self._diagnostics.publish(DiagnosticArray(
-            header=self._types.Header(stamp=self.get_clock().now().to_msg()), status=statuses))
-
-    # -- worker ------------------------------------------------------------------------------
-
-    def _has_subscribers(self, name: Optional[str] = None) -> bool:
-        pubs = [self._pubs[name]] if name else self._pubs.values()
-        return any(pub.get_subscription_count() > 0 for pub in pubs)
-
-    def _work(self) -> None:
-        while not self._stop.is_set():
-            frame = self._mailbox.take(timeout_s=0.2)
-            if frame is None:
-                continue
-            try:
-                self._process(frame)
-            except MetricGoldError as err:
-                self._report(self._image_sub.topic_name, str(err))
-            except Exception as err:  # noqa: B902 - one bad frame must not end the worker
-                if self._stop.is_set():
-                    return  # shutting down: publishers may already be gone
-                self._report(self._image_sub.topic_name,
-                             f'unexpected {type(err).__name__}: {err} (please report this with '
-                             'the debug log)')
-                self.get_logger().debug(traceback.format_exc())
-
-    def _process(self, frame: _Frame) -> None:
-        if not self._has_subscribers():
-            self._stats.count('idle')
-            return
-        msg = frame.msg
-        stamp = messages.stamp_ns(msg.header.stamp)
-        rgb = messages.rgb_from_msg(msg, pixel_budget=self._values['max_pixels'])  # [H,W,3]
-        self._follow_size(rgb.shape[1], rgb.shape[0], stamp)
-        calibration = self._infos.match(stamp)
-        if calibration is None:
-            self.get_logger().warning(
-                f'no CameraInfo on {self._info_sub.topic_name} yet: publishing depth without '
-                'depth/camera_info and points; remap camera_info to the camera\'s info topic',
-                throttle_duration_sec=ERROR_PERIOD_S)
-        options = dataclasses.replace(
-            self._options,
-            colored=self._options.colored and self._has_subscribers('depth/colored'),
-            points=self._options.points and self._has_subscribers('points'))
-        result = self._infer(rgb, calibration, options)
-        if result is None:
-            return
-        if result.camera_problem is not None:
-            self._report(self._info_sub.topic_name, f'{result.camera_problem} (publishing depth '
-                         'without depth/camera_info and points)')
-        self._follow_scale(result.scale)
-        out = frame_messages(self._types, msg.header, result)
-        if self._stop.is_set():
-            return
-        for name, message in out.items():
-            self._pubs[name].publish(message)
-        latency_s = (self.get_clock().now().nanoseconds - stamp) * 1e-9
-        self._stats.record(latency_s, result.timings_s)
-        if self.get_logger().is_enabled_for(LoggingSeverity.DEBUG):
-            self.get_logger().debug(
-                'frame ' + ', '.join(f'{k} {v * 1e3:.1f} ms' for k, v in result.timings_s.items())
-                + f'; stamp->publish {latency_s * 1e3:.0f} ms, '
-                f'{(time.monotonic() - frame.received_s) * 1e3:.0f} ms since receipt')
-
-    def _follow_size(self, width: int, height: int, stamp: int) -> None:
-        """A new image size (camera restarted in another mode): forget what belonged to the old.
-
-        The warm-start latent has the old shape, and the CameraInfo kept as "latest" may
-        describe the old mode; only the CameraInfo of this very frame's stamp is kept.
-        """
-        size = (width, height)
-        if self._image_size is not None and size != self._image_size:
-            self._processor.processor.reset()
-            self._infos.forget_all_but(stamp)
-            old = self._image_size
-            self.get_logger().info(
-                f'{self._image_sub.topic_name}: image size changed from {old[0]}x{old[1]} to '
-                f'{width}x{height}: warm start and CameraInfo history reset',
-                throttle_duration_sec=ERROR_PERIOD_S)
-        self._image_size = size
-
-    def _follow_scale(self, scale: Optional[MetricScale]) -> None:
-        """Keep the frame's metric scale for /diagnostics; log notes and changes of state."""
-        if scale is None:
-            return
-        for note in scale.notes:
-            self.get_logger().warning(note)
-        previous = self._scale.fit.state if self._scale is not None else 'off'
-        self._scale = scale
-        if scale.fit.state == previous:
-            return
-        # One call site per severity: rclpy refuses to throttle one site at two severities.
-        if scale.fit.ok or scale.fit.state == 'off':
-            self.get_logger().info(f'metric scale: {scale.message}',
-                                   throttle_duration_sec=ERROR_PERIOD_S)
-        else:
-            self.get_logger().warning(f'metric scale: {scale.message}',
-                                      throttle_duration_sec=ERROR_PERIOD_S)
-
-    # -- inference faults ------------------------------------------------------------------
-
-    def _infer(self, rgb: 'np.ndarray', calibration: Optional[Calibration],
-               options: FrameOptions) -> Optional[FrameResult]:
-        """The frame's result; None when inference failed (logged) and the frame is skipped."""
-        outcome = self._processor.process(rgb, calibration, options)
-        if outcome.failure is None:
-            return outcome.result
-        self._stats.count('failed')
-        if outcome.retried:
-            self._stats.count('retried')
-        failure = outcome.failure
-        key = ('inference', failure.stage, failure.kind, outcome.action.split(':')[0][:40])
-        held = self._limiter.check(key)
-        if held is not None:
-            more = f' [and {held} more like this since the last report]' if held else ''
-            self.get_logger().error(f'{self._image_sub.topic_name}: {outcome.report()}{more}')
-        return outcome.result
-
-    def _report(self, topic: str, text: str) -> None:
-        """Count an input error and log it, each distinct one at most every few seconds."""
-        self._stats.count('errors')
-        held = self._limiter.check((topic, text))
-        if held is not None:
-            more = f' [and {held} more like this since the last report]' if held else ''
-            self.get_logger().error(f'{topic}: {text}{more}')
+        now = time.monotonic()
+        statuses = []
+        for stream in self._streams:
+            snap = stream.stats.snapshot()
+            silent_s = stream.silent_for_s(now)
+            quiet = silent_s > max(self._values['stats_period'], 1.0)
+            self.get_logger().info(f'{stream.label}: {snap.summary()}'
+                                   + (f'; no image for {silent_s:.0f} s' if quiet else ''))
+            statuses += stream.statuses(
+                self.get_fully_qualified_name(),
+                str(self.pipeline.device) if self.pipeline is not None else '', snap,
+                silent_s if quiet else None)
+        if self._diagnostics is not None and statuses:
+            self._diagnostics.publish(DiagnosticArray(
+                header=self._types.Header(stamp=self.get_clock().now().to_msg()),
+                status=statuses))
 
     # -- shutdown ----------------------------------------------------------------------------
 
-    def close(self) -> None:
+    def _stop_worker(self) -> None:
         """Stop the worker; an inference in progress finishes in the background (daemon)."""
-        self._stop.set()
-        self._mailbox.close()
-        if self._worker.is_alive() and self._worker is not threading.current_thread():
-            self._worker.join(JOIN_TIMEOUT_S)
+        if self._worker is not None:
+            self._worker.stop()
+        self._worker = None
 
-    def stats(self) -> StatsSnapshot:
-        """Counters and period figures so far (does not start a new period)."""
-        return self._stats.snapshot(reset=False)
+    def close(self) -> None:
+        """Stop the worker (before ``destroy_node``)."""
+        self._stop_worker()
 
+    def stats(self, stream: int = 0) -> StatsSnapshot:
+        """Counters and period figures so far of stream ``stream`` (does not start a new
+        period)."""
+        return self._streams[stream].stats.snapshot(reset=False)
 
-if __name__ == '__main__':  # ``python -m metricgold_ros.node.depth_node``: the program
-    import sys
-
-    from metricgold_ros.node.main import main
-
-    sys.exit(main())

@@ -13,9 +13,11 @@ from typing import List, Optional
 import rclpy
 from rclpy.exceptions import ParameterException
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
+from rclpy.lifecycle import TransitionCallbackReturn
 from rclpy.signals import SignalHandlerOptions
 
 from metricgold_ros.errors import MetricGoldError
+from metricgold_ros.faults import fault_injector_from_env
 from metricgold_ros.node.depth_node import NODE_NAME, DepthNode
 
 SPIN_PERIOD_S = 0.1  # how often the spin loop looks for a stop request
@@ -23,6 +25,10 @@ SPIN_PERIOD_S = 0.1  # how often the spin loop looks for a stop request
 
 def _run(args: Optional[List[str]]) -> int:
     """Spin the node until SIGINT/SIGTERM; 1 when the configuration cannot work.
+
+    With ``autostart`` (the default) the node is configured (the model loaded) and activated
+    here; a configure that fails ends the program with 1. Without it the node waits,
+    unconfigured, for a lifecycle manager.
 
     The signals are handled here, not by rclpy: its handler thread triggers the executor's
     guard condition while this thread may already be destroying it (a segfault in about one
@@ -45,7 +51,16 @@ def _run(args: Optional[List[str]]) -> int:
     node = None
     executor = SingleThreadedExecutor()
     try:
-        node = DepthNode()
+        node = DepthNode(faults=fault_injector_from_env(os.environ))
+        if node.autostart:
+            if node.trigger_configure() != TransitionCallbackReturn.SUCCESS:
+                rclpy.logging.get_logger(NODE_NAME).fatal(
+                    'cannot start: configure failed (the error above says why)')
+                return 1
+            node.trigger_activate()
+        else:
+            node.get_logger().info('autostart is false: unconfigured, waiting for a lifecycle '
+                                   'manager (ros2 lifecycle set <node> configure)')
         executor.add_node(node)
         spinning = True
         while not stop.is_set() and rclpy.ok():

@@ -8,14 +8,14 @@ launch-file and ``config/depth.yaml`` tests check their keys against it.
 import math
 import re
 from dataclasses import dataclass
-from typing import Dict, Mapping, Optional, Tuple, Union
+from typing import Dict, List, Mapping, Optional, Tuple, Union
 
 from metricgold_ros.colorize import COLORMAPS
 from metricgold_ros.constants import DTYPE_CHOICES, LATENT_FACTOR
 from metricgold_ros.depth_frame import FrameOptions
 from metricgold_ros.image_encodings import DEFAULT_PIXEL_BUDGET
 
-ParamValue = Union[bool, int, float, str]
+ParamValue = Union[bool, int, float, str, List[str]]
 
 QOS_CHOICES = ('sensor_data', 'reliable')
 TRANSPORT_CHOICES = ('raw', 'compressed')  # image_transport's names
@@ -40,7 +40,21 @@ class ParamSpec:
 
 
 PARAMETERS: Tuple[ParamSpec, ...] = (
-    ParamSpec('model_path', '', 'Local MetricGold checkpoint folder; empty: the bundled model',
+    ParamSpec('cameras', [''], 'Names of the camera streams this node serves with one model: '
+              'stream NAME subscribes NAME/image and NAME/camera_info and publishes NAME/depth/'
+              '... and NAME/points; [\'\'] (default): one stream on image, camera_info, depth/'
+              '..., points', runtime=False),
+    ParamSpec('autostart', True, 'Configure and activate at start; false: stay unconfigured '
+              'for a lifecycle manager (ros2 lifecycle set ... configure / activate)',
+              runtime=False),
+    ParamSpec('model_path', '', 'The checkpoint: a local folder, or a Hugging Face repo id '
+              '(org/name[@revision]) resolved through the hub cache (HF_HOME; downloaded once '
+              'at configure, HF_HUB_OFFLINE=1 honoured); empty: the bundled model',
+              runtime=False),
+    ParamSpec('variant', '', 'Weights variant, as diffusers names it (fp16: '
+              '*.fp16.safetensors); empty: the plain weights', runtime=False),
+    ParamSpec('decoder', '', 'Light VAE decoder (AutoencoderTiny/TAESD or AutoencoderKL): a '
+              'folder or repo id, used for decoding only; empty: the checkpoint\'s VAE',
               runtime=False),
     ParamSpec('device', 'auto', 'auto (first CUDA GPU, else CPU), cpu, cuda or cuda:N',
               runtime=False),
@@ -84,7 +98,12 @@ PARAMETERS: Tuple[ParamSpec, ...] = (
     ParamSpec('camera_roll_deg', 0.0, 'Camera turned about its optical axis, degrees '
               '(positive: the image\'s right side dips)', float_range=(-180.0, 180.0)),
     ParamSpec('max_pixels', DEFAULT_PIXEL_BUDGET, 'Images with more pixels are refused before any '
-              'allocation', int_range=(1, 2 ** 31 - 1)),
+              'allocation', runtime=False, int_range=(1, 2 ** 31 - 1)),
+    ParamSpec('batch_wait_ms', 0.0, 'When the model is free and some cameras have a frame '
+              'waiting, wait at most this long for the others to join the batch; 0: take what '
+              'is there', float_range=(0.0, 1000.0)),
+    ParamSpec('max_batch_size', 0, 'At most this many cameras\' frames in one batch (the '
+              'cameras take turns); 0: every waiting frame', int_range=(0, 256)),
     ParamSpec('image_transport', 'raw', 'Input transport, named as image_transport names it: '
               'raw (sensor_msgs/Image on image) or compressed (sensor_msgs/CompressedImage, '
               'jpeg or png, on <image>/compressed)', runtime=False, choices=TRANSPORT_CHOICES),
@@ -100,6 +119,40 @@ PARAMETERS: Tuple[ParamSpec, ...] = (
               '/diagnostics every stats_period', runtime=False),
 )
 SPECS: Dict[str, ParamSpec] = {spec.name: spec for spec in PARAMETERS}
+# What each stream (camera) may set for itself as <stream>.<name>; unset: the node's value.
+STREAM_PARAMETERS: Tuple[str, ...] = ('camera_height_m', 'camera_pitch_deg', 'camera_roll_deg')
+_STREAM_NAME_RE = re.compile(r'^[A-Za-z][A-Za-z0-9_]*(/[A-Za-z][A-Za-z0-9_]*)*$')
+
+
+def stream_parameter(stream: str, name: str) -> str:
+    """The name of stream ``stream``'s own ``name`` (``front.camera_height_m``)."""
+    return f'{stream.replace("/", ".")}.{name}'
+
+
+def split_stream_parameter(full_name: str, streams: Tuple[str, ...]
+                           ) -> Optional[Tuple[str, str]]:
+    """``(stream, name)`` of a per-stream parameter name, or None for a node parameter."""
+    for stream in streams:
+        for name in STREAM_PARAMETERS:
+            if stream and full_name == stream_parameter(stream, name):
+                return stream, name
+    return None
+
+
+def check_cameras(cameras: List[str]) -> Optional[str]:
+    """Why the ``cameras`` list is refused, or None."""
+    if cameras == ['']:
+        return None
+    if not cameras:
+        return "cameras: empty; give at least one name, or [''] for one unnamed stream"
+    for name in cameras:
+        if not _STREAM_NAME_RE.match(name):
+            return (f'cameras: {name!r} is not a stream name; use letters, digits and _ '
+                    "(starting with a letter, '/' between parts), e.g. front, rear, arm/wrist; "
+                    "[''] alone for one unnamed stream")
+    if len(set(cameras)) != len(cameras):
+        return f'cameras: {cameras} names a camera twice; each stream once'
+    return None
 
 
 def check_parameter(name: str, value: ParamValue, values: Mapping[str, ParamValue]
@@ -114,6 +167,8 @@ def check_parameter(name: str, value: ParamValue, values: Mapping[str, ParamValu
     if type(value) is not type(spec.default):
         return (f'{name}: {value!r} is a {type(value).__name__}; expected '
                 f'{type(spec.default).__name__}')
+    if name == 'cameras':
+        return check_cameras(value)
     limits = spec.int_range or spec.float_range
     if limits is not None and not limits[0] <= value <= limits[1]:
         return f'{name}: {value} is outside [{limits[0]}, {limits[1]}]'
@@ -133,8 +188,12 @@ def check_parameter(name: str, value: ParamValue, values: Mapping[str, ParamValu
     return None
 
 
-def frame_options(values: Mapping[str, ParamValue]) -> FrameOptions:
-    """The per-frame options for the node's parameter ``values`` (by name)."""
+def frame_options(values: Mapping[str, ParamValue],
+                  stream: Optional[Mapping[str, ParamValue]] = None) -> FrameOptions:
+    """The per-frame options for the node's parameter ``values`` (by name); ``stream`` holds a
+    stream's own values of :data:`STREAM_PARAMETERS` (those it set), which win."""
+    if stream:
+        values = {**values, **stream}
     return FrameOptions(
         denoising_steps=values['denoising_steps'] or None,
         ensemble_size=values['ensemble_size'],

@@ -1,4 +1,4 @@
-"""The depth node's plain-Python machinery: the newest-frame mailbox, frame statistics, the
+"""The depth node's plain-Python machinery: the newest-frame mailboxes, frame statistics, the
 rate limiter of error reports and the CameraInfo cache. No rclpy: unit-tested without ROS."""
 
 import math
@@ -14,42 +14,65 @@ import numpy as np
 T = TypeVar('T')
 
 
-class Mailbox(Generic[T]):
-    """A one-slot queue: ``put`` replaces a waiting item (counted), ``take`` waits for one.
+class Mailboxes(Generic[T]):
+    """One newest-item slot per stream (camera), emptied together by one worker.
 
-    The camera callback never blocks and latency stays bounded: the worker always gets the
-    newest frame, and a frame that waited while the model ran is dropped.
+    ``put`` replaces a stream's waiting item (counted as dropped) and never blocks, so the
+    camera callbacks stay cheap and latency stays bounded: the worker always gets each
+    stream's newest frame. ``take`` returns what waits in all slots at once (a batch), taking
+    the streams in turn after the one served last when ``limit`` caps the batch, so no stream
+    starves.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, streams: int) -> None:
+        if streams < 1:
+            raise ValueError(f'streams: {streams}, expected >= 1')
         self._cond = threading.Condition()
-        self._item: Optional[T] = None
-        self._full = False
+        self._items: List[Optional[T]] = [None] * streams
+        self._full = [False] * streams
+        self._next = 0  # the stream served first by the next capped take
         self._closed = False
 
-    def put(self, item: T) -> bool:
-        """Store ``item``; True when it replaced one nobody took (a dropped frame)."""
+    def put(self, stream: int, item: T) -> bool:
+        """Store ``item`` in ``stream``'s slot; True when it replaced one nobody took."""
         with self._cond:
-            replaced = self._full
-            self._item, self._full = item, True
+            replaced = self._full[stream]
+            self._items[stream], self._full[stream] = item, True
             self._cond.notify()
             return replaced
 
-    def take(self, timeout_s: Optional[float] = None) -> Optional[T]:
-        """The waiting item (emptying the slot), or None on timeout or once closed."""
+    def take(self, timeout_s: Optional[float] = None, gather_s: float = 0.0,
+             limit: int = 0) -> List[Tuple[int, T]]:
+        """``(stream, item)`` pairs waiting now, emptying their slots; [] on timeout or close.
+
+        Waits up to ``timeout_s`` for a first item, then up to ``gather_s`` more for the other
+        streams (returning as soon as every slot is full). ``limit`` > 0 caps the pairs taken.
+        """
         with self._cond:
-            if not self._cond.wait_for(lambda: self._full or self._closed, timeout_s):
-                return None
+            if not self._cond.wait_for(lambda: any(self._full) or self._closed, timeout_s):
+                return []
+            if gather_s > 0.0:
+                self._cond.wait_for(lambda: all(self._full) or self._closed, gather_s)
             if self._closed:
-                return None
-            item, self._item, self._full = self._item, None, False
-            return item
+                return []
+            count = len(self._items)
+            order = [(self._next + i) % count for i in range(count)]
+            taken = [stream for stream in order if self._full[stream]]
+            if limit > 0:
+                taken = taken[:limit]
+            self._next = (taken[-1] + 1) % count
+            pairs = []
+            for stream in sorted(taken):
+                pairs.append((stream, self._items[stream]))
+                self._items[stream], self._full[stream] = None, False
+            return pairs
 
     def close(self) -> None:
-        """Wake the waiting ``take`` for good (shutdown)."""
+        """Empty every slot and wake the waiting ``take`` for good (shutdown)."""
         with self._cond:
             self._closed = True
-            self._item, self._full = None, False
+            self._items = [None] * len(self._items)
+            self._full = [False] * len(self._full)
             self._cond.notify_all()
 
 
