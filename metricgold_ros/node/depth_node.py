@@ -36,6 +36,7 @@ import numpy as np
 from diagnostic_msgs.msg import DiagnosticArray
 from rcl_interfaces.msg import (FloatingPointRange, IntegerRange, ParameterDescriptor,
                                 SetParametersResult)
+from rclpy.exceptions import ParameterUninitializedException
 from rclpy.executors import MultiThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.parameter import Parameter
@@ -153,12 +154,14 @@ class DepthNode(LifecycleNode):
                 descriptor = _descriptor(spec, full)
                 descriptor.description = f'{stream} only (unset: {name}): {spec.description}'
                 self.declare_parameter(full, Parameter.Type.DOUBLE, descriptor)
-                value = self.get_parameter(full).value
-                if value is not None:
-                    reason = check_parameter(name, value, self._values)
-                    if reason is not None:
-                        raise InputError(f'{full}: {reason}')
-                    overrides[stream][name] = value
+                try:
+                    value = self.get_parameter(full).value
+                except ParameterUninitializedException:
+                    continue  # not set: the stream follows the node's value
+                reason = check_parameter(name, value, self._values)
+                if reason is not None:
+                    raise InputError(f'{full}: {reason}')
+                overrides[stream][name] = value
         return overrides
 
     # -- lifecycle ---------------------------------------------------------------------------
