@@ -41,6 +41,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -359,9 +360,9 @@ def section_transfers(check: Check) -> Dict[str, Any]:
 
 def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--out', type=Path, default=Path('/tmp/metricgold_gpu_check'),
-                        help='folder for gpu_check.json/.md when $OUT is unset '
-                             '(default /tmp/metricgold_gpu_check)')
+    parser.add_argument('--out', type=Path, default=None,
+                        help='folder for gpu_check.json/.md when $OUT is unset (default: a '
+                             'new private folder, metricgold_gpu_check-XXXXXX in $TMPDIR)')
     parser.add_argument('--budget', type=float, default=450.0,
                         help='hard wall-clock budget of the whole check, s (default 450)')
     parser.add_argument('--tiny', action='store_true',
@@ -388,10 +389,22 @@ def _settings(args: argparse.Namespace, cuda: bool) -> None:
         args.node_seconds = 4.0 if args.tiny else 30.0
 
 
+def output_folder(out: Optional[Path]) -> Path:
+    """$OUT, else ``--out`` (created), else a new folder of our own (never a fixed /tmp name
+    that another user could have made first)."""
+    if os.environ.get('OUT'):
+        return Path(os.environ['OUT'])
+    if out is None:
+        folder = Path(tempfile.mkdtemp(prefix='metricgold_gpu_check-'))
+        print(f'gpu_check: writing to {folder}', file=sys.stderr)
+        return folder
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parse_args(argv)
-    out_dir = Path(os.environ['OUT']) if os.environ.get('OUT') else args.out
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = output_folder(args.out)
     try:
         import torch
         cuda = torch.cuda.is_available()

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU device check of metricgold_ros (bench/gpu_check.py): ours vs diffusers, the FLOP
 # floor, torch.compile, the node end to end. Writes gpu_check.json and gpu_check.md to $OUT
-# (else --out DIR, default /tmp/metricgold_gpu_check). See BENCHMARKS.md, "GPU device check".
+# (else --out DIR, default a new mktemp folder). See BENCHMARKS.md, "GPU device check".
 #
 #   bash bench/gpu_check.sh [gpu_check.py options]   # run (about 7.5 min on a GPU)
 #   bash bench/gpu_check.sh --fetch-wheels           # here, with network: fill .whl/
@@ -48,7 +48,9 @@ echo "gpu_check.sh: python $(command -v "$PY" || echo "$PY") ($("$PY" -V 2>&1))"
 
 if ! "$PY" -c 'import diffusers, rclpy' 2>/dev/null; then
     if ls "$WHEELS"/*.whl >/dev/null 2>&1; then
-        PREFIX=${MG_PREFIX:-/tmp/metricgold-gpu-check-prefix}
+        # A new private folder, never a fixed /tmp name: whoever made that first would put
+        # their modules on our PYTHONPATH.
+        PREFIX=${MG_PREFIX:-$(mktemp -d "${TMPDIR:-/tmp}/metricgold-gpu-check-prefix.XXXXXX")}
         echo "gpu_check.sh: installing $(ls "$WHEELS"/*.whl | wc -l) wheels into $PREFIX"
         if "$PY" -m pip install --quiet --no-index --no-deps --no-compile --ignore-installed \
                 --disable-pip-version-check --prefix "$PREFIX" "$WHEELS"/*.whl; then

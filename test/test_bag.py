@@ -164,12 +164,18 @@ def test_overwrite(tmp_path, capsys, fast_model):
     bag = write_camera_bag(tmp_path / 'in', count=1, extra_topic=False)
     out = tmp_path / 'out'
     out.mkdir()
-    (out / 'old').write_text('previous run')
+    (out / 'thesis.tex').write_text('a user\'s file, not a bag')
     code, _, err = run_bag(capsys, bag.path, out, *FAST)
-    assert code == 1 and '--overwrite' in err and (out / 'old').exists()
-    code, summary, _ = run_bag(capsys, bag.path, out, '--overwrite', *FAST)
+    assert code == 1 and '--overwrite' in err and (out / 'thesis.tex').exists()
+    code, _, err = run_bag(capsys, bag.path, out, '--overwrite', *FAST)  # not a bag: refused
+    assert code == 1 and 'thesis.tex' in err and 'not a bag' in err, err
+    assert sorted(p.name for p in out.iterdir()) == ['thesis.tex']
+    (out / 'thesis.tex').unlink()
+    out.rmdir()
+    code, summary, _ = run_bag(capsys, bag.path, out, *FAST)
     assert code == 0 and summary['frames'] == 1
-    assert not (out / 'old').exists() and (out / 'metadata.yaml').exists()
+    code, summary, _ = run_bag(capsys, bag.path, out, '--overwrite', *FAST)  # a bag: replaced
+    assert code == 0 and summary['frames'] == 1 and (out / 'metadata.yaml').exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ['in', 'out']
 
 

@@ -19,15 +19,39 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
+from metricgold_ros.atomic import describe, fsync_path, fsync_tree
 from metricgold_ros.errors import BagError
 
 STORAGES = ('mcap', 'sqlite3')
+BAG_SUFFIXES = ('.bag', '.mcap', '.db3')
 BAG_VERSION = 8  # rosbag2 metadata version with message definitions that Humble+ tools read
 QUEUE_DEPTH = 64  # pending writes (a frame is ~5 of them): bounds memory, lets the model run on
 
 
+def is_bag(path: Path) -> bool:
+    """A rosbag2 folder (with metadata.yaml), or a .bag/.mcap/.db3 file."""
+    if path.is_dir():
+        return (path / 'metadata.yaml').is_file()
+    return path.is_file() and path.suffix in BAG_SUFFIXES
+
+
+def check_replaceable(output: Path) -> None:
+    """BagError unless ``output`` is absent or a bag that ``--overwrite`` may replace.
+
+    ``--overwrite`` replaces only what this tool would have written there: a rosbag2 folder
+    (with metadata.yaml) or a bag file. Anything else (an ordinary folder, a text file) is a
+    user's data and is refused with what is there.
+    """
+    if not (output.exists() or output.is_symlink()) or is_bag(output):
+        return
+    raise BagError(f'OUTPUT {output} is {describe(output)}, not a bag: --overwrite replaces '
+                   'only a rosbag2 folder (with metadata.yaml) or a .mcap/.db3/.bag file. '
+                   'Choose another OUTPUT, or move that away yourself')
+
+
 def check_output(output: Path, input_path: Path, overwrite: bool) -> None:
-    """Refuse an OUTPUT that exists (unless ``overwrite``), overlaps INPUT or has no parent."""
+    """Refuse an OUTPUT that exists (unless ``overwrite`` and it is a bag), overlaps INPUT or
+    has no parent."""
     out, inp = output.resolve(), input_path.resolve()
     if out == inp or inp in out.parents or out in inp.parents:
         raise BagError(f'OUTPUT {output} overlaps INPUT {input_path}; write the new bag '
@@ -40,6 +64,8 @@ def check_output(output: Path, input_path: Path, overwrite: bool) -> None:
     if (output.exists() or output.is_symlink()) and not overwrite:
         raise BagError(f'OUTPUT {output} exists; pass --overwrite to replace it, or choose '
                        'another name')
+    if overwrite:
+        check_replaceable(output)
 
 
 class OutputBag:
@@ -129,18 +155,33 @@ class OutputBag:
         self._submit(self._write_message, topic, timestamp_ns, msg)
 
     def commit(self) -> None:
-        """Finish the bag and move it to its final name (replacing one if ``overwrite``)."""
+        """Finish the bag and move it to its final name (replacing a bag if ``overwrite``).
+
+        The new bag's files and folder are fsynced before the rename and the parent folder
+        after it; a bag being replaced is moved aside first and deleted only once the new one
+        holds the name.
+        """
         assert self._temp_dir is not None
         self._submit(self._writer.close)
         self._stop_worker(discard=False)
         self._writer = None
+        new = self._temp_dir / self.path.name
+        fsync_tree(new)
         with _interrupts_deferred():  # the swap must not be interrupted half way
             if self.path.exists() or self.path.is_symlink():
                 if not self.overwrite:
                     raise BagError(f'OUTPUT {self.path} appeared while writing; the new bag is '
                                    'discarded')
+                check_replaceable(self.path)  # it may have changed since the run started
                 os.rename(self.path, self._temp_dir / f'{self.path.name}.replaced')
-            os.rename(self._temp_dir / self.path.name, self.path)
+            try:
+                os.rename(new, self.path)
+            except BaseException:
+                aside = self._temp_dir / f'{self.path.name}.replaced'
+                if aside.exists() or aside.is_symlink():
+                    os.rename(aside, self.path)  # the old output back, nothing lost
+                raise
+            fsync_path(self.path.parent)
             _remove(self._temp_dir)
             self._temp_dir = None
 

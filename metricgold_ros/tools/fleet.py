@@ -8,11 +8,16 @@ local worker processes (:mod:`metricgold_ros.tools.fleet_workers`) or on a Ray c
 (:mod:`metricgold_ros.tools.fleet_ray`), each worker loading the model once. Progress, the
 per-bag lines and the summary are :mod:`metricgold_ros.tools.fleet_summary`'s.
 
-A finished bag gets a completion record beside it, ``NAME.metricgold.json`` (its summary and
-the input's size and modification time), written atomically after the bag was renamed into
-place. A re-run skips a bag whose output folder, record and unchanged input are all there; an
-output without a record (another tool's, or a crash in the moment between the two renames)
-is refused unless ``--overwrite``. Times are seconds unless a name says ``_ns``.
+A finished bag gets a completion record beside it, ``NAME.metricgold.json`` (its summary, the
+input's size and modification time taken before it was read, the model's identity and the
+settings that change outputs), written atomically after the bag was renamed into place and
+synced to disk. A re-run skips a bag whose output folder and record are there and whose
+input, model and settings are unchanged; an output with an out-of-date record of ours is
+redone (the old one moved aside until the new one is in place); an input that changed while
+it was read (a bag still being recorded) is not marked done. An output without a record
+(another tool's, or a crash in the moment between the two renames) is refused unless
+``--overwrite``, which replaces only bags. Output names that collide or nest are refused
+before any work starts. Times are seconds unless a name says ``_ns``.
 """
 
 import argparse
@@ -20,15 +25,17 @@ import json
 import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
-from metricgold_ros.atomic import write_atomic
+from metricgold_ros.atomic import describe, write_atomic
 from metricgold_ros.errors import BagError, MetricGoldError
+from metricgold_ros.tools.bag_output import BAG_SUFFIXES, is_bag
 from metricgold_ros.tools.options import non_negative_int, positive_int
 
-BAG_SUFFIXES = ('.bag', '.mcap', '.db3')
 RECORD_SUFFIX = '.metricgold.json'
-RECORD_VERSION = 1
+RECORD_VERSION = 2  # 2: the model's identity and the output settings are on record
+MODEL_HASHED_FILE_BYTES = 1 << 20  # model files up to this size are hashed, larger by mtime
+OUTPUT_NEUTRAL_SETTINGS = ('overwrite', 'device', 'allow_pickle', 'record_identity')
 DEFAULT_RETRIES = 1  # a bag whose worker died runs once more, on another worker
 
 
@@ -41,6 +48,7 @@ class Job:
     output: str
     name: str
     frames_estimate: int = 0
+    redo: bool = False  # an out-of-date output of ours: replaced without --overwrite
 
 
 @dataclass
@@ -58,13 +66,6 @@ class Outcome:
 # -- discovery ------------------------------------------------------------------------------
 
 
-def is_bag(path: Path) -> bool:
-    """A rosbag2 folder (with metadata.yaml), or a .bag/.mcap/.db3 file."""
-    if path.is_dir():
-        return (path / 'metadata.yaml').is_file()
-    return path.is_file() and path.suffix in BAG_SUFFIXES
-
-
 def wants_fleet(inputs: Sequence[str]) -> bool:
     """True unless there is one input that is (or would be) a single bag: ``bag IN OUT``."""
     if len(inputs) != 1:
@@ -74,7 +75,13 @@ def wants_fleet(inputs: Sequence[str]) -> bool:
 
 
 def output_name(path: Path) -> str:
-    """The output folder name of a bag: a file loses its bag suffix (x.bag -> x)."""
+    """The output folder name of a bag: a file loses its bag suffix (x.bag -> x).
+
+    A path without a name of its own (``.``, ``..``, ``run/``) is named by the folder it
+    resolves to.
+    """
+    if path.name in ('', '.', '..'):
+        path = path.resolve()
     return path.stem if path.is_file() and path.suffix in BAG_SUFFIXES else path.name
 
 
@@ -103,24 +110,52 @@ def find_bags(inputs: Sequence[str]) -> List[Tuple[Path, str]]:
         if len(found) == before:
             raise BagError(f'INPUT {root}: no bag found in this folder or below (looked for '
                            'rosbag2 folders with metadata.yaml and .mcap, .db3, .bag files)')
+    check_names([(bag, os.path.normpath(name)) for bag, name in found])
+    return [(bag, os.path.normpath(name)) for bag, name in found]
+
+
+def check_names(found: Sequence[Tuple[Path, str]]) -> None:
+    """BagError for output names that collide, nest or leave OUTPUT, before any work starts.
+
+    ``x`` and ``x/y`` nest: the bag folder ``OUTPUT/x`` would hold another bag, and replacing
+    one would delete the other. A name must be a plain relative path below OUTPUT.
+    """
     by_name: Dict[str, Path] = {}
     for bag, name in found:
-        name = os.path.normpath(name)
+        parts = Path(name).parts
+        if not parts or name in ('.', '') or Path(name).is_absolute() or '..' in parts or \
+                any(part.startswith('.') for part in parts):
+            raise BagError(f'INPUT {bag}: its output name {name!r} is not a plain, visible '
+                           'folder name below OUTPUT (hidden names hold partial outputs); '
+                           'give the bag by a path that ends in its name, or rename it')
         if name in by_name:
             raise BagError(f'{by_name[name]} and {bag} would both be written to OUTPUT/{name}; '
                            'rename one, or process them in separate runs')
         by_name[name] = bag
-    return [(bag, os.path.normpath(name)) for bag, name in found]
+    for name, bag in by_name.items():
+        parts = Path(name).parts
+        for depth in range(1, len(parts)):
+            outer = str(Path(*parts[:depth]))
+            if outer in by_name:
+                raise BagError(f'{bag} would be written to OUTPUT/{name}, inside the output of '
+                               f'{by_name[outer]} (OUTPUT/{outer}); rename one, or process them '
+                               'in separate runs')
 
 
-def _walk(folder: Path) -> Iterator[Path]:
+def _walk(folder: Path, seen: Optional[Set[Tuple[int, int]]] = None) -> Iterator[Path]:
+    """Bags below ``folder``; symbolic links to folders are followed, each folder once."""
+    seen = set() if seen is None else seen
+    info = folder.stat()
+    if (info.st_dev, info.st_ino) in seen:  # a link back up the tree, or a second link
+        return
+    seen.add((info.st_dev, info.st_ino))
     for entry in sorted(folder.iterdir()):
         if entry.name.startswith('.'):
             continue
         if is_bag(entry):
             yield entry
-        elif entry.is_dir() and not entry.is_symlink():
-            yield from _walk(entry)
+        elif entry.is_dir():
+            yield from _walk(entry, seen)
 
 
 def plan_jobs(inputs: Sequence[str], output: str) -> List[Job]:
@@ -156,36 +191,101 @@ def record_path(output: str) -> Path:
 
 
 def input_fingerprint(path: str) -> Dict[str, int]:
-    """Size (bytes) and newest modification time (ns) of a bag's files: a changed bag differs."""
+    """Size (bytes), file count and newest modification time (ns) of a bag's files: a changed
+    bag (or one still being recorded) differs."""
     p = Path(path)
     files = [f for f in sorted(p.iterdir()) if f.is_file()] if p.is_dir() else [p]
     stats = [f.stat() for f in files]
-    return {'bytes': sum(s.st_size for s in stats),
+    return {'bytes': sum(s.st_size for s in stats), 'files': len(stats),
             'mtime_ns': max((s.st_mtime_ns for s in stats), default=0)}
 
 
-def completed(job: Job) -> Optional[Dict[str, Any]]:
-    """The summary of an earlier run that finished ``job`` on the same input, else None."""
-    record = record_path(job.output)
+def model_identity(model: str, *, hashed_bytes: int = MODEL_HASHED_FILE_BYTES) -> str:
+    """A hash naming the model folder's content: every file's path and size, the content of
+    its small files (configs, metadata) and the modification time (ns) of the large ones."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    root = Path(model).resolve()
+    files = [root] if root.is_file() else sorted(p for p in root.rglob('*') if p.is_file())
+    for path in files:
+        info = path.stat()
+        digest.update(f'{path.relative_to(root) if path != root else path.name}\0'
+                      f'{info.st_size}\0'.encode())
+        if info.st_size <= hashed_bytes:
+            digest.update(path.read_bytes())
+        else:
+            digest.update(str(info.st_mtime_ns).encode())
+    return digest.hexdigest()
+
+
+def run_identity(settings: Dict[str, Any]) -> Dict[str, Any]:
+    """What makes two runs' outputs the same: the model's :func:`model_identity` and every
+    setting except those that change no output (:data:`OUTPUT_NEUTRAL_SETTINGS`), as JSON."""
+    kept = {k: v for k, v in sorted(settings.items())
+            if k not in OUTPUT_NEUTRAL_SETTINGS and k != 'model'}
+    return {'model': model_identity(settings['model']),
+            'settings': json.loads(json.dumps(kept, default=str))}
+
+
+def _load_record(job: Job) -> Optional[Dict[str, Any]]:
+    """The record beside ``job``'s output bag (with its metadata.yaml), else None."""
     try:
-        data = json.loads(record.read_text())
+        data = json.loads(record_path(job.output).read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(data, dict) or data.get('version') != RECORD_VERSION:
+    if not isinstance(data, dict) or not (Path(job.output) / 'metadata.yaml').is_file():
         return None
-    if not (Path(job.output) / 'metadata.yaml').is_file():
+    return data
+
+
+def stale_reason(job: Job, identity: Optional[Dict[str, Any]] = None) -> Optional[str]:
+    """Why an earlier run's output of ``job`` is out of date (None: up to date, or no record).
+
+    An output with a record of ours is ours: a re-run redoes it when this says why.
+    """
+    data = _load_record(job)
+    if data is None:
         return None
+    if data.get('version') != RECORD_VERSION:
+        return 'it was made by an older metricgold (no model or settings on record)'
+    if not data.get('complete', False):
+        return 'its input changed while it was read (still being recorded?)'
     try:
-        same = data.get('input_fingerprint') == input_fingerprint(job.input)
-    except OSError:
+        if data.get('input_fingerprint') != input_fingerprint(job.input):
+            return 'its input changed since'
+    except OSError as err:
+        return f'its input cannot be read ({err.strerror})'
+    if identity is not None:
+        if data.get('model') != identity['model']:
+            return 'the model is another one, or was changed'
+        if json.dumps(data.get('settings'), sort_keys=True) != \
+                json.dumps(identity['settings'], sort_keys=True):
+            changed = sorted(k for k in set(data.get('settings') or {}) | set(identity['settings'])
+                             if (data.get('settings') or {}).get(k) != identity['settings'].get(k))
+            return f"settings that change the output differ: {', '.join(changed)}"
+    return None
+
+
+def completed(job: Job, identity: Optional[Dict[str, Any]] = None) -> Optional[Dict[str, Any]]:
+    """The summary of an earlier run that finished ``job`` on the same input, model and
+    settings (``identity``, from :func:`run_identity`), else None."""
+    data = _load_record(job)
+    if data is None or stale_reason(job, identity) is not None:
         return None
-    return data.get('summary') if same else None
+    return data.get('summary')
 
 
-def write_record(job: Job, summary: Dict[str, Any]) -> None:
-    """Write the completion record atomically."""
-    data = {'version': RECORD_VERSION, 'input': job.input,
-            'input_fingerprint': input_fingerprint(job.input), 'summary': summary}
+def write_record(job: Job, summary: Dict[str, Any], identity: Optional[Dict[str, Any]] = None,
+                 *, fingerprint: Optional[Dict[str, int]] = None, complete: bool = True) -> None:
+    """Write the completion record atomically (after the bag is in place and on disk).
+
+    ``fingerprint`` is the input's, taken before it was read; ``complete`` False keeps the
+    output but marks it to be redone (the input changed while it was read).
+    """
+    data = {'version': RECORD_VERSION, 'complete': complete, 'input': job.input,
+            'input_fingerprint': fingerprint or input_fingerprint(job.input),
+            **(identity or {'model': None, 'settings': None}), 'summary': summary}
     write_atomic(record_path(job.output), (json.dumps(data, indent=1) + '\n').encode())
 
 
@@ -197,10 +297,12 @@ def remove_stale_partials(output: str) -> List[str]:
     """
     import shutil
 
+    import glob
+
     path = Path(output)
     removed = []
-    if path.parent.is_dir():
-        for stale in path.parent.glob(f'.{path.name}.partial-*'):
+    if path.parent.is_dir():  # the name escaped: a bag named run[1] must not match .run1.*
+        for stale in path.parent.glob(f'.{glob.escape(path.name)}.partial-*'):
             shutil.rmtree(stale, ignore_errors=True)
             removed.append(stale.name)
     return removed
@@ -240,12 +342,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument('--workers', type=positive_int, metavar='N',
                        help='worker processes, each with the model loaded once (default: one '
                             'per GPU, else one per 4 CPU cores); with --ray, at most N actors')
-    group.add_argument('--ray', nargs='?', const='auto', metavar='ADDRESS',
-                       help="run on a Ray cluster: ADDRESS of its head, 'auto' (RAY_ADDRESS or "
-                            "the one running here; the default without ADDRESS) or 'local' "
-                            '(start one on this machine, loopback only). One actor per GPU, '
-                            'else per --cpus-per-worker CPUs; bags and OUTPUT must be at the '
-                            'same path on every node')
+    group.add_argument('--ray', nargs='?', const='local', metavar='ADDRESS',
+                       help="run on a Ray cluster: without ADDRESS (or 'local') a private one "
+                            'started on this machine, loopback only; to join a running one, '
+                            "give its ADDRESS (host:port, or 'auto' for RAY_ADDRESS or the one "
+                            'running here). Ray has no authentication: whoever runs the '
+                            'cluster runs code in this process. One actor per GPU, else per '
+                            '--cpus-per-worker CPUs; bags and OUTPUT must be at the same path '
+                            'on every node')
     group.add_argument('--cpus-per-worker', type=positive_int, default=1, metavar='N',
                        help='CPUs of one Ray actor without GPUs (default 1)')
     group.add_argument('--retries', type=non_negative_int, default=DEFAULT_RETRIES,
@@ -270,19 +374,18 @@ def run(args: argparse.Namespace, inputs: Sequence[str]) -> int:
     jobs = plan_jobs(inputs, args.output)
     settings = job_settings(args)
     settings['model'] = str(resolve_model_path(args.model, '--model'))  # fail early, once
+    identity = run_identity(settings)
+    settings['record_identity'] = identity
     pending: List[Job] = []
     settled: List[Outcome] = []
     for job in jobs:
-        earlier = None if args.overwrite else completed(job)
-        if earlier is not None:
-            settled.append(Outcome(job, 'skipped', summary=earlier))
-        elif not args.overwrite and Path(job.output).exists():
-            settled.append(Outcome(job, 'failed', error=(
-                f'OUTPUT {job.output} exists without a completion record '
-                f'({record_path(job.output).name}; written by another tool or an interrupted '
-                'run?): pass --overwrite to replace it')))
+        state, detail = _earlier_run(job, identity, args.overwrite)
+        if state == 'skipped':
+            settled.append(Outcome(job, 'skipped', summary=detail))
+        elif state == 'failed':
+            settled.append(Outcome(job, 'failed', error=detail))
         else:
-            pending.append(replace(job, frames_estimate=estimate_frames(
+            pending.append(replace(job, redo=state == 'redo', frames_estimate=estimate_frames(
                 job, args.image_topic, args.max_frames)))
     board = Board(sorted(pending + [o.job for o in settled], key=lambda job: job.index),
                   args.quiet)
@@ -309,6 +412,30 @@ def run(args: argparse.Namespace, inputs: Sequence[str]) -> int:
     if args.summary_json:
         write_summary(args.summary_json, data)
     return report(args, data, interrupted)
+
+
+def _earlier_run(job: Job, identity: Dict[str, Any], overwrite: bool) -> Tuple[str, Any]:
+    """What to do with ``job`` given what an earlier run left: ``('skipped', summary)``,
+    ``('failed', error)``, ``('redo', reason)`` (an out-of-date output of ours) or
+    ``('run', None)``."""
+    output = Path(job.output)
+    present = output.exists() or output.is_symlink()
+    if overwrite:
+        if present and not is_bag(output):
+            return 'failed', (f'OUTPUT {job.output} is {describe(output)}, not a bag: '
+                              '--overwrite replaces only bags; move it away yourself')
+        return 'run', None
+    earlier = completed(job, identity)
+    if earlier is not None:
+        return 'skipped', earlier
+    if not present:
+        return 'run', None
+    reason = stale_reason(job, identity)
+    if reason is not None:
+        return 'redo', reason
+    return 'failed', (f'OUTPUT {job.output} exists without a completion record '
+                      f'({record_path(job.output).name}; written by another tool or an '
+                      'interrupted run?): pass --overwrite to replace it')
 
 
 def _backend(args: argparse.Namespace, settings: Dict[str, Any], jobs: int) -> Any:

@@ -8,12 +8,16 @@ restarts the actor (``max_restarts``). Frame counts reach the driver through a s
 actor that the driver drains a few times a second.
 
 Ray is optional (``pip install ray``). Input bags and OUTPUT must be visible at the same path
-on every node (a shared file system). ``--ray local`` starts a one-machine cluster that stays
-on loopback: no dashboard, no usage statistics, every Ray process bound to 127.0.0.1.
+on every node (a shared file system). ``--ray`` (or ``--ray local``) starts a private
+one-machine cluster that stays on loopback: no dashboard, no usage statistics, every Ray
+process bound to 127.0.0.1. Joining a running cluster needs its address (or ``auto``), and
+the joined address is printed: Ray has no authentication, so whoever runs that cluster can
+run code in this driver.
 """
 
 import logging
 import os
+import sys
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -63,7 +67,25 @@ def connect(address: str) -> bool:
     except (ConnectionError, RuntimeError, ValueError) as err:
         raise RayError(f'--ray {address}: cannot connect to a Ray cluster ({err}); start one '
                        "with `ray start --head`, give its address, or use --ray local") from err
+    joined = _cluster_address()
+    if address == 'local':
+        print(f'started a private Ray cluster on this machine ({joined}, loopback only)',
+              file=sys.stderr)
+    else:
+        print(f'joined the Ray cluster at {joined} (asked for {address}); Ray has no '
+              "authentication: that cluster's owner can run code in this process",
+              file=sys.stderr)
     return True
+
+
+def _cluster_address() -> str:
+    """The GCS address of the cluster this driver is connected to ('unknown' if Ray hides it)."""
+    import ray
+
+    try:
+        return str(ray.get_runtime_context().gcs_address)
+    except AttributeError:
+        return 'unknown'
 
 
 class _Tally:

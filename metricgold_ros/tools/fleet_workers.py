@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from metricgold_ros.errors import MetricGoldError
-from metricgold_ros.tools.fleet import Job, Outcome, from_dict, remove_stale_partials, \
-    to_dict, write_record
+from metricgold_ros.tools.fleet import Job, Outcome, from_dict, input_fingerprint, \
+    remove_stale_partials, to_dict, write_record
 
 LOCAL_FIELDS = ('input', 'output', 'ray', 'workers', 'summary_json', 'cpus_per_worker',
                 'retries', 'quiet')
@@ -55,16 +55,26 @@ def convert_job(job: Job, settings: Dict[str, Any], pipeline: Any,
     """
     from metricgold_ros.tools import bag
 
-    args = argparse.Namespace(**settings)
+    values = dict(settings)
+    identity = values.pop('record_identity', None)
+    args = argparse.Namespace(**values)
     args.input, args.output, args.quiet = job.input, job.output, True
+    args.overwrite = bool(values.get('overwrite')) or job.redo
     started_at = time.time()
     try:
         Path(job.output).parent.mkdir(parents=True, exist_ok=True)
         remove_stale_partials(job.output)
+        before = input_fingerprint(job.input)  # a bag still being recorded changes under us
         summary = bag.convert(args, pipeline=pipeline,
                               progress=_Progress(on_total, on_frames))
         summary.update(started_at=round(started_at, 3), finished_at=round(time.time(), 3))
-        write_record(job, summary)
+        if input_fingerprint(job.input) != before:
+            write_record(job, summary, identity, fingerprint=before, complete=False)
+            return Outcome(job, 'failed', summary=summary, error=(
+                f'INPUT {job.input} changed while it was read (still being recorded?): its '
+                'output is kept but not marked done; run again when the recording is '
+                'finished and it is redone'))
+        write_record(job, summary, identity, fingerprint=before)
     except MetricGoldError as err:
         return Outcome(job, 'failed', error=str(err))
     except Exception as err:  # noqa: B902 - a bug or a machine fault fails this bag only
