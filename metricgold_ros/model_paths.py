@@ -1,4 +1,4 @@
-"""Finding and loading the model: a given folder, else the bundled one, else a clear error.
+"""Finding and loading the model: a given folder or hub id, else the bundled one, else an error.
 
 The one implementation behind the node's ``model_path``, the tools' ``--model``, the bench,
 the demo and the soak script. Nothing here imports torch or ament at module import.
@@ -74,23 +74,25 @@ def _stderr(line: str) -> None:
 
 
 def resolve_model_path(given: Optional[str], option: str,
-                       notify: Callable[[str], None] = _stderr) -> Path:
-    """The model folder: ``given``, else the bundled model (said once through ``notify``).
+                       notify: Callable[[str], None] = _stderr, *,
+                       variant: Optional[str] = None, allow_pickle: bool = False) -> Path:
+    """The model folder: ``given`` (a folder or a hub id), else the bundled model.
 
     Args:
-        given: the user's folder; empty or None for the bundled model.
+        given: a local folder; or a Hugging Face repository id ``org/name[@revision]``,
+            resolved through the hub cache (downloaded once, see :mod:`.model.hub`); empty or
+            None for the bundled model (said once through ``notify``). A folder wins over an
+            id of the same spelling.
         option: how the user sets it (``'model_path'``, ``'--model'``), for the messages.
+        notify: gets the bundled-model notice, the hub lookup and download progress.
+        variant, allow_pickle: which weights a download fetches (``*.{variant}.safetensors``;
+            pickles only when allowed).
     Raises:
-        CheckpointError: ``given`` is not a folder, or none was given and none is installed.
+        CheckpointError: ``given`` is neither a folder nor a resolvable id, or none was given
+            and none is installed.
     """
     if given:
-        path = Path(given).expanduser()
-        if not path.is_dir():
-            raise CheckpointError(
-                f'{_said(option, given)}: no such folder. Pass a local MetricGold checkpoint '
-                'folder (`metricgold init-model DIR --tiny` writes an untrained one for smoke '
-                f'tests; see {README_MODEL_SECTION})')
-        return path
+        return _folder_or_repo_id(given, option, notify, variant, allow_pickle)
     path = bundled_model_path()
     if path is None:
         raise CheckpointError(missing_model_message(option))
@@ -98,26 +100,63 @@ def resolve_model_path(given: Optional[str], option: str,
     return path
 
 
+def _folder_or_repo_id(given: str, option: str, notify: Callable[[str], None],
+                       variant: Optional[str], allow_pickle: bool) -> Path:
+    """``given`` as a local folder, else as a hub id; neither: the one-line error."""
+    from metricgold_ros.model.hub import parse_repo_id, resolve_repo_id
+
+    path = Path(given).expanduser()
+    if path.is_dir():
+        return path
+    repo_id = parse_repo_id(given)
+    if repo_id is not None:
+        return resolve_repo_id(repo_id, _said(option, given), notify, variant=variant,
+                               allow_pickle=allow_pickle)
+    raise CheckpointError(
+        f'{_said(option, given)}: no such folder, and not a Hugging Face id (org/name'
+        '[@revision]). Pass a local MetricGold or Marigold checkpoint folder or a hub id '
+        '(`metricgold init-model DIR --tiny` writes an untrained one for smoke tests; see '
+        f'{README_MODEL_SECTION})')
+
+
+def _decoder_option(option: str) -> str:
+    """``--decoder`` beside ``--model``, ``decoder`` beside the node's ``model_path``."""
+    return '--decoder' if option.startswith('-') else 'decoder'
+
+
 def load_model(given: Optional[str], option: str, *, device: str = 'auto',
                dtype: str = 'auto', allow_pickle: bool = False,
-               notify: Callable[[str], None] = _stderr, **kwargs: bool
-               ) -> 'MetricGoldPipeline':
+               notify: Callable[[str], None] = _stderr, variant: Optional[str] = None,
+               decoder: Optional[str] = None, **kwargs: bool) -> 'MetricGoldPipeline':
     """The pipeline of :func:`resolve_model_path`'s folder on ``device``.
+
+    Args:
+        given, option, notify: as :func:`resolve_model_path` (a folder, a hub id or empty).
+        variant: weights variant (``'fp16'``: ``*.fp16.safetensors``); empty or None: plain.
+        decoder: a light decoder for the decode stage, a folder or hub id of an
+            ``AutoencoderTiny`` (TAESD) or ``AutoencoderKL``; empty or None: the model's VAE.
+            Encoding stays with the model's VAE.
 
     Every way a folder can fail to load (missing or corrupt files, wrong architecture, a
     loader's own exception) ends in a :class:`CheckpointError` that names the folder, never a
     traceback. ``kwargs`` go to :meth:`MetricGoldPipeline.from_pretrained`.
     """
-    path = resolve_model_path(given, option, notify)
+    variant = variant or None
+    path = resolve_model_path(given, option, notify, variant=variant, allow_pickle=allow_pickle)
+    decoder_path = None
+    if decoder:
+        decoder_path = _folder_or_repo_id(decoder, _decoder_option(option), notify, None,
+                                          allow_pickle)
     from metricgold_ros.model import MetricGoldPipeline  # torch/diffusers: imported when needed
 
     try:
         return MetricGoldPipeline.from_pretrained(path, device=device, dtype=dtype,
-                                                  allow_pickle=allow_pickle, **kwargs)
+                                                  allow_pickle=allow_pickle, variant=variant,
+                                                  decoder=decoder_path, **kwargs)
     except CheckpointError as err:
-        raise CheckpointError(f'{_said(option, path)}: {err}') from err
+        raise CheckpointError(f'{_said(option, given or path)}: {err}') from err
     except (OSError, ValueError, RuntimeError, KeyError, TypeError, ImportError) as err:
-        raise CheckpointError(f'{_said(option, path)} cannot be loaded: '
+        raise CheckpointError(f'{_said(option, given or path)} cannot be loaded: '
                               f'{type(err).__name__}: {err}') from err
 
 

@@ -13,7 +13,10 @@ predicted x0 out) are recognised by ``"e2e_ft": true`` in ``metricgold.json`` or
 
 Weights load from safetensors only; pickled ``.bin``/``.ckpt`` files can execute code when
 loaded, so they are refused unless the caller passes ``allow_pickle=True`` (and even then are
-read with ``torch.load(weights_only=True)``). Nothing is downloaded: ``path`` is a local folder.
+read with ``torch.load(weights_only=True)``). ``variant`` (e.g. ``'fp16'``) reads
+``*.{variant}.safetensors`` as diffusers names them. Nothing is downloaded: ``path`` is a local
+folder (:mod:`.hub` turns repository ids into one). A light decoder (``AutoencoderTiny`` or a
+second ``AutoencoderKL``) loads from its own folder with :func:`load_decoder`.
 """
 
 import json
@@ -24,22 +27,19 @@ from pathlib import Path
 from typing import Dict, Optional, Union
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from metricgold_ros.atomic import atomic_path
 from metricgold_ros.errors import CheckpointError
+from metricgold_ros.model.weights import (
+    ALLOW_PICKLE_HINT, PICKLE_SUFFIXES, load_module, load_safetensors, read_json)
 
 LOGGER = logging.getLogger(__name__)
 
 METADATA_FILE = 'metricgold.json'
 EMBEDDING_FILE = 'empty_text_embedding.safetensors'
 FORMAT_VERSION = 1
-_WEIGHT_NAME = 'diffusion_pytorch_model'
-ALLOW_PICKLE_HINT = (
-    'pickled weights can run code when loaded; convert them to safetensors, or pass '
-    '--allow-pickle (Python: allow_pickle=True) if you trust the file')
-PICKLE_SUFFIXES = ('.bin', '.ckpt', '.pt', '.pth')
+DECODER_CLASSES = ('AutoencoderTiny', 'AutoencoderKL')
 
 
 @dataclass(frozen=True)
@@ -107,84 +107,6 @@ class Checkpoint:
     path: Optional[Path] = None
 
 
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise CheckpointError(f'{path} is missing')
-    try:
-        data = json.loads(path.read_text(encoding='utf-8'))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f'{path} is not valid JSON: {err}') from err
-    if not isinstance(data, dict):
-        raise CheckpointError(f'{path} must hold a JSON object, found {type(data).__name__}')
-    return data
-
-
-def _read_state_dict(folder: Path, allow_pickle: bool) -> Dict[str, torch.Tensor]:
-    """Weights of one sub-model folder, safetensors first (plain, fp16 variant, sharded)."""
-    for name in (f'{_WEIGHT_NAME}.safetensors', f'{_WEIGHT_NAME}.fp16.safetensors',
-                 'model.safetensors'):
-        if (folder / name).is_file():
-            return _load_safetensors(folder / name)
-    index = folder / f'{_WEIGHT_NAME}.safetensors.index.json'
-    if index.is_file():
-        shards = sorted(set(_read_json(index).get('weight_map', {}).values()))
-        state: Dict[str, torch.Tensor] = {}
-        for shard in shards:
-            state.update(_load_safetensors(folder / shard))
-        return state
-    pickled = [p for p in sorted(folder.glob('*')) if p.suffix in PICKLE_SUFFIXES]
-    if pickled and not allow_pickle:
-        raise CheckpointError(f'{pickled[0]} is a pickled weight file: {ALLOW_PICKLE_HINT}')
-    if pickled:
-        try:
-            return torch.load(pickled[0], map_location='cpu', weights_only=True)
-        except Exception as err:  # noqa: BLE001 - any unpickling failure is a bad file
-            raise CheckpointError(f'{pickled[0]} could not be read as weights: {err}') from err
-    raise CheckpointError(
-        f'{folder} has no weights: expected {_WEIGHT_NAME}.safetensors (or a sharded index)')
-
-
-def _load_safetensors(path: Path) -> Dict[str, torch.Tensor]:
-    try:
-        with safe_open(str(path), framework='pt', device='cpu') as handle:
-            # clone(): tensors straight from the file can sit at unaligned addresses, and
-            # oneDNN then sums in another order - reloaded models would differ in the last bit.
-            return {key: handle.get_tensor(key).clone() for key in handle.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise CheckpointError(
-            f'{path} is not a readable safetensors file (truncated, corrupt or pickled data '
-            f'under a .safetensors name): {err}') from err
-
-
-def _load_module(cls, folder: Path, allow_pickle: bool) -> torch.nn.Module:
-    """Build ``cls`` from ``folder/config.json`` without random init, then load its weights."""
-    from accelerate import init_empty_weights
-
-    config_path = folder / 'config.json'
-    if not folder.is_dir():
-        raise CheckpointError(f'{folder} is missing: expected a {cls.__name__} sub-folder')
-    config = _read_json(config_path)
-    try:
-        with init_empty_weights():
-            module = cls.from_config(config)
-    except (TypeError, ValueError, KeyError) as err:
-        raise CheckpointError(f'{config_path} does not describe a {cls.__name__}: {err}') from err
-    state = _read_state_dict(folder, allow_pickle)
-    for name, tensor in state.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise CheckpointError(f'weights in {folder}: {name} holds NaN or inf values (a '
-                                  'diverged training run or a damaged file); use another '
-                                  'checkpoint')
-    try:
-        module.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as err:
-        first_line = str(err).splitlines()[0]
-        detail = '; '.join(line.strip() for line in str(err).splitlines()[1:4])
-        raise CheckpointError(
-            f'weights in {folder} do not match {config_path}: {first_line} {detail}') from err
-    return module.float().eval().requires_grad_(False)
-
-
 def _optional_int(data: dict, key: str) -> Optional[int]:
     value = data.get(key)
     return None if value is None else int(value)
@@ -226,7 +148,7 @@ def _load_metadata(path: Path, model_index: dict, scheduler_config: dict) -> Mod
             default_denoising_steps=1 if e2e_ft else steps,
             default_processing_resolution=resolution,
         ).validate(str(path / 'model_index.json'))
-    data = _read_json(meta_path)
+    data = read_json(meta_path)
     try:
         meta = ModelMetadata(
             d_min_m=float(data['d_min']), d_max_m=float(data['d_max']),
@@ -251,15 +173,16 @@ def _json_bool(value: object, key: str) -> bool:
 
 
 def _load_embedding(path: Path, unet: torch.nn.Module, cache_embedding: bool,
-                    allow_pickle: bool) -> torch.Tensor:
+                    allow_pickle: bool, variant: Optional[str] = None) -> torch.Tensor:
     emb_path = path / EMBEDDING_FILE
     if emb_path.is_file():
-        tensors = _load_safetensors(emb_path)
+        tensors = load_safetensors(emb_path)
         if 'embedding' not in tensors:
             raise CheckpointError(f'{emb_path} lacks the tensor "embedding"')
         embedding = tensors['embedding'].float()
     elif (path / 'text_encoder').is_dir() and (path / 'tokenizer').is_dir():
-        embedding = compute_empty_text_embedding(path, allow_pickle=allow_pickle)
+        embedding = compute_empty_text_embedding(path, allow_pickle=allow_pickle,
+                                                 variant=variant)
         if cache_embedding:
             _atomic_save_tensors({'embedding': embedding}, emb_path)
             LOGGER.info('stored the empty-text embedding in %s', emb_path)
@@ -278,35 +201,51 @@ def _load_embedding(path: Path, unet: torch.nn.Module, cache_embedding: bool,
     return embedding
 
 
-def compute_empty_text_embedding(path: Union[str, Path], *,
-                                 allow_pickle: bool = False) -> torch.Tensor:
-    """Encode the empty prompt with the checkpoint's own CLIP text encoder: ``[1, T, C]``."""
+def compute_empty_text_embedding(path: Union[str, Path], *, allow_pickle: bool = False,
+                                 variant: Optional[str] = None) -> torch.Tensor:
+    """Encode the empty prompt with the checkpoint's own CLIP text encoder: ``[1, T, C]``.
+
+    ``variant`` reads ``text_encoder/model.{variant}.safetensors``, as transformers does.
+    """
     try:
         from transformers import CLIPTextModel, CLIPTokenizer
     except ImportError as err:
-        raise CheckpointError(
-            f'{path}: computing the empty-text embedding needs `pip install transformers`') from err
+        raise CheckpointError(f'{path}: computing the empty-text embedding needs '
+                              '`pip install transformers`') from err
     path = Path(path)
     encoder_dir = path / 'text_encoder'
     pickled = sorted(p.name for p in encoder_dir.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if not allow_pickle and pickled and not any(encoder_dir.glob('*.safetensors')):
         raise CheckpointError(f'{encoder_dir} has only pickled weights ({", ".join(pickled)}): '
                               f'{ALLOW_PICKLE_HINT}')
+    if variant and not allow_pickle and \
+            not any(encoder_dir.glob(f'*.{variant}.safetensors')) and \
+            not any(encoder_dir.glob(f'*.safetensors.index.{variant}.json')):
+        raise CheckpointError(f'{encoder_dir / f"model.{variant}.safetensors"} is missing: '
+                              f'variant={variant!r} asks for it; leave variant empty for the '
+                              'plain weights')
     try:
         tokenizer = CLIPTokenizer.from_pretrained(str(path / 'tokenizer'), local_files_only=True)
         prefer_safetensors = None if allow_pickle else True  # None: safetensors, else pickle
         encoder = CLIPTextModel.from_pretrained(str(encoder_dir), local_files_only=True,
-                                                use_safetensors=prefer_safetensors)
+                                                use_safetensors=prefer_safetensors,
+                                                variant=variant or None)
     except (OSError, ValueError) as err:
         raise CheckpointError(f'{encoder_dir} or its tokenizer cannot be loaded: {err}') from err
     ids = tokenizer('', padding='do_not_pad', truncation=True, return_tensors='pt').input_ids
     with torch.no_grad():
-        return encoder(ids)[0].float()
+        return encoder.float()(ids)[0].float()
 
 
 def load_checkpoint(path: Union[str, Path], *, allow_pickle: bool = False,
-                    cache_embedding: bool = False) -> Checkpoint:
-    """Load a MetricGold (metric) or Marigold (relative) checkpoint from a local folder."""
+                    cache_embedding: bool = False, variant: Optional[str] = None) -> Checkpoint:
+    """Load a MetricGold (metric) or Marigold (relative) checkpoint from a local folder.
+
+    Args:
+        variant: read the ``*.{variant}.safetensors`` weights (e.g. ``'fp16'``, as published
+            beside the plain ones); the networks are float32 as loaded either way (the
+            pipeline's ``dtype`` chooses the precision they run in).
+    """
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     path = Path(path).expanduser()
@@ -314,29 +253,59 @@ def load_checkpoint(path: Union[str, Path], *, allow_pickle: bool = False,
         raise CheckpointError(
             f'model folder {path} does not exist; give a local checkpoint folder '
             '(`metricgold init-model DIR --tiny` writes one)')
-    model_index = _read_json(path / 'model_index.json')
-    scheduler_config = _read_json(path / 'scheduler' / 'scheduler_config.json')
+    model_index = read_json(path / 'model_index.json')
+    scheduler_config = read_json(path / 'scheduler' / 'scheduler_config.json')
     metadata = _load_metadata(path, model_index, scheduler_config)
     unet_config_path = path / 'unet' / 'config.json'
     if not unet_config_path.parent.is_dir():
         raise CheckpointError(f'{unet_config_path.parent} is missing: expected a '
                               'UNet2DConditionModel sub-folder')
-    in_channels = _read_json(unet_config_path).get('in_channels', 4)
+    in_channels = read_json(unet_config_path).get('in_channels', 4)
     if in_channels != 8:
         raise CheckpointError(
             f'{unet_config_path}: conv_in has {in_channels} input channels, expected 8 '
             '([rgb_latent, depth_latent]); this is not a Marigold-style UNet (a plain Stable '
             'Diffusion UNet must be converted by training/train.py first)')
-    unet = _load_module(UNet2DConditionModel, path / 'unet', allow_pickle)
-    vae = _load_module(AutoencoderKL, path / 'vae', allow_pickle)
+    unet = load_module(UNet2DConditionModel, path / 'unet', allow_pickle, variant)
+    vae = load_module(AutoencoderKL, path / 'vae', allow_pickle, variant)
     if vae.config.latent_channels * 2 != unet.config.in_channels or \
             unet.config.out_channels != vae.config.latent_channels:
         raise CheckpointError(
             f'{path}: vae latent_channels={vae.config.latent_channels} does not fit unet '
             f'in_channels={unet.config.in_channels}/out_channels={unet.config.out_channels}')
     scheduler = _make_scheduler(path, scheduler_config, metadata)
-    embedding = _load_embedding(path, unet, cache_embedding, allow_pickle)
+    embedding = _load_embedding(path, unet, cache_embedding, allow_pickle, variant)
     return Checkpoint(unet, vae, scheduler, embedding, metadata, path)
+
+
+def load_decoder(path: Union[str, Path], *, latent_channels: int, allow_pickle: bool = False,
+                 variant: Optional[str] = None) -> torch.nn.Module:
+    """A light decoder: an ``AutoencoderTiny`` (TAESD) or ``AutoencoderKL`` folder, for decoding.
+
+    ``path`` is the autoencoder's own folder (``config.json`` + weights, as
+    ``AutoencoderTiny.save_pretrained`` writes it), or a whole checkpoint, whose ``vae/`` is
+    then used. Its latents must be the model's (``latent_channels``, the UNet's latent space:
+    the model's VAE latents times their scaling factor, divided by the decoder's own).
+    """
+    import diffusers
+
+    path = Path(path).expanduser()
+    if (path / 'model_index.json').is_file() and (path / 'vae').is_dir():
+        path = path / 'vae'
+    config_path = path / 'config.json'
+    if not path.is_dir():
+        raise CheckpointError(f'decoder folder {path} does not exist; give an AutoencoderTiny '
+                              '(TAESD) or AutoencoderKL folder, or a hub id')
+    name = read_json(config_path).get('_class_name')
+    if name not in DECODER_CLASSES:
+        raise CheckpointError(f'decoder {config_path}: _class_name={name!r}; a decoder is one '
+                              f'of {", ".join(DECODER_CLASSES)}')
+    decoder = load_module(getattr(diffusers, name), path, allow_pickle, variant)
+    if int(decoder.config.latent_channels) != latent_channels:
+        raise CheckpointError(
+            f'decoder {config_path}: latent_channels={decoder.config.latent_channels}, but the '
+            f"model's latents have {latent_channels} channels; use a decoder made for its VAE")
+    return decoder
 
 
 def _make_scheduler(path: Path, config: dict, metadata: ModelMetadata) -> object:

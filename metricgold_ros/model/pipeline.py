@@ -28,7 +28,7 @@ import torch
 
 from metricgold_ros.errors import InputError
 from metricgold_ros.model import image_ops
-from metricgold_ros.model.checkpoint import Checkpoint, load_checkpoint
+from metricgold_ros.model.checkpoint import Checkpoint, load_checkpoint, load_decoder
 from metricgold_ros.model.codec import decode_depth
 from metricgold_ros.model.ensemble import ensemble_affine, ensemble_members
 from metricgold_ros.model.single_step import predict_x0_single_step
@@ -112,7 +112,7 @@ class MetricGoldPipeline:
 
     def __init__(self, checkpoint: Checkpoint, device: Union[str, torch.device] = 'cpu',
                  dtype: Union[str, torch.dtype] = 'float32', channels_last: bool = False,
-                 compile_unet: bool = False) -> None:
+                 compile_unet: bool = False, decoder: Optional[torch.nn.Module] = None) -> None:
         """Place the checkpoint's networks on ``device`` in ``dtype``.
 
         Args:
@@ -125,6 +125,9 @@ class MetricGoldPipeline:
             dtype: ``'auto'`` is float16 on CUDA for MetricGold models; relative (Marigold)
                 and E2E-FT models run in their weights' dtype, as diffusers and E2E-FT's
                 reference do (float32 as loaded).
+            decoder: a light decoder (``AutoencoderTiny``/TAESD or a second
+                ``AutoencoderKL``, see :func:`.checkpoint.load_decoder`) used instead of the
+                VAE's decoder; encoding stays with the VAE. None: the VAE decodes.
         """
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
         self.metadata = checkpoint.metadata
@@ -134,6 +137,8 @@ class MetricGoldPipeline:
         self.scheduler = checkpoint.scheduler
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.vae = _place(checkpoint.vae, self.device, self.dtype, self.memory_format)
+        self.decoder = None if decoder is None else \
+            _place(decoder, self.device, self.dtype, self.memory_format)
         self.unet = _place(checkpoint.unet, self.device, self.dtype, self.memory_format)
         # Layout of the activations fed to the networks. On the CPU channels-last for MetricGold
         # models: oneDNN then runs NHWC convolutions whatever the weights' layout, 12-14 %
@@ -154,10 +159,20 @@ class MetricGoldPipeline:
     @classmethod
     def from_pretrained(cls, path: Union[str, Path], *, device: str = 'auto',
                         dtype: str = 'auto', allow_pickle: bool = False,
+                        variant: Optional[str] = None,
+                        decoder: Optional[Union[str, Path]] = None,
                         **kwargs) -> 'MetricGoldPipeline':
-        """Load a local checkpoint folder (nothing is downloaded) onto ``device``."""
-        return cls(load_checkpoint(path, allow_pickle=allow_pickle), device=device, dtype=dtype,
-                   **kwargs)
+        """Load a local checkpoint folder (nothing is downloaded) onto ``device``.
+
+        ``variant`` reads ``*.{variant}.safetensors`` weights (e.g. ``'fp16'``); ``decoder``
+        is a local light-decoder folder (hub ids: :func:`metricgold_ros.model_paths.load_model`).
+        """
+        checkpoint = load_checkpoint(path, allow_pickle=allow_pickle, variant=variant)
+        if decoder is not None:
+            kwargs['decoder'] = load_decoder(  # its own plain weights, as diffusers loads it
+                decoder, latent_channels=int(checkpoint.vae.config.latent_channels),
+                allow_pickle=allow_pickle)
+        return cls(checkpoint, device=device, dtype=dtype, **kwargs)
 
     @property
     def relative(self) -> bool:
@@ -372,7 +387,12 @@ class MetricGoldPipeline:
         return depth_latent
 
     def _decode(self, latent: torch.Tensor) -> torch.Tensor:
-        """Depth latents ``[n,4,h,w]`` -> values ``[n,1,PH,PW]`` in [-1, 1]."""
+        """Depth latents ``[n,4,h,w]`` -> values ``[n,1,PH,PW]`` in [-1, 1] (the light decoder
+        when there is one: its latents are the UNet's divided by its own scaling factor)."""
+        if self.decoder is not None:
+            latent = self._layout(latent / float(self.decoder.config.scaling_factor))
+            decoded = self.decoder.decode(latent, return_dict=False)[0]
+            return decoded.mean(dim=1, keepdim=True).clamp(-1.0, 1.0)
         latent = self._layout(latent / self.latent_scale)
         decoded = self.vae.decode(latent, return_dict=False)[0]
         return decoded.mean(dim=1, keepdim=True).clamp(-1.0, 1.0)

@@ -74,8 +74,16 @@ def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
     """Add ``--model`` and the pipeline's run-time choices to ``parser``."""
     group = parser.add_argument_group('model and inference (the node parameters of the same '
                                       'names)')
-    group.add_argument('--model', '--model-path', dest='model', metavar='DIR',
-                       help='local checkpoint folder (default: the bundled model)')
+    group.add_argument('--model', '--model-path', dest='model', metavar='DIR|ID',
+                       help='checkpoint: a local folder, or a Hugging Face id org/name[@revision] '
+                            'resolved through the hub cache (HF_HOME; downloaded once; '
+                            'HF_HUB_OFFLINE=1 honoured); default: the bundled model')
+    group.add_argument('--variant', metavar='NAME',
+                       help='weights variant as diffusers names it (fp16: *.fp16.safetensors); '
+                            'default: the plain weights')
+    group.add_argument('--decoder', metavar='DIR|ID',
+                       help='light VAE decoder (AutoencoderTiny/TAESD or AutoencoderKL), a '
+                            "folder or hub id, used for decoding only; default: the model's VAE")
     group.add_argument('--denoising-steps', type=positive_int, metavar='N',
                        help="DDIM steps (default: the checkpoint's, usually 1-4)")
     group.add_argument('--ensemble-size', type=positive_int, default=1, metavar='N',
@@ -174,10 +182,21 @@ def load_pipeline(args: argparse.Namespace) -> 'MetricGoldPipeline':
     Debug only, as in the node: ``METRICGOLD_FAULT`` injects faults into its stages.
     """
     pipeline = load_model(getattr(args, 'model', None), '--model', device=args.device,
-                          dtype=args.dtype, allow_pickle=args.allow_pickle)
+                          dtype=args.dtype, allow_pickle=args.allow_pickle,
+                          variant=getattr(args, 'variant', None),
+                          decoder=getattr(args, 'decoder', None))
     faults = fault_injector_from_env(os.environ)
     if faults is not None:
         print(f'metricgold: WARNING: {FAULT_ENV}={faults.spec!r}: injecting faults into the '
               'pipeline (debug only)', file=sys.stderr)
         pipeline.stage_hook = faults
     return pipeline
+
+
+def add_max_pixels_argument(group: Any) -> None:
+    """``--max-pixels N`` of ``bag`` and ``infer``: the node's ``max_pixels`` (one definition)."""
+    from metricgold_ros.image_encodings import DEFAULT_PIXEL_BUDGET
+
+    group.add_argument('--max-pixels', type=positive_int, default=DEFAULT_PIXEL_BUDGET,
+                       metavar='N', help='refuse images (also compressed ones, before decoding) '
+                       "with more pixels (default: %(default)s, as the node's max_pixels)")
