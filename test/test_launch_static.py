@@ -150,12 +150,15 @@ def test_rviz_config_shows_colored_depth_and_cloud_as_a_sensor_data_subscriber()
     assert SPECS['output_qos'].default == 'reliable' and SPECS['qos'].default == 'sensor_data'
     data = yaml.safe_load(RVIZ_FILE.read_text())
     manager = data['Visualization Manager']
-    displays = {d['Class']: d for d in manager['Displays']}
-    cloud = displays['rviz_default_plugins/PointCloud2']
-    image = displays['rviz_default_plugins/Image']
-    assert cloud['Topic']['Value'].endswith('/points')
-    assert image['Topic']['Value'].endswith('/depth/colored')
-    for display in (cloud, image):
+    clouds = [d for d in manager['Displays'] if d['Class'] == 'rviz_default_plugins/PointCloud2']
+    images = [d for d in manager['Displays'] if d['Class'] == 'rviz_default_plugins/Image']
+    # The single camera (on), then the two-camera example (front and rear, off).
+    assert [d['Topic']['Value'] for d in clouds] == [
+        '/camera/points', '/camera/front/points', '/camera/rear/points']
+    assert [d['Topic']['Value'] for d in images] == [
+        '/camera/depth/colored', '/camera/front/depth/colored', '/camera/rear/depth/colored']
+    assert [d['Enabled'] for d in clouds + images] == [True, False, False] * 2
+    for display in clouds + images:
         assert display['Topic']['Reliability Policy'] == 'Best Effort'
     assert manager['Global Options']['Fixed Frame']
 

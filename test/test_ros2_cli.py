@@ -128,3 +128,36 @@ def test_topic_hz_measures_depth_image_from_its_own_process(running, ros2, works
         stop(hz, 10)
     rates = [float(value) for value in re.findall(r'average rate: ([0-9.]+)', output.join())]
     assert rates and all(0.2 < rate < 50 for rate in rates), output.text()
+
+
+def test_ros2_lifecycle_drives_an_unstarted_node(workspace, ros2):
+    """``autostart:=false`` leaves depth_node unconfigured; ``ros2 lifecycle set`` configures
+    (loads the model), activates (subscribes), deactivates and cleans it up, and ``ros2
+    lifecycle get`` says where it is, as a lifecycle manager would drive it."""
+    env = installed_env(workspace)
+    ns, node_name = '/lcycle', '/lcycle/depth_node'
+    node, output = start([ros2, 'run', PACKAGE, 'depth_node', '--ros-args', '-r',
+                          f'__ns:={ns}', '-p', 'autostart:=false', '-p',
+                          'processing_resolution:=64', '-p', 'cameras:=[front, rear]', '-p',
+                          'stats_period:=0.0'], env)
+    try:
+        assert output.wait_for('waiting for a lifecycle manager', 120), output.text()
+        assert 'unconfigured' in _ros2(ros2, workspace, 'lifecycle', 'get', node_name)
+        assert 'listening on' not in output.text()
+        for transition, state in (('configure', 'inactive'), ('activate', 'active')):
+            text = _ros2(ros2, workspace, 'lifecycle', 'set', node_name, transition)
+            assert 'Transitioning successful' in text, text
+            assert state in _ros2(ros2, workspace, 'lifecycle', 'get', node_name)
+        assert output.wait_for('listening on', 30), output.text()
+        assert f'{ns}/front/image' in output.text() and f'{ns}/rear/image' in output.text()
+        topics = _ros2(ros2, workspace, 'topic', 'list', *DISCOVERY)
+        assert f'{ns}/rear/depth/image' in topics and f'{ns}/front/points' in topics, topics
+        for transition, state in (('deactivate', 'inactive'), ('cleanup', 'unconfigured')):
+            text = _ros2(ros2, workspace, 'lifecycle', 'set', node_name, transition)
+            assert 'Transitioning successful' in text, text
+            assert state in _ros2(ros2, workspace, 'lifecycle', 'get', node_name)
+        assert 'model freed' in output.text()
+    finally:
+        code = stop(node)
+        text = output.join()
+    assert code == 0 and 'Traceback' not in text, text
