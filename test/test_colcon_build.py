@@ -38,7 +38,7 @@ def test_installed_depth_node_starts_with_the_installed_bundled_model(workspace)
                 break
         log = ''.join(lines)
         # The installed copy ran and loaded the bundled model from inside the install space.
-        assert f'loaded {prefix}' in log and 'metricgold-tiny' in log, log
+        assert f'metricgold-tiny ({prefix}' in log and 'loaded the bundled model' in log, log
         assert log.count('model_path not set: using the bundled model metricgold-tiny') == 1, log
         assert 'listening on' in log, log
     finally:

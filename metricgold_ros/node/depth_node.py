@@ -47,7 +47,7 @@ from metricgold_ros import messages
 from metricgold_ros.depth_frame import OUTPUTS, DepthFrameProcessor
 from metricgold_ros.errors import InputError, MetricGoldError
 from metricgold_ros.faults import FAULT_ENV, FaultInjector, GuardedProcessor
-from metricgold_ros.model_paths import load_model, resolve_model_path
+from metricgold_ros.model_paths import load_model
 from metricgold_ros.node.parameters import (PARAMETERS, SPECS, STREAM_PARAMETERS, ParamSpec,
                                             ParamValue, check_parameter, frame_options,
                                             split_stream_parameter, stream_parameter)
@@ -273,19 +273,21 @@ class DepthNode(LifecycleNode):
     # -- start-up ----------------------------------------------------------------------------
 
     def _load_model(self) -> 'MetricGoldPipeline':
-        """The pipeline of ``model_path`` (or the bundled model); CheckpointError names it."""
+        """The pipeline of ``model_path`` (a folder, a hub id resolved and downloaded here, or
+        the bundled model) with ``variant`` and ``decoder``; CheckpointError names it."""
         start = time.perf_counter()
-        path = resolve_model_path(self._values['model_path'], 'model_path',
-                                  self.get_logger().info)
-        pipeline = load_model(str(path), 'model_path', device=self._values['device'],
-                              dtype=self._values['dtype'])
+        given = self._values['model_path']
+        pipeline = load_model(given, 'model_path', device=self._values['device'],
+                              dtype=self._values['dtype'], notify=self.get_logger().info,
+                              variant=self._values['variant'], decoder=self._values['decoder'])
         meta = pipeline.metadata
         kind = 'RELATIVE depth (metric, with points, only while the ground fit finds the ' \
             'floor: set camera_height_m)' if pipeline.relative else \
             f'metric depth {meta.d_min_m:g}..{meta.d_max_m:g} m'
         self.get_logger().info(
-            f'loaded {path} on {pipeline.device} ({str(pipeline.dtype).replace("torch.", "")}) '
-            f'in {time.perf_counter() - start:.1f} s: {kind}')
+            f'loaded {given or "the bundled model"} on {pipeline.device} '
+            f'({str(pipeline.dtype).replace("torch.", "")}) in '
+            f'{time.perf_counter() - start:.1f} s: {kind}')
         return pipeline
 
     def _warm_up(self, pipeline: 'MetricGoldPipeline') -> None:
