@@ -20,6 +20,9 @@ from metricgold_ros.errors import InputError
 ASPECT_TOLERANCE = 0.01
 # Coefficients of each distortion model: an empty D becomes this many zeros.
 DISTORTION_SIZES = {'plumb_bob': 5, 'rational_polynomial': 8, 'equidistant': 4}
+# The most coefficients any distortion model has (OpenCV's k1-k6, p1, p2, s1-s4, tx, ty): a
+# longer D is refused before it is read, so a hostile CameraInfo cannot make us keep it.
+MAX_DISTORTION_COEFFICIENTS = 14
 
 
 def _pixel_count(name: str, value: object) -> int:
@@ -144,6 +147,13 @@ class Calibration:
                     width: int, height: int) -> 'Calibration':
         """The calibration of CameraInfo fields (K row-major 3x3, D, model, image size)."""
         model = str(distortion_model) or 'plumb_bob'
+        try:
+            count = len(d)
+        except TypeError:
+            count = 0
+        if count > MAX_DISTORTION_COEFFICIENTS:
+            return cls(None, f'D: {count} distortion coefficients, more than any model has '
+                       f'({MAX_DISTORTION_COEFFICIENTS}); fix the camera calibration', model, ())
         try:
             coefficients = tuple(float(v) for v in d)
         except (TypeError, ValueError):

@@ -404,6 +404,7 @@ class ScaleFilter:
             self._log_scale += self.smoothing * (value - self._log_scale)
             return FilterStep(math.exp(self._log_scale), 'track')
         self._pending.append(value)
+        del self._pending[:-self.confirm_frames]  # only the last few count: bounded state
         if len(self._pending) >= self.confirm_frames:
             recent = self._pending[-self.confirm_frames:]
             centre = float(np.median(recent))

@@ -30,11 +30,10 @@ from metricgold_ros.depth_frame import (OUTPUT_TOPICS, DepthFrameProcessor, Fram
                                         frame_messages)
 from metricgold_ros.errors import BagError, InputError
 from metricgold_ros.faults import GuardedProcessor
-from metricgold_ros.image_encodings import DEFAULT_PIXEL_BUDGET
 from metricgold_ros.tools import bag_io, bag_output, fleet, fleet_summary
 from metricgold_ros.tools.options import (
-    add_inference_arguments, add_mounting_arguments, add_output_arguments, load_pipeline,
-    options_from_args, positive_int)
+    add_inference_arguments, add_max_pixels_argument, add_mounting_arguments,
+    add_output_arguments, load_pipeline, options_from_args, positive_int)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -70,9 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help='stop S seconds after the bag start')
     sel.add_argument('--skip-bad-frames', action='store_true',
                      help='skip images that cannot be decoded instead of stopping')
-    sel.add_argument('--max-pixels', type=positive_int, default=DEFAULT_PIXEL_BUDGET,
-                     metavar='N', help='refuse images (also compressed ones, before decoding) '
-                     'with more pixels (default: %(default)s, as the node\'s max_pixels)')
+    add_max_pixels_argument(sel)
     add_mounting_arguments(parser)
     add_inference_arguments(parser)
     parser.add_argument('--quiet', '-q', action='store_true',

@@ -28,8 +28,8 @@ import numpy as np
 from metricgold_ros.atomic import write_atomic
 from metricgold_ros.camera import Calibration, Intrinsics
 from metricgold_ros.tools.options import (
-    add_inference_arguments, add_mounting_arguments, add_output_arguments, load_pipeline,
-    options_from_args, positive_float)
+    add_inference_arguments, add_max_pixels_argument, add_mounting_arguments,
+    add_output_arguments, load_pipeline, options_from_args, positive_float)
 from metricgold_ros.depth_frame import DepthFrameProcessor, FrameResult
 from metricgold_ros.depth_traits import MILLIMETRES
 from metricgold_ros.errors import InputError
@@ -57,6 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              'camera_matrix); scaled to each image of the same aspect')
     add_output_arguments(parser, points_help='write STEM.ply when intrinsics are given '
                                              '(default on)')
+    add_max_pixels_argument(parser.add_argument_group('selection'))
     add_mounting_arguments(parser)
     add_inference_arguments(parser)
     parser.add_argument('--quiet', '-q', action='store_true',
@@ -91,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     bar = _progress_bar(files, args.quiet)
     for path in files if bar is None else bar:
         try:
-            rgb = load_rgb(path)
+            rgb = load_rgb(path, pixel_budget=args.max_pixels)
             outcome = processor.process(
                 rgb, _calibration(args, calibration, rgb.shape[1], rgb.shape[0]), options)
         except InputError as err:
@@ -172,19 +173,35 @@ def _check_stems(files: List[Path]) -> None:
                              'one or run them separately')
 
 
-def load_rgb(path: Path) -> np.ndarray:
+def load_rgb(path: Path, *, pixel_budget: Optional[int] = None) -> np.ndarray:
     """An image file as upright RGB uint8 ``[H,W,3]`` (EXIF orientation applied).
 
-    Grayscale is replicated to 3 channels (16-bit scaled to 8 bits); alpha is dropped.
+    Grayscale is replicated to 3 channels (16-bit scaled to 8 bits); alpha is dropped. An
+    image with more than ``pixel_budget`` pixels is refused from its header, before decoding
+    (a decompression bomb costs nothing); any file that cannot be decoded is an InputError.
     """
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import Image, ImageOps
 
     try:
         with Image.open(path) as image:
+            width, height = image.size
+            if pixel_budget is not None and width * height > pixel_budget:
+                raise InputError(f'{path}: {width}x{height} = {width * height} pixels, more than '
+                                 f'--max-pixels {pixel_budget}; downscale it or raise '
+                                 '--max-pixels')
             image = ImageOps.exif_transpose(image)
             return pil_to_rgb(image)
-    except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise InputError(f'{path} is not a readable image ({err})') from err
+    except InputError:
+        raise
+    except Image.DecompressionBombError as err:  # refused by PIL from the header, too
+        raise InputError(f'{path}: a decompression bomb ({err}); images are limited to '
+                         f'--max-pixels {pixel_budget}') from err
+    except MemoryError as err:
+        raise InputError(f'{path}: not enough memory to decode it; lower --max-pixels or '
+                         'downscale it') from err
+    except Exception as err:  # noqa: B902 - PIL's decoders raise many kinds on a broken file
+        raise InputError(f'{path} is not a readable image ({type(err).__name__}: {err})') \
+            from err
 
 
 def pil_to_rgb(image: Any) -> np.ndarray:
