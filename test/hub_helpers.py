@@ -18,6 +18,7 @@ Published layouts (read from the model repositories' files, December 2026):
   and a ``DDIMScheduler`` (trailing); one deterministic step.
 """
 
+import copy
 import hashlib
 import json
 import os
@@ -91,11 +92,10 @@ def write_tiny_clip(folder: Path, hidden_size: int, variants=()) -> None:
         num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=77,
         projection_dim=hidden_size, bos_token_id=len(vocab) - 2, eos_token_id=len(vocab) - 1,
         pad_token_id=len(vocab) - 1))
+    for variant in variants:  # first: the plain save writes config.json's dtype, float32
+        copy.deepcopy(encoder).half().save_pretrained(
+            folder / 'text_encoder', safe_serialization=True, variant=variant)
     encoder.save_pretrained(folder / 'text_encoder', safe_serialization=True)
-    for variant in variants:
-        encoder.half().save_pretrained(folder / 'text_encoder', safe_serialization=True,
-                                       variant=variant)
-        encoder.float()
 
 
 def write_published_layout(path: Path, repo: str, seed: int = 1) -> Path:

@@ -220,7 +220,14 @@ def distill(config: DistillConfig, output: Path, log=print) -> dict:
             log(f'step {step}: decode L1 {decode_loss:.4f}, validation decode L1 '
                 f'{float(val_decode):.4f}, encode L1 {float(val_encode):.4f} '
                 f'({time.perf_counter() - start:.0f} s)')
-    student = student.eval().requires_grad_(False)
+            summary = _save(student, output, config, history, start)
+    return summary
+
+
+def _save(student: torch.nn.Module, output: Path, config: DistillConfig, history: list,
+          start: float) -> dict:
+    """The student (and ``distill.json``) in ``output``, at each log step: a run stopped
+    early leaves its last one."""
     output.mkdir(parents=True, exist_ok=True)
     student.save_pretrained(output, safe_serialization=True)
     summary = {'teacher': config.teacher, 'config': dataclasses.asdict(config),

@@ -229,12 +229,21 @@ def compute_empty_text_embedding(path: Union[str, Path], *, allow_pickle: bool =
         prefer_safetensors = None if allow_pickle else True  # None: safetensors, else pickle
         encoder = CLIPTextModel.from_pretrained(str(encoder_dir), local_files_only=True,
                                                 use_safetensors=prefer_safetensors,
-                                                variant=variant or None)
+                                                variant=variant or None, **_float32())
     except (OSError, ValueError) as err:
         raise CheckpointError(f'{encoder_dir} or its tokenizer cannot be loaded: {err}') from err
     ids = tokenizer('', padding='do_not_pad', truncation=True, return_tensors='pt').input_ids
     with torch.no_grad():
         return encoder.float()(ids)[0].float()
+
+
+def _float32() -> Dict[str, torch.dtype]:
+    """transformers' keyword for float32 weights (5.x loads in the config's dtype unless told;
+    ``torch_dtype`` is 4.x's spelling)."""
+    import transformers
+
+    major = int(transformers.__version__.split('.')[0])
+    return {'dtype' if major >= 5 else 'torch_dtype': torch.float32}
 
 
 def load_checkpoint(path: Union[str, Path], *, allow_pickle: bool = False,
