@@ -16,6 +16,7 @@ from bag_helpers import START_NS, read_bag, run_bag, write_camera_bag
 from metricgold_ros.tools import bag_io
 from metricgold_ros.tools.cli import main
 from metricgold_ros.errors import BagError
+from signal_helpers import interruptible
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FAST = ['--processing-resolution', '64']
@@ -285,7 +286,8 @@ def test_interrupt_leaves_no_output(tmp_path, tiny_model_dir):
     proc = subprocess.Popen(
         [sys.executable, '-m', 'metricgold_ros.tools.cli', 'bag', str(bag.path), str(out),
          '--model', str(tiny_model_dir), '--processing-resolution', '320', '--quiet'],
-        cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        preexec_fn=interruptible)  # its Ctrl-C works even when this run ignores SIGINT
     try:
         deadline = time.monotonic() + 60
         while not list(tmp_path.glob('.out.partial-*')) and proc.poll() is None:

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from bag_helpers import read_bag, write_camera_bag
+from signal_helpers import interruptible
 from metricgold_ros.tools import fleet
 from metricgold_ros.tools.cli import main
 from metricgold_ros.errors import BagError
@@ -243,7 +244,7 @@ def test_ctrl_c_keeps_finished_bags_and_leaves_nothing_partial(tmp_path, tiny_mo
          str(out), '--model', str(tiny_model_dir), '--processing-resolution', '128',
          '--workers', '1', '--quiet'],
         cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        start_new_session=True)
+        start_new_session=True, preexec_fn=interruptible)  # Ctrl-C works under nohup too
     try:
         deadline = time.monotonic() + 120
         while writer_of_partial(proc.pid, out) is None and proc.poll() is None:
