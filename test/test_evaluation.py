@@ -12,9 +12,11 @@ import pytest
 
 from metricgold_ros.tools import cli
 from metricgold_ros.errors import InputError
-from metricgold_ros.evaluation import (METRIC_KEYS, align, depth_metrics, evaluate_folder,
-                                       evaluate_image, fit_alignment, format_table,
-                                       get_protocol, protocol_mask)
+from metricgold_ros.evaluation import (METRIC_KEYS, BoundaryCounts, align, border_abs_rel,
+                                       boundary_counts, depth_boundaries, depth_metrics,
+                                       evaluate_folder, evaluate_image, fit_alignment,
+                                       format_table, get_protocol, plane_jumps,
+                                       protocol_mask)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LN2 = math.log(2.0)
@@ -249,3 +251,103 @@ def test_real_dgp_sparse_depth_against_itself(shared_data, tmp_path):
     assert report['count'] == 6 and report['mean']['abs_rel'] == 0
     assert report['mean']['delta1'] == 1
     assert all(0 < r['valid_px'] < 10000 for r in report['per_image'])  # sparse lidar
+
+
+def _box_scene(size: int = 40, top: int = 10, left: int = 10, side: int = 10,
+               near_m: float = 2.0, far_m: float = 4.0) -> np.ndarray:
+    """A ``side`` x ``side`` px box at ``near_m`` in front of a wall at ``far_m``."""
+    depth = np.full((size, size), far_m)
+    depth[top:top + side, left:left + side] = near_m
+    return depth
+
+
+def _outline(size: int = 40, top: int = 10, left: int = 10, side: int = 10) -> np.ndarray:
+    ring = np.zeros((size, size), bool)
+    ring[top:top + side, left:left + side] = True
+    ring[top + 1:top + side - 1, left + 1:left + side - 1] = False
+    return ring
+
+
+def test_boundaries_are_the_near_side_outline_of_a_box():
+    gt = _box_scene()
+    valid = np.ones(gt.shape, bool)
+    np.testing.assert_array_equal(depth_boundaries(gt, valid), _outline())
+    counts = boundary_counts(gt, gt)
+    assert counts == BoundaryCounts(36, 36, 36, 36)  # a 10 px square's outline: 4 * 9 px
+    assert (counts.precision, counts.recall, counts.f1) == (1.0, 1.0, 1.0)
+
+
+def test_boundary_jump_threshold_and_invalid_neighbours():
+    valid = np.ones((4, 6), bool)
+    for far_m, found in ((4.3, False), (4.5, True)):  # 7.5 % and 12.5 % over 4 m
+        depth = np.full((4, 6), far_m)
+        depth[:, :3] = 4.0
+        edges = depth_boundaries(depth, valid)
+        assert edges.any() == found
+        assert not edges[:, 3:].any()  # only the near side is marked
+    depth[:, 3] = np.nan  # the far side unknown (sky): no boundary
+    assert not depth_boundaries(depth, valid).any()
+
+
+def test_boundaries_within_the_tolerance_match_and_far_ones_do_not():
+    gt = _box_scene()
+    near = boundary_counts(_box_scene(top=12, left=11), gt, tolerance_px=2)
+    assert (near.precision, near.recall) == (1.0, 1.0)
+    assert boundary_counts(_box_scene(top=12, left=11), gt, tolerance_px=1).f1 < 1.0
+    far = boundary_counts(_box_scene(top=25, left=25), gt, tolerance_px=2)
+    assert (far.pred_px, far.gt_px, far.precision, far.recall, far.f1) == (36, 36, 0, 0, 0)
+
+
+def test_flat_prediction_finds_no_boundary_and_scores_zero():
+    counts = boundary_counts(np.full((40, 40), 3.0), _box_scene())
+    assert counts == BoundaryCounts(0, 0, 36, 0)
+    assert (counts.precision, counts.recall, counts.f1) == (0.0, 0.0, 0.0)
+    total = counts + boundary_counts(_box_scene(), _box_scene())
+    assert total == BoundaryCounts(36, 36, 72, 36) and total.recall == 0.5
+    assert total.f1 == pytest.approx(2 * 1.0 * 0.5 / 1.5)
+
+
+def test_a_blurred_edge_needs_the_wider_baseline():
+    gt = np.full((8, 20), 3.0)
+    gt[:, :10] = 2.0
+    blurred = gt.copy()
+    blurred[:, 8:13] = 2.0 * 1.5 ** (np.arange(1, 6) / 6)  # 2 -> 3 m over 6 steps: 7 % each
+    assert boundary_counts(blurred, gt).recall == 0.0
+    # Pairs 3 px apart jump by 15-22 % across the ramp: near sides in columns 6-11, a band
+    # around the true edge (column 9); column 6 is beyond the 2 px tolerance.
+    wide = boundary_counts(blurred, gt, baseline_px=3)
+    assert wide == BoundaryCounts(6 * 8, 5 * 8, 8, 8) and wide.recall == 1.0
+
+
+def test_a_plane_near_the_horizon_is_not_a_boundary_of_exact_depth():
+    rows = np.arange(30, dtype=float)[:, None]
+    floor = np.repeat(1.0 / (0.02 + 0.01 * rows), 20, axis=1)  # inverse depth linear in v
+    valid = np.ones(floor.shape, bool)
+    # Rows i, i+1 differ by (i + 3) / (i + 2): 50 % .. 11 % for i < 8; the near row is marked.
+    edges = depth_boundaries(floor, valid)
+    assert edges[1:9].all() and not edges[0].any() and not edges[9:].any()
+    jumps = plane_jumps(floor, valid)
+    assert jumps[:9].all() and not jumps[9:].any()
+    scene = floor.copy()
+    scene[15:25, 5:15] = 2.0  # a box on the floor: its outline is the only boundary
+    counts = boundary_counts(scene, scene, planar_gt=True)
+    assert counts.gt_px == 36 and counts.f1 == 1.0
+    assert boundary_counts(scene, scene).gt_px > 36
+
+
+def test_border_abs_rel_measures_a_frame_and_ignores_a_global_scale():
+    gt = np.full((16, 16), 2.0)
+    pred = gt.copy()
+    pred[:2, :] = pred[-2:, :] = pred[:, :2] = pred[:, -2:] = 3.0  # a 2 px frame, 50 % off
+    assert border_abs_rel(pred, gt, band_px=2) == pytest.approx((0.5, 0.0))
+    border, centre = border_abs_rel(pred, gt, band_px=4)  # 112 of 192 band px are off
+    assert (border, centre) == pytest.approx((0.5 * 112 / 192, 0.0))
+    assert border_abs_rel(gt * 2.0, gt, band_px=2, align_mode='scale') == pytest.approx(
+        (0.0, 0.0))
+    assert border_abs_rel(gt * 2.0, gt, band_px=2) == pytest.approx((1.0, 1.0))
+    with pytest.raises(InputError, match='band_px'):
+        border_abs_rel(pred, gt, band_px=8)
+    with pytest.raises(InputError, match='tolerance_px'):
+        boundary_counts(pred, gt, tolerance_px=-1)
+    with pytest.raises(InputError, match='baseline_px'):
+        depth_boundaries(gt, np.ones(gt.shape, bool), baseline_px=0)

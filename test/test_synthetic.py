@@ -7,8 +7,8 @@ import pytest
 
 from metricgold_ros.errors import InputError
 from metricgold_ros.synthetic.scenes import (CHECKER, MAX_DEPTH_M, CameraPose, Material, Scene,
-                                              camera_sequence, make_scene, render_sample,
-                                              render_view)
+                                              camera_sequence, flat_wall, make_scene,
+                                              render_sample, render_view)
 from metricgold_ros.synthetic.vkitti import main
 
 W, H = 64, 48
@@ -124,6 +124,18 @@ def test_sequence_moves_smoothly_in_one_fixed_scene(kind):
         change = np.abs(prev.depth_m[both] - cur.depth_m[both]).mean()
         assert 0 < change < 0.1 * prev.depth_m[both].mean()
         assert prev.rgb.tobytes() != cur.rgb.tobytes()
+
+
+def test_flat_wall_has_one_depth_everywhere_and_follows_its_seed():
+    wall = flat_wall(3, 2.5, W, H)
+    assert wall.valid.all() and (wall.depth_m == 2.5).all()
+    hfov_deg = math.degrees(2 * math.atan(W / 2 / wall.fx_px))
+    assert wall.cx_px == (W - 1) / 2 and 45 <= hfov_deg <= 90
+    assert wall.rgb.std() > 1  # lit and textured, not a blank frame
+    assert np.array_equal(flat_wall(3, 2.5, W, H).rgb, wall.rgb)
+    assert not np.array_equal(flat_wall(4, 2.5, W, H).rgb, wall.rgb)
+    with pytest.raises(InputError, match='distance_m'):
+        flat_wall(3, 0.1, W, H)
 
 
 def test_bad_arguments_raise_input_error():

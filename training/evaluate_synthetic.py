@@ -9,6 +9,13 @@ node gets it from CameraInfo), and scores three predictions per image with ``met
 the training split's valid depth, per domain); and an oracle-scaled constant (per image, the
 constant with the lowest AbsRel against that image's ground truth: the 1/depth-weighted median,
 which a model would have to know the scene's scale to match).
+Beside AbsRel and delta1 each method gets depth-boundary precision / recall / F1 against the
+generator's exact discontinuities (:func:`metricgold_ros.evaluation.boundary_counts`: jumps of
+more than 10 %, found in the prediction over 3 px - a 128-px model's jump spreads over 2.5 px at
+320x240 - and matched within 2 px, pooled over a domain's images), and the model's edge frame
+is measured on ``--walls`` flat walls seen square on (border AbsRel, a band of 1/32 of the
+width, against the centre's, the prediction scale-fitted per image:
+:func:`metricgold_ros.evaluation.border_abs_rel`).
 Ground truth is written as 16-bit PNG with 256 units per metre (the KITTI convention: outdoor
 depth reaches 80 m, beyond uint16 millimetres); predictions as ``.npy`` metres.
 """
@@ -29,11 +36,17 @@ except ImportError:  # run from a source checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from metricgold_ros.tools import cli
 from metricgold_ros.canonical_camera import for_camera
+from metricgold_ros.evaluation import BoundaryCounts, border_abs_rel, boundary_counts
 from metricgold_ros.model import MetricGoldPipeline
-from metricgold_ros.synthetic.scenes import KINDS, render_sample
+from metricgold_ros.synthetic.scenes import KINDS, flat_wall, render_sample
 
 GT_UNITS_PER_M = 256.0
 METHODS = ('model', 'constant', 'oracle_constant')
+BOUNDARY_JUMP = 0.10  # a depth boundary: neighbours more than 10 % apart
+BOUNDARY_BASELINE_PX = 3  # ... in the prediction, over 3 px
+BOUNDARY_TOLERANCE_PX = 2
+WALL_DISTANCES_M = (1.0, 2.0, 3.5, 6.0)
+WALL_BAND_FRACTION = 1 / 32  # of the width: 10 px at 320 px, 4 px of a 128-px model's output
 
 
 def training_medians(train_seed: int, count: int, width: int, height: int) -> Dict[str, float]:
@@ -52,13 +65,32 @@ def best_constant_m(depth_m: np.ndarray) -> float:
     return float(order[np.searchsorted(weights, weights[-1] / 2)])
 
 
+def wall_border(pipeline: MetricGoldPipeline, count: int, seed: int, width: int,
+                height: int) -> dict:
+    """The edge frame on ``count`` flat walls: mean border and centre AbsRel (scale-fitted)."""
+    resolution = pipeline.metadata.default_processing_resolution
+    rows = []
+    for index in range(count):
+        sample = flat_wall(seed + index, WALL_DISTANCES_M[index % len(WALL_DISTANCES_M)],
+                           width, height)
+        depth = for_camera(pipeline(sample.rgb).depth_m, pipeline.metadata, sample.intrinsics,
+                           resolution)
+        rows.append(border_abs_rel(depth, sample.depth_m, sample.valid,
+                                   max(1, round(width * WALL_BAND_FRACTION)), 'scale'))
+    border, centre = (float(np.mean(values)) for values in zip(*rows))
+    return {'border_abs_rel': round(border, 4), 'centre_abs_rel': round(centre, 4),
+            'ratio': round(border / centre, 3), 'count': count}
+
+
 def evaluate(model: Path, per_kind: int, seed: int, width: int, height: int,
-             medians: Dict[str, float], workdir: Path, steps: Optional[int] = None) -> dict:
+             medians: Dict[str, float], workdir: Path, steps: Optional[int] = None,
+             walls: int = 0) -> dict:
     """``{kind: {method: metrics mean}}`` plus the settings, scored by ``metricgold eval``."""
     pipeline = MetricGoldPipeline.from_pretrained(model, device='cpu', dtype='float32')
     resolution = pipeline.metadata.default_processing_resolution
     results: dict = {}
     for kind in KINDS:
+        boundaries = {m: BoundaryCounts() for m in METHODS}
         gt_dir = workdir / 'gt' / kind
         gt_dir.mkdir(parents=True)
         pred_dirs = {m: workdir / m / kind for m in METHODS}
@@ -71,11 +103,14 @@ def evaluate(model: Path, per_kind: int, seed: int, width: int, height: int,
             cv2.imwrite(str(gt_dir / f'{name}.png'), gt_units.astype(np.uint16))
             depth = for_camera(pipeline(sample.rgb, denoising_steps=steps).depth_m,
                                pipeline.metadata, sample.intrinsics, resolution)
-            np.save(pred_dirs['model'] / f'{name}.npy', depth)
-            np.save(pred_dirs['constant'] / f'{name}.npy',
-                    np.full_like(depth, medians[kind]))
-            np.save(pred_dirs['oracle_constant'] / f'{name}.npy',
-                    np.full_like(depth, best_constant_m(sample.depth_m[sample.valid])))
+            predictions = {'model': depth, 'constant': np.full_like(depth, medians[kind]),
+                           'oracle_constant': np.full_like(
+                               depth, best_constant_m(sample.depth_m[sample.valid]))}
+            for method, prediction in predictions.items():
+                np.save(pred_dirs[method] / f'{name}.npy', prediction)
+                boundaries[method] += boundary_counts(
+                    prediction, sample.depth_m, sample.valid, BOUNDARY_JUMP,
+                    BOUNDARY_TOLERANCE_PX, BOUNDARY_BASELINE_PX, planar_gt=True)
         results[kind] = {}
         for method, folder in pred_dirs.items():
             report = workdir / f'{method}_{kind}.json'
@@ -84,18 +119,32 @@ def evaluate(model: Path, per_kind: int, seed: int, width: int, height: int,
             if code != 0:
                 raise SystemExit(f'metricgold eval failed for {method}/{kind} (exit {code})')
             mean = json.loads(report.read_text())['mean']
-            results[kind][method] = {k: round(mean[k], 4) for k in ('abs_rel', 'delta1')}
-    return {'results': results, 'per_kind': per_kind, 'seed': seed, 'size': [width, height],
+            counts = boundaries[method]
+            results[kind][method] = {
+                **{k: round(mean[k], 4) for k in ('abs_rel', 'delta1')},
+                'boundary_precision': round(counts.precision, 4),
+                'boundary_recall': round(counts.recall, 4), 'boundary_f1': round(counts.f1, 4)}
+    summary = {'results': results}
+    if walls:
+        summary['wall_border'] = wall_border(pipeline, walls, seed, width, height)
+    return {**summary, 'per_kind': per_kind, 'seed': seed, 'size': [width, height],
             'training_median_m': medians, 'denoising_steps': steps or
             pipeline.metadata.default_denoising_steps, 'model': str(model)}
 
 
 def format_table(summary: dict) -> str:
-    lines = ['| domain | method | AbsRel | delta1 |', '| --- | --- | --- | --- |']
+    lines = ['| domain | method | AbsRel | delta1 | boundary P / R / F1 |',
+             '| --- | --- | --- | --- | --- |']
     for kind, methods in summary['results'].items():
         for method, metrics in methods.items():
             lines.append(f'| {kind} | {method} | {metrics["abs_rel"]:.3f} | '
-                         f'{metrics["delta1"]:.3f} |')
+                         f'{metrics["delta1"]:.3f} | {metrics["boundary_precision"]:.3f} / '
+                         f'{metrics["boundary_recall"]:.3f} / {metrics["boundary_f1"]:.3f} |')
+    wall = summary.get('wall_border')
+    if wall:
+        lines.append(f'\nedge frame, {wall["count"]} flat walls: border AbsRel '
+                     f'{wall["border_abs_rel"]:.3f}, centre {wall["centre_abs_rel"]:.3f} '
+                     f'(ratio {wall["ratio"]:.2f})')
     return '\n'.join(lines)
 
 
@@ -109,13 +158,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument('--train-seed', type=int, default=0, help='first training scene seed')
     parser.add_argument('--train-count', type=int, default=200,
                         help='training scenes per domain for the constant baseline')
+    parser.add_argument('--walls', type=int, default=0,
+                        help='flat walls (scene seeds from --seed) to measure the edge frame on')
     parser.add_argument('--json', type=Path, help='write the summary here')
     args = parser.parse_args(argv)
     width, height = (int(v) for v in args.size.lower().split('x'))
     medians = training_medians(args.train_seed, args.train_count, 128, 96)
     with tempfile.TemporaryDirectory(prefix='metricgold-eval-') as workdir:
         summary = evaluate(args.model, args.per_kind, args.seed, width, height, medians,
-                           Path(workdir), args.steps)
+                           Path(workdir), args.steps, args.walls)
     print(format_table(summary))
     if args.json is not None:
         args.json.write_text(json.dumps(summary, indent=2) + '\n')

@@ -263,6 +263,33 @@ def render_sample(seed: int, kind: str = 'indoor', width: int = 640,
     return render_view(scene, pose, intrinsics, width, height, seed=seed)
 
 
+def flat_wall(seed: int, distance_m: float, width: int = 640, height: int = 480) -> Sample:
+    """A textured wall seen square on from ``distance_m``: one depth over the whole frame.
+
+    The scene for border artefacts: every pixel has the same planar depth, so any band of
+    error along the image's edges is the model's, not the scene's. The wall's colours, pattern
+    (plain, checker, stripes or noise), lamp and the camera's horizontal field of view (45-90
+    deg, principal point in the middle) follow from ``seed``.
+    """
+    check_scene_args('indoor', width, height, seed)
+    if not 0.5 <= distance_m <= 20.0:
+        raise InputError(f'distance_m={distance_m!r} must be within 0.5..20 m')
+    rng = np.random.default_rng([seed, 2, 0])
+    color = rng.uniform(0.35, 0.9, 3), rng.uniform(0.15, 0.7, 3)
+    material = Material(tuple(color[0].tolist()), tuple(color[1].tolist()),
+                        int(rng.choice([PLAIN, CHECKER, STRIPES, NOISE])), rng.uniform(0.2, 0.8))
+    scene = Scene('indoor', np.array([[-100.0, -100.0, distance_m]]),
+                  np.array([[100.0, 100.0, distance_m + 1.0]]), np.zeros((1, 3, 2), int),
+                  [material], np.array([False]), ambient=rng.uniform(0.25, 0.4),
+                  lights_m=np.array([[rng.uniform(-1.0, 1.0), rng.uniform(0.3, 1.0),
+                                      distance_m - rng.uniform(0.8, 1.5)]]),
+                  light_power=np.array([rng.uniform(0.6, 1.0)]),
+                  noise=rng.random((256, 256), dtype=np.float32))
+    f_px = width / 2 / math.tan(math.radians(rng.uniform(45.0, 90.0)) / 2)
+    return render_view(scene, CameraPose((0.0, 0.0, 0.0)),
+                       (f_px, f_px, (width - 1) / 2, (height - 1) / 2), width, height, seed=seed)
+
+
 def camera_sequence(seed: int, kind: str = 'indoor', n_frames: int = 100, width: int = 640,
                     height: int = 480, fps: float = 10.0,
                     mounting: tuple[float, float] | None = None) -> Iterator[Sample]:

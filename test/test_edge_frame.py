@@ -1,0 +1,52 @@
+"""The bundled model's edge frame, measured on walls seen square on (issue 24, item 1).
+
+A flat wall has one depth everywhere, so whatever band of error runs along the image's edges
+belongs to the model. Scored as ``training/evaluate_synthetic.py --walls`` scores it
+(:func:`metricgold_ros.evaluation.border_abs_rel`, the prediction scale-fitted per image so
+that a wrong scale of the whole wall, which border and centre share, does not hide the band),
+on frames of the model's own processing size (no resize).
+"""
+
+import numpy as np
+import pytest
+
+from metricgold_ros.evaluation import border_abs_rel
+from metricgold_ros.model_paths import bundled_model_path
+from metricgold_ros.synthetic.scenes import flat_wall
+
+WALLS = 8
+DISTANCES_M = (1.0, 2.0, 3.5, 6.0)
+WIDTH, HEIGHT = 128, 96  # the bundled model's processing size: the networks see these pixels
+BAND_PX = 4  # half a latent pixel
+
+
+@pytest.fixture(scope='module')
+def wall_scores() -> np.ndarray:
+    """``[WALLS, 2]``: border and centre AbsRel of the bundled model on each wall."""
+    from metricgold_ros.model import MetricGoldPipeline
+
+    model = bundled_model_path()
+    assert model is not None, 'the bundled model metricgold_ros/models/metricgold-tiny is missing'
+    pipeline = MetricGoldPipeline.from_pretrained(model, device='cpu', dtype='float32')
+    scores = []
+    for seed in range(WALLS):
+        wall = flat_wall(seed, DISTANCES_M[seed % len(DISTANCES_M)], WIDTH, HEIGHT)
+        depth = pipeline(wall.rgb).depth_m
+        scores.append(border_abs_rel(depth, wall.depth_m, wall.valid, BAND_PX, 'scale'))
+    return np.array(scores)
+
+
+def test_the_edge_frame_is_no_wider_than_recorded(wall_scores):
+    # Today's model: border 0.215, centre 0.121 (1.78x; BENCHMARKS.md, the edge frame). A
+    # change in preprocessing or decoding that widened the frame would show here first.
+    border, centre = wall_scores.mean(axis=0)
+    assert np.isfinite(wall_scores).all() and 0 < centre < 0.2
+    assert border <= 2.0 * centre, (border, centre)
+
+
+@pytest.mark.xfail(strict=True, reason='issue 24: the edge frame is learned from whole-frame '
+                   'training (the training rooms are nearer at the border); it needs a '
+                   'retrained model, see BENCHMARKS.md, the edge frame')
+def test_no_border_band_on_a_flat_wall(wall_scores):
+    border, centre = wall_scores.mean(axis=0)
+    assert border <= 1.10 * centre, (border, centre, wall_scores.tolist())
