@@ -84,9 +84,13 @@ def wall_border(pipeline: MetricGoldPipeline, count: int, seed: int, width: int,
 
 def evaluate(model: Path, per_kind: int, seed: int, width: int, height: int,
              medians: Dict[str, float], workdir: Path, steps: Optional[int] = None,
-             walls: int = 0) -> dict:
-    """``{kind: {method: metrics mean}}`` plus the settings, scored by ``metricgold eval``."""
-    pipeline = MetricGoldPipeline.from_pretrained(model, device='cpu', dtype='float32')
+             walls: int = 0, decoder: Optional[Path] = None) -> dict:
+    """``{kind: {method: metrics mean}}`` plus the settings, scored by ``metricgold eval``.
+
+    ``decoder``: a light decoder folder for the decode stage (the model's VAE when None).
+    """
+    pipeline = MetricGoldPipeline.from_pretrained(model, device='cpu', dtype='float32',
+                                                  decoder=decoder)
     resolution = pipeline.metadata.default_processing_resolution
     results: dict = {}
     for kind in KINDS:
@@ -129,7 +133,8 @@ def evaluate(model: Path, per_kind: int, seed: int, width: int, height: int,
         summary['wall_border'] = wall_border(pipeline, walls, seed, width, height)
     return {**summary, 'per_kind': per_kind, 'seed': seed, 'size': [width, height],
             'training_median_m': medians, 'denoising_steps': steps or
-            pipeline.metadata.default_denoising_steps, 'model': str(model)}
+            pipeline.metadata.default_denoising_steps, 'model': str(model),
+            **({'decoder': str(decoder)} if decoder is not None else {})}
 
 
 def format_table(summary: dict) -> str:
@@ -160,13 +165,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help='training scenes per domain for the constant baseline')
     parser.add_argument('--walls', type=int, default=0,
                         help='flat walls (scene seeds from --seed) to measure the edge frame on')
+    parser.add_argument('--decoder', type=Path,
+                        help='light decoder folder (AutoencoderTiny) for the decode stage')
     parser.add_argument('--json', type=Path, help='write the summary here')
     args = parser.parse_args(argv)
     width, height = (int(v) for v in args.size.lower().split('x'))
     medians = training_medians(args.train_seed, args.train_count, 128, 96)
     with tempfile.TemporaryDirectory(prefix='metricgold-eval-') as workdir:
         summary = evaluate(args.model, args.per_kind, args.seed, width, height, medians,
-                           Path(workdir), args.steps, args.walls)
+                           Path(workdir), args.steps, args.walls, args.decoder)
     print(format_table(summary))
     if args.json is not None:
         args.json.write_text(json.dumps(summary, indent=2) + '\n')
