@@ -200,6 +200,27 @@ def test_bad_images_are_logged_and_the_next_good_frame_served(fresh):
         assert _wait_stamp(out['depth/image'], stamp) is not None, f'{case}: node stopped'
 
 
+def test_work_budget_refuses_settings_that_would_exhaust_memory(fresh):
+    """pixels x ensemble members over max_work_megapixels is refused when set, naming both and
+    the way out; the node goes on serving at the old settings."""
+    rig = fresh
+    out = rig.outputs('depth/image')
+    try:
+        assert all(r.successful for r in rig.set_params(processing_resolution=4096))
+        result, = rig.set_params(ensemble_size=2)
+        assert not result.successful
+        assert 'processing_resolution 4096 x ensemble_size 2 is 33.6 megapixels' in result.reason
+        assert 'max_work_megapixels 32' in result.reason
+        assert all(r.successful for r in rig.set_params(processing_resolution=64))
+        assert all(r.successful for r in rig.set_params(ensemble_size=32))  # 64 px x 32: fine
+        result, = rig.set_params(processing_resolution=1024)
+        assert not result.successful and 'ensemble_size 32' in result.reason
+        assert _wait_stamp(out['depth/image'], rig.send()) is not None
+    finally:
+        assert all(r.successful for r in rig.set_params(processing_resolution=64,
+                                                        ensemble_size=1))
+
+
 def test_pixel_budget_refuses_large_images_and_is_read_only(node_rig, rig):
     small = node_rig('/budget', max_pixels=W * H - 1, **BASE_PARAMS)
     try:

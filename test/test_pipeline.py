@@ -152,3 +152,25 @@ def test_a_batch_gives_each_image_what_it_gets_alone(tiny_pipeline):
 def test_a_batch_needs_one_value_per_image(tiny_pipeline):
     with pytest.raises(InputError, match='seeds: 1 values for 2 images'):
         tiny_pipeline.predict_batch([_image(8, 8), _image(8, 8)], seeds=[0])
+
+
+def test_large_ensembles_run_in_chunks_with_the_same_result(tiny_pipeline):
+    """max_batch_latents bounds the latents per UNet/decoder call (memory); the depth is the
+    same as in one call, to round-off."""
+    rgb = _image(48, 64)
+    calls = []
+    handle = tiny_pipeline.unet.register_forward_hook(
+        lambda module, args, output: calls.append(args[0].shape[0]))
+    try:
+        whole = tiny_pipeline(rgb, ensemble_size=5, denoising_steps=1, processing_resolution=64)
+        assert calls == [5]
+        calls.clear()
+        tiny_pipeline.max_batch_latents = 2
+        chunked = tiny_pipeline(rgb, ensemble_size=5, denoising_steps=1,
+                                processing_resolution=64)
+    finally:
+        tiny_pipeline.max_batch_latents = 8
+        handle.remove()
+    assert calls == [2, 2, 1]
+    np.testing.assert_allclose(chunked.depth, whole.depth, rtol=1e-4)
+    np.testing.assert_allclose(chunked.uncertainty, whole.uncertainty, rtol=1e-3, atol=1e-5)

@@ -35,6 +35,7 @@ from metricgold_ros.model.single_step import predict_x0_single_step
 
 LOGGER = logging.getLogger(__name__)
 
+MAX_BATCH_LATENTS = 8  # default chunk of MetricGoldPipeline.max_batch_latents
 DTYPES = {'float32': torch.float32, 'float16': torch.float16, 'bfloat16': torch.bfloat16}
 
 
@@ -154,6 +155,9 @@ class MetricGoldPipeline:
         # Debug hook (tests, fault drills): called with the stage name before each stage.
         self.stage_hook: Optional[Callable[[str], None]] = None
         self.current_stage = ''  # the stage running now (or that last ran): fault reports
+        # Latents per UNet/decoder call: an ensemble (or a batch of cameras) larger than this
+        # runs in chunks, so memory is bounded by the chunk, not by ensemble_size x cameras.
+        self.max_batch_latents: Optional[int] = MAX_BATCH_LATENTS
         self._warned_ensemble = False
 
     @classmethod
@@ -334,12 +338,15 @@ class MetricGoldPipeline:
                                             init_latents[i], strength) for i in range(count)]
             timesteps, generator = starts[0][0], starts[0][2]
             depth_latent = torch.cat([latent for _, latent, _ in starts])  # [N*E,4,h,w]
-        # 4. Denoise: E2E-FT's one step, else the sampler (relative: a member at a time).
-        batch = 1 if self.relative else count * members
+        # 4. Denoise: E2E-FT's one step, else the sampler (relative: a member at a time), in
+        #    chunks of at most max_batch_latents latents (memory stays bounded).
+        batch = 1 if self.relative else min(count * members,
+                                            self.max_batch_latents or count * members)
         with self._stage('unet', timings):
             if self.e2e_ft:
-                depth_latent = predict_x0_single_step(
-                    self.unet, self.scheduler, rgb_latent, self.empty_text_embedding)
+                depth_latent = torch.cat([predict_x0_single_step(
+                    self.unet, self.scheduler, part, self.empty_text_embedding)
+                    for part in rgb_latent.split(batch)])
             else:
                 rgb_batch = rgb_latent.repeat_interleave(members, dim=0)  # [N*E,4,h,w]
                 depth_latent = torch.cat([

@@ -49,8 +49,9 @@ from metricgold_ros.errors import InputError, MetricGoldError
 from metricgold_ros.faults import FAULT_ENV, FaultInjector, GuardedProcessor
 from metricgold_ros.model_paths import load_model
 from metricgold_ros.node.parameters import (PARAMETERS, SPECS, STREAM_PARAMETERS, ParamSpec,
-                                            ParamValue, check_parameter, frame_options,
-                                            split_stream_parameter, stream_parameter)
+                                            ParamValue, check_parameter, check_work,
+                                            frame_options, split_stream_parameter,
+                                            stream_parameter)
 from metricgold_ros.node.runtime import StatsSnapshot
 from metricgold_ros.node.stream import Frame, Stream
 from metricgold_ros.node.worker import BatchWorker, Reporter
@@ -361,7 +362,7 @@ class DepthNode(LifecycleNode):
             if param.value is None and per_stream:
                 continue  # unset: the stream follows the node's value again
             reason = check_parameter(name, param.value, values) or \
-                self._model_refuses(name, param.value, self.pipeline)
+                self._model_refuses(name, param.value, self.pipeline, values)
             if reason is not None:
                 return SetParametersResult(successful=False, reason=reason)
             if per_stream is None and param.name in values:
@@ -390,11 +391,19 @@ class DepthNode(LifecycleNode):
             stream.overrides = self._overrides[stream.name]
             stream.guard.fallback_resolution = values['fallback_processing_resolution']
 
-    def _model_refuses(self, name: str, value: Any,
-                       pipeline: Optional['MetricGoldPipeline']) -> Optional[str]:
-        """Why ``pipeline`` cannot run with ``name := value``, or None (also without one)."""
+    def _model_refuses(self, name: str, value: Any, pipeline: Optional['MetricGoldPipeline'],
+                       values: Optional[Dict[str, ParamValue]] = None) -> Optional[str]:
+        """Why ``pipeline`` cannot run with ``name := value`` (the other parameters at
+        ``values``, default the current ones), or None (also without a pipeline)."""
+        if pipeline is None:
+            return None
+        if name in SPECS:  # the work budget at the checkpoint's own processing resolution
+            reason = check_work({**(values or self._values), name: value},
+                                pipeline.metadata.default_processing_resolution)
+            if reason is not None:
+                return reason
         if name == 'denoising_steps' and isinstance(value, int) and value > 1 and \
-                pipeline is not None and pipeline.metadata.e2e_ft:
+                pipeline.metadata.e2e_ft:
             return (f'denoising_steps: {value}: this model is single-step (E2E-FT, zero noise, '
                     'the predicted depth in one step); use 0 (its default) or 1')
         return None

@@ -99,6 +99,10 @@ PARAMETERS: Tuple[ParamSpec, ...] = (
               '(positive: the image\'s right side dips)', float_range=(-180.0, 180.0)),
     ParamSpec('max_pixels', DEFAULT_PIXEL_BUDGET, 'Images with more pixels are refused before any '
               'allocation', runtime=False, int_range=(1, 2 ** 31 - 1)),
+    ParamSpec('max_work_megapixels', 32.0, 'Work budget of one frame: processed pixels (the '
+              'longer side squared; max_pixels at processing_resolution 0) x ensemble_size, '
+              'in megapixels; settings over it are refused when set, so no parameter change '
+              'can make a frame exhaust memory', runtime=False, float_range=(0.01, 1.0e4)),
     ParamSpec('batch_wait_ms', 0.0, 'When the model is free and some cameras have a frame '
               'waiting, wait at most this long for the others to join the batch; 0: take what '
               'is there', float_range=(0.0, 1000.0)),
@@ -179,6 +183,8 @@ def check_parameter(name: str, value: ParamValue, values: Mapping[str, ParamValu
     if name == 'fallback_processing_resolution' and 0 < value < LATENT_FACTOR:
         return (f'fallback_processing_resolution: {value} px is too small; use 0 (skip the '
                 f'frame) or >= {LATENT_FACTOR}')
+    if name in ('processing_resolution', 'ensemble_size', 'max_pixels', 'max_work_megapixels'):
+        return check_work({**values, name: value})
     if name in ('color_min_depth', 'color_max_depth'):
         low = value if name == 'color_min_depth' else values['color_min_depth']
         high = value if name == 'color_max_depth' else values['color_max_depth']
@@ -186,6 +192,37 @@ def check_parameter(name: str, value: ParamValue, values: Mapping[str, ParamValu
             return (f'color_min_depth {low} must be < color_max_depth {high} (0 for an '
                     'automatic end)')
     return None
+
+
+def work_megapixels(values: Mapping[str, ParamValue],
+                    default_resolution: Optional[int] = None) -> Optional[float]:
+    """Pixels x ensemble members one frame asks of the model, in megapixels (an upper bound:
+    the longer side squared); None when it depends on a checkpoint default not known here."""
+    resolution = values['processing_resolution']
+    if resolution < 0:
+        resolution = default_resolution
+    if resolution is None:
+        return None
+    pixels = values['max_pixels'] if resolution == 0 else resolution * resolution
+    return pixels * values['ensemble_size'] / 1e6
+
+
+def check_work(values: Mapping[str, ParamValue],
+               default_resolution: Optional[int] = None) -> Optional[str]:
+    """Why ``values`` ask more of one frame than ``max_work_megapixels``, or None."""
+    work = work_megapixels(values, default_resolution)
+    budget = values['max_work_megapixels']
+    if work is None or work <= budget:
+        return None
+    resolution = values['processing_resolution']
+    side = (f'processing_resolution {resolution}' if resolution >= 0 else
+            f"the checkpoint's processing resolution {default_resolution}")
+    if resolution == 0:
+        side = f'processing_resolution 0 (input size, up to max_pixels {values["max_pixels"]})'
+    return (f'{side} x ensemble_size {values["ensemble_size"]} is {work:.1f} megapixels of '
+            f'work per frame, over max_work_megapixels {budget:g}: lower processing_resolution '
+            'or ensemble_size (max_work_megapixels is read-only: raise it at start only if the '
+            'device holds that much)')
 
 
 def frame_options(values: Mapping[str, ParamValue],
