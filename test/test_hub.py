@@ -116,6 +116,12 @@ def test_download_progress_goes_to_the_log():
     progress.close()
     assert notes[0] == "model_path='org/name': Fetching 3 files 1/3 file"
     assert notes[-1] == "model_path='org/name': Fetching 3 files 3/3 file"
+    notes.clear()
+    progress = _progress_class('--model org/name', notes.append)(
+        total=3_400_000_000, desc='Downloading bytes', unit='B', unit_scale=True)
+    progress.update(1_200_000_000)
+    progress.close()
+    assert notes == ['--model org/name: Downloading bytes 1.20G/3.40G B']
 
 
 def test_infer_by_id(cache, models, tmp_path, capsys):

@@ -183,8 +183,12 @@ def _progress_class(said: str, notify: Callable[[str], None]) -> type:
             now = time.monotonic()
             if now - self._said_at >= PROGRESS_EVERY_S or (self.total and self.n >= self.total):
                 self._said_at = now
-                total = f'/{self.total:g}' if self.total else ''
-                notify(f'{said}: {self.desc or "downloading"} {self.n:g}{total} '
+                def size(value: float) -> str:
+                    return self.format_sizeof(value, divisor=1000) if self.unit_scale else \
+                        f'{value:g}'
+
+                total = f'/{size(self.total)}' if self.total else ''
+                notify(f'{said}: {self.desc or "downloading"} {size(self.n)}{total} '
                        f'{self.unit or ""}'.rstrip())
             return shown
 
