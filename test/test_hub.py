@@ -158,3 +158,32 @@ def test_bag_by_id(cache, tmp_path, capsys):
     depth = np.frombuffer(bytes(message.data), dtype=np.float32)
     assert np.nanmax(depth) <= 20.0 + 1e-3  # model 1 (branch v2): d_max 20 m
 
+
+
+@pytest.mark.slow
+def test_node_loads_by_id_at_configure(models, tmp_path):
+    """depth_node with model_path set to an id: resolved in the offline cache while it
+    configures, the lookup in its log; an uncached id stops it with the one line (exit 1)."""
+    from node_zygote import start_node, wait_for_text
+    from ros_helpers import ros_env
+
+    home = tmp_path / 'hf'
+    write_hub_cache(home / 'hub', REPO, models[0])
+    env = ros_env(HF_HOME=str(home), HF_HUB_OFFLINE='1')
+    env.pop('HF_HUB_CACHE', None)
+    node = start_node(['--ros-args', '-p', f'model_path:={REPO}', '-p', 'device:=cpu',
+                       '-r', '__ns:=/hub_ok'], env, tmp_path, 'ok')
+    try:
+        assert wait_for_text(node, lambda text: f'loaded {REPO}' in text, 120.0), node.stderr()
+    finally:
+        node.kill()
+    assert f"model_path='{REPO}': looking up the Hugging Face repository in the hub cache " \
+        f"{home / 'hub'} (HF_HUB_OFFLINE: no downloads)" in node.stderr()
+    absent = start_node(['--ros-args', '-p', 'model_path:=org/absent', '-p', 'device:=cpu',
+                         '-r', '__ns:=/hub_absent'], env, tmp_path, 'absent')
+    code = absent.wait(120.0)
+    absent.kill()
+    stderr = absent.stderr()
+    assert code == 1, stderr[-2000:]
+    assert "model_path='org/absent': not in the Hugging Face cache" in stderr
+    assert 'hf download org/absent' in stderr and 'Traceback' not in stderr
