@@ -47,3 +47,36 @@ def test_console_script_help_runs_without_torch_import():
                          check=True).stdout
     assert out.strip().endswith('False')
     assert 'init-model' in out and 'bag' in out
+
+
+def test_inference_flags_are_the_node_parameters(capsys):
+    """One definition: every shared flag is generated from the node's parameter table, with
+    its limits (the node's message on a value out of range), default and help."""
+    import argparse
+
+    from metricgold_ros.node.parameters import SPECS
+    from metricgold_ros.tools.options import (INFERENCE_FLAGS, MODEL_FLAGS, MOUNTING_FLAGS,
+                                              OUTPUT_FLAGS, add_inference_arguments,
+                                              add_mounting_arguments, add_output_arguments,
+                                              options_from_args)
+
+    parser = argparse.ArgumentParser()
+    add_inference_arguments(parser)
+    add_output_arguments(parser, points_help='x')
+    add_mounting_arguments(parser)
+    defaults = parser.parse_args([])
+    for flag in MODEL_FLAGS + INFERENCE_FLAGS + OUTPUT_FLAGS + MOUNTING_FLAGS:
+        assert getattr(defaults, flag.dest or flag.param) == SPECS[flag.param].default
+    for argv, words in ((['--denoising-steps', '51'], 'denoising_steps: 51 is outside [0, 50]'),
+                        (['--ensemble-size', '33'], 'ensemble_size: 33 is outside [1, 32]'),
+                        (['--camera-pitch-deg', '91'], 'camera_pitch_deg: 91.0 is outside'),
+                        (['--points-stride', 'x'], "'x' is not an integer")):
+        with pytest.raises(SystemExit):
+            parser.parse_args(argv)
+        assert words in capsys.readouterr().err
+    # The node's meaning of 0 / -1, through the node's own mapping.
+    options = options_from_args(parser.parse_args(['--seed', '-1', '--max-depth', '0',
+                                                   '--no-colored']))
+    assert options.seed is None and options.max_depth_m == float('inf')
+    assert options.denoising_steps is None and options.processing_resolution is None
+    assert options.colored is False
