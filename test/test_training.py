@@ -315,29 +315,32 @@ def test_config_rejects_bad_objective_focal_and_leaking_splits(tmp_path, body, m
         load_config(path, tmp_path)
 
 
-def test_ema_is_back_on_the_training_device_after_resume():
-    """accelerate restores the EMA with map_location='cpu'; on a GPU the next ema.step mixed
-    CPU and CUDA tensors. Here the training device is 'meta', which the CPU-loaded state is
-    not on either, so the move is visible without a GPU."""
+def test_ema_is_back_on_the_training_device_after_resume(tmp_path):
+    """The EMA is read on the CPU; on a GPU the next ema.step mixed CPU and CUDA tensors.
+    Here the training device is 'meta', which the CPU-loaded state is not on either, so the
+    move is visible without a GPU."""
     from diffusers.training_utils import EMAModel
+    from training.state import save_extra_state
 
-    class LoadsOnCpu:
-        """Does what accelerate's load_state does to a registered EMA: CPU tensors."""
+    class AcceleratorState:
+        """The part of accelerate's state that is not the EMA: nothing to load here."""
 
-        def __init__(self, ema):
-            self.ema, self.folders = ema, []
+        def __init__(self):
+            self.folders = []
 
         def load_state(self, folder):
             self.folders.append(folder)
-            self.ema.load_state_dict({**self.ema.state_dict(), 'shadow_params': [
-                torch.full((2, 2), 3.0)]})
 
+    saved = EMAModel([torch.nn.Parameter(torch.full((2, 2), 3.0))], decay=0.9)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), lambda n: 1.0)
+    save_extra_state(tmp_path, schedule, saved)
     ema = EMAModel([torch.nn.Parameter(torch.zeros(2, 2))], decay=0.9)
-    accelerator = LoadsOnCpu(ema)
-    load_training_state(accelerator, Path('ckpt/step_000002'), ema, torch.device('meta'))
-    assert accelerator.folders == ['ckpt/step_000002']
+    accelerator = AcceleratorState()
+    load_training_state(accelerator, tmp_path, ema, torch.device('meta'), schedule)
+    assert accelerator.folders == [str(tmp_path)]
     assert [p.device.type for p in ema.shadow_params] == ['meta']
-    load_training_state(accelerator, Path('ckpt/step_000002'), None, torch.device('meta'))
+    load_training_state(accelerator, tmp_path, None, torch.device('meta'), schedule)
 
 
 def test_depth_targets_are_encoded_in_float32_under_bf16_autocast():

@@ -7,9 +7,10 @@ learning-rate and validation curves, the VAE stage report and the constant-depth
 
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -24,10 +25,33 @@ def checkpoint_folder(folder: Path, step: int) -> Path:
     return folder / f'step_{step:06d}'
 
 
+def checkpoints_by_step(folder: Path) -> List[Tuple[int, Path]]:
+    """The complete ``step_N`` folders (with progress.json) as ``(step, folder)``, by step.
+
+    Ordered by the integer step, not the name: ``step_1000000`` comes after ``step_999999``.
+    """
+    found = []
+    for path in folder.glob('step_*'):
+        match = re.fullmatch(r'step_(\d+)', path.name)
+        if match and path.is_dir() and (path / PROGRESS_FILE).is_file():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
 def latest_checkpoint(folder: Path) -> Optional[Path]:
     """The complete ``step_NNNNNN`` folder with the highest step, or None."""
-    done = [p for p in folder.glob('step_*') if (p / PROGRESS_FILE).is_file()]
-    return max(done, key=lambda p: int(p.name[len('step_'):])) if done else None
+    done = checkpoints_by_step(folder)
+    return done[-1][1] if done else None
+
+
+def rotate_checkpoints(folder: Path, keep: int, newest: Path) -> List[Path]:
+    """Delete all but the ``keep`` newest complete checkpoints (by step); ``newest``, the one
+    just written, always stays. Returns the deleted folders."""
+    done = [path for _, path in checkpoints_by_step(folder)]
+    old = [path for path in done[:max(0, len(done) - max(1, keep))] if path != newest]
+    for path in old:
+        shutil.rmtree(path)
+    return old
 
 
 def checkpoint_bytes(unet: 'torch.nn.Module', vae: 'torch.nn.Module', ema: bool) -> tuple:
@@ -91,7 +115,8 @@ def summarize(progress: dict, config: Config, wall_s: Dict[str, float],
     it); otherwise the pretrained starting point. ``val_abs_rel_constant`` is the best constant
     depth (the training median) on the same frames: a model that learnt nothing beats neither.
     """
-    losses, val = progress['loss'], progress['val']
+    val = progress['val']
+    losses = [x for x in progress['loss'] if x is not None]  # None: a skipped (NaN/inf) step
     vae = dict(progress.get('vae') or {})
     untrained = vae.pop('val_untrained', None)
     first = untrained or (val[0] if val else None)
@@ -114,7 +139,8 @@ def summarize(progress: dict, config: Config, wall_s: Dict[str, float],
         'val_steps': [v['step'] for v in val],
         'val_abs_rel': [v['abs_rel'] for v in val],
         'val_delta1': [v['delta1'] for v in val],
-        'loss': losses,
+        'loss': progress['loss'],
+        'skipped_steps': progress.get('skipped_steps', []),
         'lr': progress['lr'],
         'val': val,
     }

@@ -29,7 +29,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import os
 import shutil
 import sys
 import time
@@ -46,6 +45,7 @@ elif str(_ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from metricgold_ros.atomic import replace_path  # noqa: E402
 from metricgold_ros.errors import MetricGoldError  # noqa: E402
 from metricgold_ros.model.checkpoint import ModelMetadata, save_checkpoint  # noqa: E402
 from metricgold_ros.model.single_step import predict_x0_single_step  # noqa: E402
@@ -54,27 +54,32 @@ from training.config import Config, load_config, resolve_accumulation  # noqa: E
 from training.models import Components, load_components, load_trained_vae  # noqa: E402
 from training.progress import (  # noqa: E402
     PROGRESS_FILE, check_checkpoint_disk, checkpoint_bytes, checkpoint_folder, fmt,
-    latest_checkpoint, link_final, setup_logging, summarize)
+    latest_checkpoint, link_final, rotate_checkpoints, setup_logging, summarize)
 from training.recipe import (  # noqa: E402
     WarmupExponentialDecay, annealed_strength, decoded_depth, latent_valid_mask, masked_mse,
     multi_res_noise_like, sample_timesteps, velocity_target)
+from training.state import (  # noqa: E402,F401 - load_training_state: also this module's API
+    load_training_state, nonfinite_weights, save_extra_state)
 from training.validation import constant_baseline, make_checkpoint, validate  # noqa: E402
 from training.vae_stage import (  # noqa: E402
     depth_as_image, depth_reconstruction_metrics, fit_scaling_factor, train_vae)
 
 LOGGER = logging.getLogger('metricgold.train')
+MAX_NONFINITE_STEPS = 3  # steps in a row with a NaN/inf loss before the run stops
 
 
 class Run:
     """One invocation of the trainer on an output folder."""
 
     def __init__(self, config: Config, output: Path, resume: bool,
-                 stop_at_step: Optional[int] = None) -> None:
+                 stop_at_step: Optional[int] = None, *,
+                 trust_pickled_state: bool = False) -> None:
         from accelerate import Accelerator
         from accelerate.utils import InitProcessGroupKwargs, set_seed
 
         self.config, self.output, self.resume = config, output, resume
         self.stop_at_step = stop_at_step  # tests and drills: return after this step
+        self.trust_pickled_state = trust_pickled_state  # --resume of an older run's pickles
         # Validation and saving run on the main process while the others wait at a barrier:
         # the collective timeout must outlast them (NCCL's default is 10 minutes).
         timeout = InitProcessGroupKwargs(
@@ -167,12 +172,13 @@ class Run:
                                           cfg.final_lr_ratio)
         lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         self.unet, optimizer = acc.prepare(unet, optimizer)
-        acc.register_for_checkpointing(lr_scheduler)  # stepped by hand, once per optimizer step
+        # Stepped by hand, once per optimizer step; saved as JSON by training/state.py (never
+        # registered with accelerate, which would pickle it and unpickle it on --resume).
+        self.lr_scheduler = lr_scheduler
         self.ema = None
         if cfg.ema:
             self.ema = EMAModel(acc.unwrap_model(self.unet).parameters(), decay=cfg.ema_decay)
             self.ema.to(self.device)
-            acc.register_for_checkpointing(self.ema)
         self.metadata = self._metadata(parts)
         if acc.is_main_process:
             check_checkpoint_disk(self.output, *checkpoint_bytes(unet, self.vae, cfg.ema),
@@ -181,7 +187,8 @@ class Run:
                     'baseline': self.baseline}
         latest = latest_checkpoint(self.output / 'checkpoints') if self.resume else None
         if latest is not None:
-            load_training_state(acc, latest, self.ema, self.device)
+            load_training_state(acc, latest, self.ema, self.device, lr_scheduler,
+                                trust_pickled_state=self.trust_pickled_state)
             progress = json.loads((latest / PROGRESS_FILE).read_text())
             LOGGER.info('resumed from %s at step %d', latest, progress['step'])
         elif cfg.steps > 0:
@@ -195,28 +202,41 @@ class Run:
                             pin_memory=self.device.type == 'cuda')
         data_iter = iter(loader)
         start = time.perf_counter()
+        skipped_in_a_row = 0
         for step in range(progress['step'], cfg.steps):
             step_loss = torch.zeros((), device=self.device)
+            finite = True  # every micro-batch's loss, on every rank
             for _ in range(cfg.gradient_accumulation_steps):
                 batch = next(data_iter)
                 with acc.accumulate(self.unet):
                     loss = self._loss(batch)
-                    acc.backward(loss)
-                    if acc.sync_gradients and cfg.max_grad_norm:
-                        acc.clip_grad_norm_(self.unet.parameters(), cfg.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                step_loss += loss.detach() / cfg.gradient_accumulation_steps
+                    finite = finite and self._finite_everywhere(loss)
+                    if finite:
+                        acc.backward(loss)
+                    if acc.sync_gradients and not finite:  # the whole step is dropped
+                        optimizer.zero_grad(set_to_none=True)
+                    elif finite:
+                        if acc.sync_gradients and cfg.max_grad_norm:
+                            acc.clip_grad_norm_(self.unet.parameters(), cfg.max_grad_norm)
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+                if finite:
+                    step_loss += loss.detach() / cfg.gradient_accumulation_steps
             progress['lr'].append(lr_scheduler.get_last_lr()[0])
             lr_scheduler.step()
-            if self.ema is not None:
-                self.ema.step(acc.unwrap_model(self.unet).parameters())
-            progress['loss'].append(float(acc.reduce(step_loss, 'mean')))
+            if not finite:
+                skipped_in_a_row = self._skip_step(progress, step + 1, skipped_in_a_row)
+            else:
+                skipped_in_a_row = 0
+                if self.ema is not None:
+                    self.ema.step(acc.unwrap_model(self.unet).parameters())
+            progress['loss'].append(float(acc.reduce(step_loss, 'mean')) if finite else None)
             progress['step'] = done = step + 1
             progress['data_position'] = {'seed': self.config.seed, 'position': (
                 done * cfg.gradient_accumulation_steps * acc.num_processes)}
             if done % cfg.log_every == 0 or done == cfg.steps:
-                recent = progress['loss'][-cfg.log_every:]
+                recent = [x for x in progress['loss'][-cfg.log_every:] if x is not None] \
+                    or [float('nan')]  # every step of the window was skipped
                 LOGGER.info('step %d/%d: loss %.4f, lr %.2e', done, cfg.steps,
                             float(np.mean(recent)), progress['lr'][-1])
                 if self.writer is not None:
@@ -250,6 +270,28 @@ class Run:
         while True:
             yield batches[k]
             k += 1
+
+    def _finite_everywhere(self, loss: torch.Tensor) -> bool:
+        """Whether ``loss`` is finite on every process (one all-reduce: all ranks agree)."""
+        bad = (~torch.isfinite(loss.detach())).float().reshape(1)
+        return float(self.accelerator.reduce(bad, 'sum')) == 0.0
+
+    def _skip_step(self, progress: dict, step: int, in_a_row: int) -> int:
+        """A step whose loss was NaN/inf on some rank was dropped (no update, no EMA step);
+        after :data:`MAX_NONFINITE_STEPS` in a row the run stops with what to change."""
+        in_a_row += 1
+        progress.setdefault('skipped_steps', []).append(step)
+        LOGGER.warning('step %d: the loss is NaN/inf (on at least one process): the step is '
+                       'skipped, no weights changed (%d in a row)', step, in_a_row)
+        if in_a_row >= MAX_NONFINITE_STEPS:
+            last = latest_checkpoint(self.output / 'checkpoints')
+            raise MetricGoldError(
+                f'the loss was NaN/inf in {in_a_row} steps in a row (last: step {step}); the '
+                'run is stopped. Lower train.lr, use mixed_precision bf16 instead of fp16, or '
+                'check the data for broken frames; '
+                + (f'--resume continues from {last.name}' if last else 'no checkpoint was '
+                   'written yet'))
+        return in_a_row
 
     def _loss(self, batch: dict) -> torch.Tensor:
         """The configured objective's loss on one micro-batch."""
@@ -396,9 +438,18 @@ class Run:
             self.writer.flush()
 
     def _save_state(self, progress: dict) -> None:
-        """Accelerator state + progress + a loadable model, renamed into place when complete."""
+        """Accelerator state + LR schedule and EMA (no pickles) + progress + a loadable model,
+        renamed into place when complete and on disk; never of NaN/inf weights."""
         acc, folder = self.accelerator, self.output / 'checkpoints'
         final = checkpoint_folder(folder, progress['step'])
+        bad = nonfinite_weights(acc.unwrap_model(self.unet), self.ema)  # same on every rank
+        if bad:
+            last = latest_checkpoint(folder)
+            raise MetricGoldError(
+                f'step {progress["step"]}: the weights hold NaN/inf ({", ".join(bad)}); no '
+                'checkpoint is written and none is deleted. Lower train.lr or use bf16 instead '
+                'of fp16; ' + (f'--resume continues from {last.name}' if last else
+                               'no earlier checkpoint exists'))
         tmp = folder / f'.{final.name}.tmp'
         if acc.is_main_process and tmp.exists():
             shutil.rmtree(tmp)
@@ -406,6 +457,7 @@ class Run:
         try:
             acc.save_state(str(tmp))
             if acc.is_main_process:
+                save_extra_state(tmp, self.lr_scheduler, self.ema)
                 self._with_ema(lambda: save_checkpoint(tmp / 'model', self._checkpoint()))
                 (tmp / PROGRESS_FILE).write_text(json.dumps(progress) + '\n')
         except (OSError, RuntimeError) as err:  # torch reports a full disk as a RuntimeError
@@ -416,23 +468,9 @@ class Run:
                 f'{shutil.disk_usage(folder).free / 1e9:.1f} GB free there. Free space, lower '
                 'train.keep_checkpoints, or set train.checkpoint_every: null') from err
         if acc.is_main_process:
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            for old in sorted(folder.glob('step_*'))[:-self.config.train.keep_checkpoints]:
-                shutil.rmtree(old)
+            replace_path(tmp, final)  # synced; an old one moved aside until this is in place
+            rotate_checkpoints(folder, self.config.train.keep_checkpoints, final)
         acc.wait_for_everyone()
-
-
-def load_training_state(accelerator, folder: Path, ema, device: torch.device) -> None:
-    """``accelerator.load_state(folder)``, then the EMA weights back on the training ``device``.
-
-    accelerate restores registered objects such as the EMA with ``map_location='cpu'``; on a GPU
-    the next ``ema.step`` would then mix CPU shadow weights with CUDA parameters and fail.
-    """
-    accelerator.load_state(str(folder))
-    if ema is not None:
-        ema.to(device)
 
 
 def encode_latents(vae: torch.nn.Module, rgb: torch.Tensor, depth: Optional[torch.Tensor],
@@ -474,7 +512,8 @@ def canonical_depth(depth_m: torch.Tensor, focal_px, canonical_focal_px: Optiona
 
 
 def train(config_path: Path, output: Path, *, resume: bool = False,
-          stop_at_step: Optional[int] = None) -> Optional[dict]:
+          stop_at_step: Optional[int] = None,
+          trust_pickled_state: bool = False) -> Optional[dict]:
     """Run (or continue) the training ``config_path`` describes into ``output``.
 
     Returns the ``metrics.json`` content, or None when stopped early by ``stop_at_step``.
@@ -486,7 +525,7 @@ def train(config_path: Path, output: Path, *, resume: bool = False,
         raise MetricGoldError(f'--output {output} already holds a run; pass --resume to '
                               'continue it, or choose an empty folder')
     output.mkdir(parents=True, exist_ok=True)
-    run = Run(config, output, resume, stop_at_step)
+    run = Run(config, output, resume, stop_at_step, trust_pickled_state=trust_pickled_state)
     setup_logging(output, run.accelerator.is_main_process)
     LOGGER.info('training %s into %s on %s (%s precision)', config_path, output, run.device,
                 config.train.mixed_precision)
@@ -522,11 +561,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument('--output', required=True, type=Path, help='run folder')
     parser.add_argument('--resume', action='store_true',
                         help='continue the run in --output from its newest checkpoint')
+    parser.add_argument('--trust-pickled-state', action='store_true',
+                        help='with --resume: allow a checkpoint of an older version whose '
+                             'LR schedule and EMA are pickled (loading a pickle runs any code '
+                             'it holds: only for run folders you made yourself)')
     parser.add_argument('--stop-at-step', type=int, default=None,
                         help='for tests and drills: stop after this step as if killed')
     args = parser.parse_args(argv)
     try:
-        train(args.config, args.output, resume=args.resume, stop_at_step=args.stop_at_step)
+        train(args.config, args.output, resume=args.resume, stop_at_step=args.stop_at_step,
+              trust_pickled_state=args.trust_pickled_state)
     except MetricGoldError as err:
         print(f'ERROR: {err}', file=sys.stderr)
         return 1
