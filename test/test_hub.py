@@ -76,7 +76,7 @@ def test_uncached_id_is_one_line_naming_id_cache_and_command(cache):
     assert '\n' not in message
     for words in ("model_path='prs-eth/not-downloaded@v3'", str(cache), 'HF_HUB_OFFLINE=1',
                   '`hf download prs-eth/not-downloaded --revision v3`',
-                  '`huggingface-cli download prs-eth/not-downloaded`'):
+                  '`huggingface-cli download prs-eth/not-downloaded --revision v3`'):
         assert words in message, message
 
 
@@ -105,6 +105,36 @@ def test_neither_folder_nor_id(tmp_path):
 def test_parse_repo_id(text, expected):
     parsed = parse_repo_id(text)
     assert (None if parsed is None else tuple(parsed)) == expected
+
+
+def test_a_download_fetches_only_what_the_loader_reads():
+    from huggingface_hub.utils import filter_repo_objects
+
+    from metricgold_ros.model.hub import allow_patterns, ignore_patterns
+
+    files = ['model_index.json', 'README.md', 'scheduler/scheduler_config.json',
+             'unet/config.json', 'unet/diffusion_pytorch_model.safetensors',
+             'unet/diffusion_pytorch_model.fp16.safetensors', 'unet/diffusion_pytorch_model.bin',
+             'vae/diffusion_pytorch_model.fp16-00001-of-00002.safetensors',
+             'vae/diffusion_pytorch_model.safetensors.index.fp16.json',
+             'text_encoder/model.safetensors', 'text_encoder/model.fp16.safetensors',
+             'text_encoder/pytorch_model.bin', 'tokenizer/vocab.json', 'tokenizer/merges.txt',
+             'empty_text_embedding.safetensors', 'doc/teaser.jpg', 'model.onnx']
+
+    def fetched(variant, allow_pickle=False):
+        return set(filter_repo_objects(files, allow_patterns=allow_patterns(variant, allow_pickle),
+                                       ignore_patterns=ignore_patterns(variant)))
+
+    common = {'model_index.json', 'README.md', 'scheduler/scheduler_config.json',
+              'unet/config.json', 'vae/diffusion_pytorch_model.safetensors.index.fp16.json',
+              'tokenizer/vocab.json', 'tokenizer/merges.txt', 'empty_text_embedding.safetensors'}
+    assert fetched(None) == common | {'unet/diffusion_pytorch_model.safetensors',
+                                      'text_encoder/model.safetensors'}
+    assert fetched('fp16') == common | {
+        'unet/diffusion_pytorch_model.fp16.safetensors', 'text_encoder/model.fp16.safetensors',
+        'vae/diffusion_pytorch_model.fp16-00001-of-00002.safetensors'}
+    assert fetched(None, allow_pickle=True) - fetched(None) == {
+        'unet/diffusion_pytorch_model.bin', 'text_encoder/pytorch_model.bin'}
 
 
 def test_download_progress_goes_to_the_log():

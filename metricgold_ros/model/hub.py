@@ -83,8 +83,8 @@ def download_command(repo_id: RepoId) -> str:
 def allow_patterns(variant: Optional[str], allow_pickle: bool) -> List[str]:
     """What a snapshot download fetches: configs, tokenizers and the variant's weights."""
     patterns = ['*.json', '*.txt', '*.md', 'tokenizer/*', 'empty_text_embedding.safetensors']
-    if variant:
-        patterns += [f'*.{variant}.safetensors']
+    if variant:  # diffusers' names: NAME.fp16.safetensors, NAME.fp16-00001-of-00002.safetensors
+        patterns += [f'*.{variant}.safetensors', f'*.{variant}-*.safetensors']
     else:
         patterns += ['*.safetensors']
     if allow_pickle:
@@ -95,7 +95,8 @@ def allow_patterns(variant: Optional[str], allow_pickle: bool) -> List[str]:
 
 def ignore_patterns(variant: Optional[str]) -> List[str]:
     """The other variants' weights (the plain ones when a variant is asked for them too)."""
-    return [f'*.{other}.safetensors' for other in KNOWN_VARIANTS if other != variant]
+    return [pattern for other in KNOWN_VARIANTS if other != variant
+            for pattern in (f'*.{other}.safetensors', f'*.{other}-*.safetensors')]
 
 
 def resolve_repo_id(repo_id: RepoId, said: str, notify: Callable[[str], None], *,
@@ -135,7 +136,8 @@ def resolve_repo_id(repo_id: RepoId, said: str, notify: Callable[[str], None], *
         raise CheckpointError(
             f'{said}: not in the Hugging Face cache {cache} and {why}; on a machine with '
             f'network run `{download_command(repo_id)}` (older huggingface_hub: '
-            f'`huggingface-cli download {repo_id.repo}`) and copy its '
+            f'`huggingface-cli download {download_command(repo_id)[len("hf download "):]}`) '
+            'and copy its '
             f'{cache.name}/models--{repo_id.repo.replace("/", "--")} folder into {cache} '
             '(or set HF_HOME to where it is)') from err
     except (RepositoryNotFoundError, GatedRepoError) as err:
