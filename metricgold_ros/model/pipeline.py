@@ -5,15 +5,10 @@ latent conditioned on the image latent. Members of an ensemble are one batch; th
 RGB encoding and the cached empty-text embedding, and are combined by their median in log
 space (no scale/shift alignment: the output is metric).
 
-Relative (Marigold) checkpoints run in diffusers' ``MarigoldDepthPipeline``'s numerics instead,
-so that the same weights, seed, steps and resolution give its depth (to float round-off): its
-processing size, input normalisation and resizes, noise drawn in the networks' dtype, members
-denoised and decoded one at a time, the checkpoint's own scheduler, output kept in the
-networks' dtype until the end, and affine-aligned ensembles (:mod:`.ensemble`).
-
-E2E-FT checkpoints (``metadata.e2e_ft``, metric or relative) run their single deterministic
-step instead of sampling: a zero latent at ``t = T - 1``, the predicted x0 out
-(:func:`.single_step.predict_x0_single_step`).
+What differs between kinds of checkpoint lives in :mod:`.kinds`: relative (Marigold)
+checkpoints run in diffusers' ``MarigoldDepthPipeline``'s numerics (:class:`.kinds.
+RelativeDepth`), E2E-FT checkpoints their single deterministic step (:class:`.kinds.
+SingleStep`). This module is the order of the stages, shared by all.
 """
 
 import logging
@@ -29,9 +24,7 @@ import torch
 from metricgold_ros.errors import InputError
 from metricgold_ros.model import image_ops
 from metricgold_ros.model.checkpoint import Checkpoint, load_checkpoint, load_decoder
-from metricgold_ros.model.codec import decode_depth
-from metricgold_ros.model.ensemble import ensemble_affine, ensemble_members
-from metricgold_ros.model.single_step import predict_x0_single_step
+from metricgold_ros.model.kinds import DepthOutput, Sampler, kind_of
 
 LOGGER = logging.getLogger(__name__)
 
@@ -133,7 +126,7 @@ class MetricGoldPipeline:
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
         self.metadata = checkpoint.metadata
         weights = next(checkpoint.unet.parameters()).dtype \
-            if self.metadata.relative or self.metadata.e2e_ft else None
+            if self.output.weights_dtype or self.sampler.weights_dtype else None
         self.dtype = resolve_dtype(dtype, self.device, weights)
         self.scheduler = checkpoint.scheduler
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -146,8 +139,9 @@ class MetricGoldPipeline:
         # faster for the tiny VAE and neutral for SD2-size networks (BENCHMARKS.md), with no
         # change to the (shared) modules. Relative models keep diffusers' layout (NCHW unless
         # asked): NHWC convolutions sum in another order.
-        self.activation_format = torch.channels_last if channels_last or (
-            self.device.type == 'cpu' and not self.metadata.relative) else torch.contiguous_format
+        self.activation_format = torch.channels_last if channels_last else \
+            self.output.cpu_activation_format() if self.device.type == 'cpu' else \
+            torch.contiguous_format
         if compile_unet:
             self.unet = torch.compile(self.unet)
         self.empty_text_embedding = checkpoint.empty_text_embedding.to(self.device, self.dtype)
@@ -179,14 +173,29 @@ class MetricGoldPipeline:
         return cls(checkpoint, device=device, dtype=dtype, **kwargs)
 
     @property
+    def output(self) -> 'DepthOutput':
+        """What the networks' values mean (:mod:`.kinds`), for the current ``metadata``."""
+        return self._kind()[0]
+
+    @property
+    def sampler(self) -> 'Sampler':
+        """How the depth latent is produced (:mod:`.kinds`), for the current ``metadata``."""
+        return self._kind()[1]
+
+    def _kind(self) -> Tuple['DepthOutput', 'Sampler']:
+        if getattr(self, '_kind_of', (None,))[0] is not self.metadata:
+            self._kind_of = (self.metadata, *kind_of(self.metadata))
+        return self._kind_of[1], self._kind_of[2]
+
+    @property
     def relative(self) -> bool:
         """True for affine-invariant (Marigold) checkpoints: depth in [0, 1], not metres."""
-        return self.metadata.relative
+        return self.output.relative
 
     @property
     def e2e_ft(self) -> bool:
         """True for single-step E2E-FT checkpoints: deterministic, one step, one member."""
-        return self.metadata.e2e_ft
+        return self.sampler.single_step
 
     def check_inputs(self, denoising_steps: Optional[int], ensemble_size: int,
                      processing_resolution: Optional[int], warm_start_strength: float) -> None:
@@ -203,9 +212,7 @@ class MetricGoldPipeline:
                 '(--processing-resolution; node parameter processing_resolution), e.g. 768')
         if not isinstance(denoising_steps, int) or denoising_steps < 1:
             raise InputError(f'denoising_steps={denoising_steps!r}, expected an integer >= 1')
-        if self.e2e_ft and denoising_steps != 1:
-            raise InputError(f'denoising_steps={denoising_steps!r} but this is an E2E-FT model, '
-                             'trained for exactly one step: use denoising_steps=1 (or None)')
+        self.sampler.check_steps(denoising_steps)
         if not isinstance(ensemble_size, int) or ensemble_size < 1:
             raise InputError(f'ensemble_size={ensemble_size!r}, expected an integer >= 1')
         if not isinstance(processing_resolution, int) or processing_resolution < 0 or \
@@ -281,27 +288,26 @@ class MetricGoldPipeline:
         resolution = meta.default_processing_resolution \
             if processing_resolution is None else processing_resolution
         self.check_inputs(steps, ensemble_size, resolution, warm_start_strength)
-        if self.e2e_ft and ensemble_size > 1 and not self._warned_ensemble:
+        if self.sampler.single_step and ensemble_size > 1 and not self._warned_ensemble:
             LOGGER.warning('ensemble_size=%d with an E2E-FT model: its prediction is '
                            'deterministic, so one member is computed (uncertainty zero); use '
                            'ensemble_size=1', ensemble_size)
             self._warned_ensemble = True
-        members = 1 if self.e2e_ft else ensemble_size
+        members = self.sampler.members(ensemble_size)
         # 1. Each image -> [1,3,PH,PW] in [-1, 1], padded to multiples of 8; then groups of
         #    images that can share one pass through the networks.
         prepared, groups = [], {}
         for index, rgb in enumerate(rgbs):
             timings: Dict[str, float] = {}
             with self._stage('preprocess', timings):
-                prepare = image_ops.prepare_image_exact if self.relative \
-                    else image_ops.prepare_image
-                image, padding, input_size = prepare(rgb, resolution, self.device, self.dtype)
-            prepared.append((self._layout(image), padding, input_size, timings))
+                image, padding, input_size = self.output.prepare(rgb, resolution, self.device,
+                                                                 self.dtype)
+            prepared.append((self.layout(image), padding, input_size, timings))
             latent_shape = (members, int(self.vae.config.latent_channels),
                             image.shape[-2] // image_ops.LATENT_FACTOR,
                             image.shape[-1] // image_ops.LATENT_FACTOR)  # [E,4,h,w]
-            warm = not self.e2e_ft and self._warm(init_latents[index], latent_shape)
-            key = index if self.relative else (tuple(image.shape), warm)
+            warm = self.sampler.warm(init_latents[index], latent_shape)
+            key = index if self.output.one_member_per_call else (tuple(image.shape), warm)
             groups.setdefault(key, []).append(index)
         results: List[Optional[DepthPrediction]] = [None] * count
         for indices in groups.values():
@@ -331,30 +337,16 @@ class MetricGoldPipeline:
         # 2. One RGB latent per image for all its ensemble members and all steps.
         with self._stage('vae_encode', timings):
             rgb_latent = self.vae.encode(image).latent_dist.mode() * self.latent_scale  # [N,4,h,w]
-        # 3. Initial depth latents: noise, or the previous frame's latent partly re-noised;
-        #    each image's from its own seed.
-        if not self.e2e_ft:
-            starts = [self._prepare_latents(rgb_latent[i:i + 1], members, steps, seeds[i],
-                                            init_latents[i], strength) for i in range(count)]
-            timesteps, generator = starts[0][0], starts[0][2]
-            depth_latent = torch.cat([latent for _, latent, _ in starts])  # [N*E,4,h,w]
-        # 4. Denoise: E2E-FT's one step, else the sampler (relative: a member at a time), in
-        #    chunks of at most max_batch_latents latents (memory stays bounded).
-        batch = 1 if self.relative else min(count * members,
-                                            self.max_batch_latents or count * members)
+        # 3.-4. Depth latents: the kind's sampler (DDIM from each image's own seeded noise or
+        #    warm start, or E2E-FT's one step), in chunks of at most max_batch_latents latents
+        #    (relative: a member at a time), so memory stays bounded.
+        batch = 1 if self.output.one_member_per_call else min(
+            count * members, self.max_batch_latents or count * members)
         with self._stage('unet', timings):
-            if self.e2e_ft:
-                depth_latent = torch.cat([predict_x0_single_step(
-                    self.unet, self.scheduler, part, self.empty_text_embedding)
-                    for part in rgb_latent.split(batch)])
-            else:
-                rgb_batch = rgb_latent.repeat_interleave(members, dim=0)  # [N*E,4,h,w]
-                depth_latent = torch.cat([
-                    self._denoise(rgb_batch[i:i + batch], depth_latent[i:i + batch], steps,
-                                  timesteps, generator)
-                    for i in range(0, count * members, batch)])
+            depth_latent = self.sampler.run(self, rgb_latent, members, steps, seeds,
+                                            init_latents, strength, batch)  # [N*E,4,h,w]
             # Returned in the networks' layout: decoding it again gives the same numbers.
-            depth_latent = self._layout(depth_latent)
+            depth_latent = self.layout(depth_latent)
         # 5. Decode; the 3 output channels are one value replicated: average them.
         with self._stage('vae_decode', timings):
             x = torch.cat([self._decode(part)
@@ -369,122 +361,30 @@ class MetricGoldPipeline:
         """6. Ensemble one image's members ``[E,1,PH,PW]``, resize once, map to depth."""
         timings = dict(timings)
         with self._stage('postprocess', timings):
-            if self.relative:
-                depth, uncertainty = self._finish_relative(image_ops.unpad(x, padding), size)
-            else:
-                depth, uncertainty = self._finish(image_ops.unpad(x, padding).float(), size)
-            if self.e2e_ft and ensemble_size > 1:
+            depth, uncertainty = self.output.finish(image_ops.unpad(x, padding), size)
+            if self.sampler.single_step and ensemble_size > 1:
                 uncertainty = np.zeros_like(depth)
         return DepthPrediction(depth, self.relative, uncertainty, rgb_latent, depth_latent,
                                timings)
-
-    def _denoise(self, rgb_batch: torch.Tensor, depth_latent: torch.Tensor, steps: int,
-                 timesteps: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Run the sampler over ``timesteps`` for the members ``[B,4,h,w]`` of one batch."""
-        self.scheduler.set_timesteps(steps, device=self.device)  # resets stateful samplers
-        text = self.empty_text_embedding.expand(depth_latent.shape[0], -1, -1)  # [B,T,C]
-        for t in timesteps:
-            model_input = self._layout(torch.cat([rgb_batch, depth_latent], dim=1))  # [B,8,h,w]
-            model_output = self.unet(model_input, t, encoder_hidden_states=text,
-                                     return_dict=False)[0]  # [B,4,h,w]
-            # The generator feeds samplers that add noise between steps (LCM), in diffusers'
-            # order; DDIM (eta = 0) draws nothing.
-            depth_latent = self.scheduler.step(model_output, t, depth_latent,
-                                               generator=generator).prev_sample
-        return depth_latent
 
     def _decode(self, latent: torch.Tensor) -> torch.Tensor:
         """Depth latents ``[n,4,h,w]`` -> values ``[n,1,PH,PW]`` in [-1, 1] (the light decoder
         when there is one: its latents are the UNet's divided by its own scaling factor)."""
         if self.decoder is not None:
-            latent = self._layout(latent / float(self.decoder.config.scaling_factor))
+            latent = self.layout(latent / float(self.decoder.config.scaling_factor))
             decoded = self.decoder.decode(latent, return_dict=False)[0]
             return decoded.mean(dim=1, keepdim=True).clamp(-1.0, 1.0)
-        latent = self._layout(latent / self.latent_scale)
+        latent = self.layout(latent / self.latent_scale)
         decoded = self.vae.decode(latent, return_dict=False)[0]
         return decoded.mean(dim=1, keepdim=True).clamp(-1.0, 1.0)
 
-    def _layout(self, tensor: torch.Tensor) -> torch.Tensor:
-        """``tensor`` in the activation layout. Relative models in NCHW mode keep the layout
-        diffusers' own operations give (its input image is a channels-last view, for one):
-        convolutions sum in another order in another layout."""
-        if self.relative and self.activation_format == torch.contiguous_format:
-            return tensor
-        return tensor.contiguous(memory_format=self.activation_format)
-
-    def _prepare_latents(self, rgb_latent: torch.Tensor, ensemble_size: int, steps: int,
-                         seed: Optional[int], init_latent: Optional[torch.Tensor],
-                         strength: float
-                         ) -> Tuple[torch.Tensor, torch.Tensor, torch.Generator]:
-        """Timesteps to run, the starting latent ``[E,4,h,w]`` and the seeded generator.
-
-        The noise is one draw of ``[E,4,h,w]`` from a CPU generator, as diffusers draws it
-        (relative models draw in the networks' dtype, as diffusers does; MetricGold models in
-        float32).
-        """
-        shape = (ensemble_size, *rgb_latent.shape[1:])
-        generator = torch.Generator(device='cpu')
-        if seed is None:
-            generator.seed()
-        else:
-            generator.manual_seed(int(seed))
-        noise_dtype = self.dtype if self.relative else torch.float32
-        noise = torch.randn(shape, generator=generator, dtype=noise_dtype).to(
-            self.device, self.dtype)
-        self.scheduler.set_timesteps(steps, device=self.device)
-        timesteps = self.scheduler.timesteps
-        if not self._warm(init_latent, shape):
-            return timesteps, noise, generator
-        # img2img-style warm start: skip the noisiest part of the schedule, keep >= 1 step.
-        keep = max(1, min(steps, round(steps * strength)))
-        timesteps = timesteps[steps - keep:]
-        start = self.scheduler.add_noise(init_latent.to(self.device, self.dtype), noise,
-                                         timesteps[:1])
-        return timesteps, start, generator
-
-    @staticmethod
-    def _warm(init_latent: Optional[torch.Tensor], shape: Tuple[int, ...]) -> bool:
-        """Whether ``init_latent`` can warm-start latents of ``shape`` ``[E,4,h,w]``."""
-        return init_latent is not None and tuple(init_latent.shape) == tuple(shape)
-
-    def _finish(self, x: torch.Tensor, output_size: Tuple[int, int]
-                ) -> Tuple[np.ndarray, Optional[np.ndarray]]:
-        """Metric members ``[E,1,h,w]`` in [-1, 1] -> depth and uncertainty at ``output_size``."""
-        median, spread = ensemble_members(x)  # [1,1,h,w] each (spread None for one member)
-        depth = self.to_depth(image_ops.resize(median, output_size)[0, 0])
-        uncertainty = None
-        if spread is not None:
-            spread = image_ops.resize(spread, output_size)[0, 0]
-            uncertainty = _to_numpy(self.to_uncertainty(depth, spread))
-        return _to_numpy(depth), uncertainty
-
-    def _finish_relative(self, x: torch.Tensor, output_size: Tuple[int, int]
-                         ) -> Tuple[np.ndarray, Optional[np.ndarray]]:
-        """Relative members ``[E,1,h,w]`` in [-1, 1] -> depth and uncertainty, as diffusers.
-
-        Mapped to [0, 1] and ensembled in the networks' dtype, resized without antialiasing,
-        and only then made float32.
-        """
-        depth = (x + 1.0) / 2.0
-        uncertainty = None
-        if depth.shape[0] > 1:
-            depth, uncertainty = ensemble_affine(depth)
-            uncertainty = _to_numpy(image_ops.resize_exact(uncertainty, output_size)[0, 0])
-        return _to_numpy(image_ops.resize_exact(depth, output_size)[0, 0]), uncertainty
+    def layout(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` in the activation layout the kind's networks get."""
+        return self.output.layout(tensor, self.activation_format)
 
     def to_depth(self, value: torch.Tensor) -> torch.Tensor:
         """Network value in [-1, 1] -> metres (MetricGold) or [0, 1] (relative Marigold)."""
-        meta = self.metadata
-        if meta.relative:
-            return (value + 1.0) * 0.5
-        return decode_depth(value, meta.d_min_m, meta.d_max_m)
-
-    def to_uncertainty(self, depth: torch.Tensor, spread: torch.Tensor) -> torch.Tensor:
-        """Std of the members' values -> std in the units of ``depth`` (first-order)."""
-        meta = self.metadata
-        if meta.relative:
-            return spread * 0.5
-        return depth * spread * (0.5 * float(np.log(meta.d_max_m / meta.d_min_m)))  # d(log d)/dx
+        return self.output.to_depth(value)
 
     @contextmanager
     def _stage(self, name: str, timings: Dict[str, float]) -> Iterator[None]:
@@ -496,11 +396,6 @@ class MetricGoldPipeline:
         if self.device.type == 'cuda':
             torch.cuda.synchronize(self.device)
         timings[name] = time.perf_counter() - start
-
-
-def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
-    """float32 C-contiguous numpy, copied only when needed (a 640x480 copy is ~0.05 ms)."""
-    return np.ascontiguousarray(tensor.cpu().numpy(), dtype=np.float32)
 
 
 def _place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype,
