@@ -4,7 +4,7 @@
 an inference that raises (CUDA out of memory, a CPU allocator failure, a driver error) never
 ends the program: memory is freed, an out-of-memory frame is retried once at
 ``fallback_processing_resolution`` when that is below the resolution in use, and otherwise the
-frame is skipped. The caller gets an :class:`Outcome` to publish or write, and to report
+frame is skipped. The caller gets a :class:`FrameOutcome` to publish or write, and to report
 (the node rate-limited in its log, the tools as ``ERROR:`` lines and exit code 1).
 
 DEBUG ONLY: :class:`FaultInjector` raises real faults before pipeline stages
@@ -123,7 +123,7 @@ class Failure:
 
 
 @dataclass(frozen=True)
-class Outcome:
+class FrameOutcome:
     """One frame through :class:`GuardedProcessor`.
 
     ``result`` is None when the frame is skipped; ``failure`` is the first failure (None when
@@ -151,11 +151,11 @@ class GuardedProcessor:
         self.stopping = stopping
 
     def process(self, rgb: np.ndarray, calibration: Optional[Calibration],
-                options: 'FrameOptions') -> Outcome:
+                options: 'FrameOptions') -> FrameOutcome:
         """Run one frame; bad input (MetricGoldError) still raises, anything else is caught."""
         result, failure = self._attempt(rgb, calibration, options)
         if failure is None:
-            return Outcome(result)
+            return FrameOutcome(result)
         fallback = self.fallback_resolution
         resolution = self.resolution(options, rgb.shape[1], rgb.shape[0])
         if failure.out_of_memory and 0 < fallback < resolution:
@@ -163,10 +163,10 @@ class GuardedProcessor:
                                         warm_start=False)
             result, second = self._attempt(rgb, calibration, retry)
             if second is None:
-                return Outcome(result, failure, f'retried once at fallback_processing_'
+                return FrameOutcome(result, failure, f'retried once at fallback_processing_'
                                f'resolution={fallback} px instead of {resolution} px: '
                                'published', retried=True)
-            return Outcome(None, failure, f'the retry at {fallback} px failed too '
+            return FrameOutcome(None, failure, f'the retry at {fallback} px failed too '
                            f'({second.describe()}): frame skipped')
         if not failure.out_of_memory:
             action = 'frame skipped (processing goes on with the next frame)'
@@ -177,7 +177,7 @@ class GuardedProcessor:
         else:
             action = (f'frame skipped: fallback_processing_resolution={fallback} is not below '
                       f'the {resolution} px in use')
-        return Outcome(None, failure, action)
+        return FrameOutcome(None, failure, action)
 
     def resolution(self, options: 'FrameOptions', width: int, height: int) -> int:
         """The longer side (px) the model works at for ``options`` and this image."""
@@ -217,7 +217,7 @@ class GuardedJob:
 
 
 def process_batch(jobs: Sequence[GuardedJob]
-                  ) -> Tuple[List[Union[Outcome, MetricGoldError]], Optional[Failure]]:
+                  ) -> Tuple[List[Union[FrameOutcome, MetricGoldError]], Optional[Failure]]:
     """Frames of several streams in one batch, guarded as :meth:`GuardedProcessor.process`.
 
     Returns each frame's Outcome, or the MetricGoldError its input or options raised (the
@@ -233,7 +233,7 @@ def process_batch(jobs: Sequence[GuardedJob]
         try:
             results = process_frames([FrameJob(job.guard.processor, job.rgb, job.calibration,
                                                job.options) for job in jobs])
-            return [Outcome(result) for result in results], None
+            return [FrameOutcome(result) for result in results], None
         except MetricGoldError:
             pass  # one frame's bad input: each frame alone below, the bad one reports it
         except Exception as err:  # noqa: B902 - any inference fault: retried frame by frame
@@ -242,7 +242,7 @@ def process_batch(jobs: Sequence[GuardedJob]
             batch_failure = Failure.of(err, pipeline.current_stage)
         if batch_failure is not None:
             _free_memory(pipeline, batch_failure.out_of_memory)
-    outcomes: List[Union[Outcome, MetricGoldError]] = []
+    outcomes: List[Union[FrameOutcome, MetricGoldError]] = []
     for job in jobs:
         try:
             outcomes.append(job.guard.process(job.rgb, job.calibration, job.options))

@@ -54,12 +54,3 @@ def test_no_module_is_a_grab_bag(limit):
     sizes = {str(p.relative_to(PACKAGE.parent)): len(p.read_text().splitlines())
              for p in PACKAGE.rglob('*.py')}
     assert {p: n for p, n in sizes.items() if n > limit} == {}
-
-
-@pytest.mark.parametrize('old, new', [('metricgold_ros.cli', 'metricgold_ros.tools.cli'),
-                                      ('metricgold_ros.demo', 'metricgold_ros.synthetic.demo')])
-def test_yesterdays_module_paths_still_run_and_say_where_they_moved(old, new):
-    done = subprocess.run([sys.executable, '-m', old, '--help'], capture_output=True,
-                          text=True, timeout=120, cwd=PACKAGE.parent)
-    assert done.returncode == 0 and 'usage' in done.stdout.lower(), done.stderr[-2000:]
-    assert f'moved to {new}' in done.stderr

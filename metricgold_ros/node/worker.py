@@ -19,7 +19,7 @@ from rclpy.logging import LoggingSeverity
 from metricgold_ros import messages
 from metricgold_ros.depth_frame import OUTPUTS, FrameResult
 from metricgold_ros.errors import MetricGoldError
-from metricgold_ros.faults import GuardedJob, Outcome, process_batch
+from metricgold_ros.faults import FrameOutcome, GuardedJob, process_batch
 from metricgold_ros.node.parameters import ParamValue, frame_options
 from metricgold_ros.node.runtime import Mailboxes, RateLimiter
 from metricgold_ros.node.stream import Frame, Stream
@@ -50,7 +50,7 @@ class Reporter:
         """An info line, each ``key`` at most every ERROR_PERIOD_S."""
         self._log('info', key, text)
 
-    def failure(self, stream: Stream, outcome: Outcome) -> None:
+    def failure(self, stream: Stream, outcome: FrameOutcome) -> None:
         """A frame whose inference failed (counted; logged per stage, kind and action)."""
         stream.stats.count('failed')
         if outcome.retried:
