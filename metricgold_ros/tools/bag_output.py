@@ -56,8 +56,9 @@ def check_output(output: Path, input_path: Path, overwrite: bool) -> None:
     if out == inp or inp in out.parents or out in inp.parents:
         raise BagError(f'OUTPUT {output} overlaps INPUT {input_path}; write the new bag '
                        'somewhere else')
-    if not out.parent.is_dir():
-        raise BagError(f'OUTPUT {output}: folder {out.parent} does not exist; create it first')
+    parent = output.absolute().parent  # where the new bag goes (OUTPUT may be a link)
+    if not parent.is_dir():
+        raise BagError(f'OUTPUT {output}: folder {parent} does not exist; create it first')
     if output.suffix == '.bag':
         raise BagError(f'OUTPUT {output}: ROS 1 output is not supported; give a folder name '
                        'for the new rosbag2 bag')
