@@ -80,10 +80,9 @@ def _check_rviz(context: LaunchContext) -> List[object]:
     return []
 
 
-def generate_launch_description() -> LaunchDescription:
-    """The launch arguments, the DDS profile and rviz checks, depth_node and optional rviz2."""
-    share = FindPackageShare(PACKAGE)
-    arguments = [
+def _arguments(share: FindPackageShare) -> List[DeclareLaunchArgument]:
+    """The launch arguments (``--show-args``)."""
+    return [
         DeclareLaunchArgument('model_path', default_value='',
                               description='Checkpoint: a local folder or a Hugging Face repo '
                                           'id (org/name[@revision]); empty: the bundled model'),
@@ -131,7 +130,11 @@ def generate_launch_description() -> LaunchDescription:
                                           f'{PROFILE_ENV} unless that is already set; empty: '
                                           'none'),
     ]
-    depth_node = Node(
+
+
+def _depth_node() -> Node:
+    """depth_node with the params file, the arguments that override it, and the remappings."""
+    return Node(
         package=PACKAGE,
         executable='depth_node',
         name='depth_node',
@@ -161,13 +164,22 @@ def generate_launch_description() -> LaunchDescription:
         output='screen',
         emulate_tty=True,
     )
-    rviz = Node(
+
+
+def _rviz(share: FindPackageShare) -> Node:
+    """rviz2 with config/depth.rviz, when ``rviz:=true``."""
+    return Node(
         package='rviz2',
         executable='rviz2',
         arguments=['-d', PathJoinSubstitution([share, 'config', 'depth.rviz'])],
         condition=IfCondition(LaunchConfiguration('rviz')),
         output='screen',
     )
+
+
+def generate_launch_description() -> LaunchDescription:
+    """The launch arguments, the DDS profile and rviz checks, depth_node and optional rviz2."""
+    share = FindPackageShare(PACKAGE)
     # The checks run first: a missing rviz2 stops the launch before depth_node loads a model.
     checks = [OpaqueFunction(function=_check_rviz), OpaqueFunction(function=_apply_dds_profile)]
-    return LaunchDescription(arguments + checks + [depth_node, rviz])
+    return LaunchDescription(_arguments(share) + checks + [_depth_node(), _rviz(share)])
