@@ -76,83 +76,106 @@ def _wait_logs(log_dir: Path, mode: str, count: int, timeout_s: float) -> bool:
     return False
 
 
+class _CamerasAndRecorder:
+    """This process's side: N cameras publishing at ``rate`` Hz and the recorder of every
+    ``depth/image`` (stamp -> receive latency in ms per stream, while ``measuring``)."""
+
+    def __init__(self, cameras: List[str], args: argparse.Namespace) -> None:
+        import rclpy
+        from rclpy.executors import SingleThreadedExecutor
+        from rclpy.qos import QoSProfile, ReliabilityPolicy
+        from sensor_msgs.msg import CameraInfo, Image
+
+        sys.path.insert(0, str(REPO / 'test'))
+        from ros_helpers import synthetic_frame
+
+        self._args = args
+        self.context = rclpy.Context()
+        rclpy.init(context=self.context)
+        self.node = rclpy.create_node('multicam_bench', context=self.context)
+        self.executor = SingleThreadedExecutor(context=self.context)
+        self.executor.add_node(self.node)
+        reliable = QoSProfile(depth=5, reliability=ReliabilityPolicy.RELIABLE)
+        rgb, self._k = synthetic_frame(3, args.width, args.height)
+        self._bgr = np.ascontiguousarray(rgb[..., ::-1])
+        self.received: Dict[str, List[float]] = {c: [] for c in cameras}
+        self.measuring = threading.Event()
+        self._stop = threading.Event()
+        self._pubs = []
+        for camera in cameras:
+            self.node.create_subscription(Image, f'/bench/{camera}/depth/image',
+                                          lambda msg, c=camera: self._on_depth(c, msg),
+                                          reliable)
+            self._pubs.append((
+                self.node.create_publisher(Image, f'/bench/{camera}/image', reliable),
+                self.node.create_publisher(CameraInfo, f'/bench/{camera}/camera_info',
+                                           reliable)))
+        threading.Thread(target=self.executor.spin, daemon=True).start()
+
+    def _on_depth(self, camera: str, msg: Any) -> None:
+        if self.measuring.is_set():
+            stamp = msg.header.stamp.sec * 10 ** 9 + msg.header.stamp.nanosec
+            self.received[camera].append((time.time_ns() - stamp) * 1e-6)
+
+    def start_cameras(self) -> None:
+        """Publish every camera's frame and CameraInfo at the rate, stamped now."""
+        threading.Thread(target=self._camera_loop, daemon=True).start()
+
+    def _camera_loop(self) -> None:
+        from ros_helpers import camera_info_msg, image_msg
+
+        args = self._args
+        period, next_s = 1.0 / args.rate, time.monotonic()
+        while not self._stop.is_set():
+            stamp = time.time_ns()
+            for image_pub, info_pub in self._pubs:
+                info_pub.publish(camera_info_msg(stamp, args.width, args.height, self._k))
+                image_pub.publish(image_msg(self._bgr, stamp, 'bgr8'))
+            next_s += period
+            time.sleep(max(0.0, next_s - time.monotonic()))
+
+    def close(self) -> None:
+        import rclpy
+
+        self._stop.set()
+        self.executor.shutdown(timeout_sec=1.0)
+        self.node.destroy_node()
+        rclpy.try_shutdown(context=self.context)
+
+
+def _stop_nodes(procs: List[subprocess.Popen]) -> None:
+    for proc in procs:
+        proc.send_signal(signal.SIGINT)
+    for proc in procs:
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 def run_once(mode: str, count: int, args: argparse.Namespace) -> Dict[str, Any]:
     """One configuration: its per-stream rates and latencies and the nodes' peak RSS."""
-    import rclpy
-    from rclpy.executors import SingleThreadedExecutor
-    from rclpy.qos import QoSProfile, ReliabilityPolicy
-    from sensor_msgs.msg import CameraInfo, Image
-
-    sys.path.insert(0, str(REPO / 'test'))
-    from ros_helpers import camera_info_msg, image_msg, synthetic_frame
-
     cameras = [f'cam{i}' for i in range(count)]
     env = with_large_data_profile(loopback_env(dict(os.environ), free_domain_id()))
     os.environ.update({k: v for k, v in env.items() if k.startswith(('ROS_', 'FASTDDS'))})
     log_dir = Path(tempfile.mkdtemp(prefix='multicam_'))
     procs = _start_nodes(mode, cameras, env, log_dir)
-    context = rclpy.Context()
-    rclpy.init(context=context)
-    node = rclpy.create_node('multicam_bench', context=context)
-    executor = SingleThreadedExecutor(context=context)
-    executor.add_node(node)
-    reliable = QoSProfile(depth=5, reliability=ReliabilityPolicy.RELIABLE)
-    rgb, k = synthetic_frame(3, args.width, args.height)
-    bgr = np.ascontiguousarray(rgb[..., ::-1])
-    received: Dict[str, List[float]] = {c: [] for c in cameras}
-    measuring = threading.Event()
-
-    def on_depth(camera: str, msg: Any) -> None:
-        if measuring.is_set():
-            stamp = msg.header.stamp.sec * 10 ** 9 + msg.header.stamp.nanosec
-            received[camera].append((time.time_ns() - stamp) * 1e-6)
-
-    pubs = []
-    for camera in cameras:
-        node.create_subscription(Image, f'/bench/{camera}/depth/image',
-                                 lambda msg, c=camera: on_depth(c, msg), reliable)
-        pubs.append((node.create_publisher(Image, f'/bench/{camera}/image', reliable),
-                     node.create_publisher(CameraInfo, f'/bench/{camera}/camera_info',
-                                           reliable)))
-    stop = threading.Event()
-
-    def camera_loop() -> None:
-        period = 1.0 / args.rate
-        next_s = time.monotonic()
-        while not stop.is_set():
-            stamp = time.time_ns()
-            for image_pub, info_pub in pubs:
-                info_pub.publish(camera_info_msg(stamp, args.width, args.height, k))
-                image_pub.publish(image_msg(bgr, stamp, 'bgr8'))
-            next_s += period
-            time.sleep(max(0.0, next_s - time.monotonic()))
-
-    spinner = threading.Thread(target=executor.spin, daemon=True)
-    spinner.start()
+    rig = _CamerasAndRecorder(cameras, args)
     try:
         if not _wait_logs(log_dir, mode, len(procs), 180.0):
             raise RuntimeError(f'{mode} x{count}: nodes did not start; logs in {log_dir}')
-        publisher = threading.Thread(target=camera_loop, daemon=True)
-        publisher.start()
+        rig.start_cameras()
         time.sleep(args.warmup)
-        measuring.set()
+        rig.measuring.set()
         start = time.monotonic()
         time.sleep(args.seconds)
-        measuring.clear()
+        rig.measuring.clear()
         elapsed = time.monotonic() - start
         rss_mb = sum(_peak_rss_mb(p.pid) for p in procs)
     finally:
-        stop.set()
-        for proc in procs:
-            proc.send_signal(signal.SIGINT)
-        for proc in procs:
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        executor.shutdown(timeout_sec=1.0)
-        node.destroy_node()
-        rclpy.try_shutdown(context=context)
+        rig.close()
+        _stop_nodes(procs)
+    received = rig.received
     rates = {c: len(v) / elapsed for c, v in received.items()}
     return {
         'mode': mode, 'cameras': count, 'seconds': round(elapsed, 1),
