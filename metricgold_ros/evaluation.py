@@ -362,28 +362,36 @@ class BoundaryCounts:
 
 
 def depth_boundaries(depth_m: np.ndarray, valid: np.ndarray, jump: float = 0.10,
-                     baseline_px: int = 1) -> np.ndarray:
+                     baseline_px: int = 1, steps_only: bool = False) -> np.ndarray:
     """[H,W] bool: the near side of every depth discontinuity of more than ``jump``.
 
     Two pixels ``baseline_px`` apart in a row or a column, both ``valid``, whose depths differ
     by a ratio > 1 + ``jump`` make a boundary; the nearer of the two (the occluding side) is
     marked. With ``baseline_px`` 1 (exact depth) a box's outline is a one-pixel line on the
     box; a larger baseline also finds a jump that an upscaled prediction spreads over
-    ``baseline_px`` pixels, as a band of that width.
+    ``baseline_px`` pixels. ``steps_only``: the jump must also be more than twice the change
+    (in log depth) over the ``baseline_px`` pixels before it and after it, so that a step
+    counts and a steep but smooth slope (a floor, a wall seen at a grazing angle) does not.
     """
     depth_m = np.asarray(depth_m, np.float64)
     valid = np.asarray(valid, bool) & valid_depth(depth_m)
     if baseline_px < 1:
         raise InputError(f'baseline_px={baseline_px} must be >= 1')
-    safe = np.where(valid, depth_m, 1.0)
+    log_d = np.log(np.where(valid, depth_m, 1.0))
     edges = np.zeros(depth_m.shape, bool)
     k = baseline_px
     for transpose in (False, True):  # rows, then columns (on transposed views)
-        d, v, e = (safe.T, valid.T, edges.T) if transpose else (safe, valid, edges)
-        a, b = d[:-k], d[k:]
-        step = v[:-k] & v[k:] & (np.maximum(a, b) > (1.0 + jump) * np.minimum(a, b))
-        e[:-k] |= step & (a < b)
-        e[k:] |= step & (b < a)
+        g, v, e = (log_d.T, valid.T, edges.T) if transpose else (log_d, valid, edges)
+        change = np.where(v[:-k] & v[k:], g[k:] - g[:-k], 0.0)  # pair (i, i+k)
+        size = np.abs(change)
+        step = size > math.log1p(jump)
+        if steps_only:
+            around = np.zeros(size.shape)
+            around[k:] = size[:-k]  # the pair (i-k, i)
+            around[:-k] = np.maximum(around[:-k], size[k:])  # the pair (i+k, i+2k)
+            step &= size > 2.0 * around
+        e[:-k] |= step & (change > 0)
+        e[k:] |= step & (change < 0)
     return edges
 
 
@@ -422,13 +430,14 @@ def boundary_counts(pred_m: np.ndarray, gt_m: np.ndarray, valid: Optional[np.nda
     """Depth-boundary precision / recall counts of one [H,W] prediction against GT (metres).
 
     The GT's boundaries are :func:`depth_boundaries` of its exact depth (one-pixel lines),
-    the prediction's those at ``baseline_px`` (see there), both with the same ``jump`` and
+    the prediction's its steps (``steps_only``) at ``baseline_px``, both with the same ``jump`` and
     only where the GT is valid (and ``valid``, if given): a sky edge, whose depth the GT
     does not have, counts neither way. A boundary pixel matches when one of the other map's
     lies within ``tolerance_px`` (chessboard distance), as in edge-detection benchmarks.
     ``planar_gt``: the GT is exact piecewise-planar depth (the synthetic generator's); the
     pixels of its :func:`plane_jumps`, and ``baseline_px`` around them, count neither way.
-    With ``baseline_px`` 1, the GT scored against itself has precision and recall 1.
+    With ``baseline_px`` 1 the GT scored against itself has precision and recall 1 (unless a
+    jump sits beside a change of half its size).
     """
     pred_m, gt_m = np.asarray(pred_m, np.float64), np.asarray(gt_m, np.float64)
     mask = _mask(pred_m, gt_m, valid, positive_pred=True)
@@ -437,7 +446,7 @@ def boundary_counts(pred_m: np.ndarray, gt_m: np.ndarray, valid: Optional[np.nda
     if planar_gt:
         ignore = plane_jumps(gt_m, mask, jump).astype(np.uint8)
         mask &= ~cv2.dilate(ignore, np.ones((2 * baseline_px - 1,) * 2, np.uint8)).astype(bool)
-    pred_edges = depth_boundaries(pred_m, mask, jump, baseline_px)
+    pred_edges = depth_boundaries(pred_m, mask, jump, baseline_px, steps_only=True)
     gt_edges = depth_boundaries(gt_m, mask, jump)
     kernel = np.ones((2 * tolerance_px + 1,) * 2, np.uint8)
     near_gt = cv2.dilate(gt_edges.astype(np.uint8), kernel).astype(bool)

@@ -307,16 +307,20 @@ def test_flat_prediction_finds_no_boundary_and_scores_zero():
     assert total.f1 == pytest.approx(2 * 1.0 * 0.5 / 1.5)
 
 
-def test_a_blurred_edge_needs_the_wider_baseline():
-    gt = np.full((8, 20), 3.0)
+def test_a_blurred_edge_needs_the_wider_baseline_and_a_slope_is_no_edge():
+    gt = np.full((8, 20), 2.5)
     gt[:, :10] = 2.0
     blurred = gt.copy()
-    blurred[:, 8:13] = 2.0 * 1.5 ** (np.arange(1, 6) / 6)  # 2 -> 3 m over 6 steps: 7 % each
+    blurred[:, 9:12] = 2.0 * 1.25 ** (np.arange(3) / 3)  # 2 -> 2.5 m in 3 steps of 7.7 %
     assert boundary_counts(blurred, gt).recall == 0.0
-    # Pairs 3 px apart jump by 15-22 % across the ramp: near sides in columns 6-11, a band
-    # around the true edge (column 9); column 6 is beyond the 2 px tolerance.
+    # Only the pair (9, 12) spans the whole step: its near side, column 9, is the true edge.
     wide = boundary_counts(blurred, gt, baseline_px=3)
-    assert wide == BoundaryCounts(6 * 8, 5 * 8, 8, 8) and wide.recall == 1.0
+    assert wide == BoundaryCounts(8, 8, 8, 8)
+    # A smooth slope of 5 % a pixel (16 % over 3 px) is no edge; without steps_only it is.
+    slope = np.repeat(1.05 ** np.arange(20.0)[None, :], 8, axis=0)
+    assert not depth_boundaries(slope, np.ones(slope.shape, bool), 0.1, 3, steps_only=True).any()
+    assert depth_boundaries(slope, np.ones(slope.shape, bool), 0.1, 3).all(axis=0)[:17].all()
+    assert boundary_counts(slope, gt, baseline_px=3).pred_px == 0
 
 
 def test_a_plane_near_the_horizon_is_not_a_boundary_of_exact_depth():

@@ -11,8 +11,9 @@ constant with the lowest AbsRel against that image's ground truth: the 1/depth-w
 which a model would have to know the scene's scale to match).
 Beside AbsRel and delta1 each method gets depth-boundary precision / recall / F1 against the
 generator's exact discontinuities (:func:`metricgold_ros.evaluation.boundary_counts`: jumps of
-more than 10 %, found in the prediction over 3 px - a 128-px model's jump spreads over 2.5 px at
-320x240 - and matched within 2 px, pooled over a domain's images), and the model's edge frame
+more than 10 %, found in the prediction as steps over 3 px - a 128-px model's jump spreads over
+2.5 px at 320x240; the exact depth shrunk to 128x96 and enlarged back scores F1 0.93 indoors,
+0.76 outdoors - matched within 2 px, pooled over a domain's images), and the model's edge frame
 is measured on ``--walls`` flat walls seen square on (border AbsRel, a band of 1/32 of the
 width, against the centre's, the prediction scale-fitted per image:
 :func:`metricgold_ros.evaluation.border_abs_rel`).
