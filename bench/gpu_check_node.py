@@ -13,7 +13,6 @@ memory the node process adds (device-wide used memory, sampled, minus the level 
 node started; on a CPU its peak RSS instead).
 """
 
-import re
 import shutil
 import sys
 import tempfile
@@ -55,20 +54,6 @@ class MemorySampler(threading.Thread):
                 self.samples += 1
             except (OSError, RuntimeError, ValueError, IndexError, KeyError):
                 return  # the process is gone
-
-
-def console_script(name: str = 'depth_node') -> Tuple[str, str]:
-    """(module, function) of a console script, read from this checkout's setup.py.
-
-    The check runs this checkout's entry point with this interpreter, so an installed script
-    of another checkout (or none, on a machine where the package is not installed) does not
-    matter.
-    """
-    text = (REPO_ROOT / 'setup.py').read_text(encoding='utf-8')
-    match = re.search(rf"'{name}\s*=\s*([\w.]+):(\w+)'", text)
-    if match is None:
-        raise RuntimeError(f'setup.py declares no console script {name!r}')
-    return match.group(1), match.group(2)
 
 
 def _listener() -> Any:
@@ -119,10 +104,9 @@ def node_figures(history: List[Tuple[float, Dict[str, str]]], begin: float, end:
 
 
 def _node_command(model: Path, cuda: bool, resolution: int, namespace: str) -> List[str]:
-    module, function = console_script()
-    base = [sys.executable, '-c', f'import sys; from {module} import {function}; '
-                                  f'sys.exit({function}())']
-    return base + [
+    from metricgold_ros.ros_env import depth_node_command
+
+    return depth_node_command() + [
         '--ros-args', '--params-file', str(REPO_ROOT / 'config' / 'depth.yaml'),
         '-p', f'model_path:={model}', '-p', f"device:={'cuda' if cuda else 'cpu'}",
         '-p', f"dtype:={'float16' if cuda else 'float32'}",

@@ -22,7 +22,6 @@ Results: BENCHMARKS.md, section "Many cameras".
 import argparse
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -38,7 +37,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from metricgold_ros.atomic import write_json_atomic  # noqa: E402
-from metricgold_ros.ros_env import free_domain_id, loopback_env, with_large_data_profile  # noqa
+from metricgold_ros.ros_env import (depth_node_command, free_domain_id,  # noqa: E402
+                                    loopback_env, with_large_data_profile)
 
 
 def _peak_rss_mb(pid: int) -> float:
@@ -50,7 +50,6 @@ def _peak_rss_mb(pid: int) -> float:
 
 def _start_nodes(mode: str, cameras: List[str], env: Dict[str, str], log_dir: Path
                  ) -> List[subprocess.Popen]:
-    node_exe = shutil.which('depth_node') or str(Path(sys.executable).parent / 'depth_node')
     common = ['--ros-args', '-p', 'device:=cpu', '-p', 'stats_period:=0.0']
     if mode == 'one node':
         runs = [[*common, '-r', '__ns:=/bench', '-p',
@@ -60,7 +59,7 @@ def _start_nodes(mode: str, cameras: List[str], env: Dict[str, str], log_dir: Pa
     procs = []
     for i, args in enumerate(runs):
         log = open(log_dir / f'{mode.replace(" ", "_")}_{i}.log', 'w')
-        procs.append(subprocess.Popen([node_exe, *args], env=env, stdout=log,
+        procs.append(subprocess.Popen([*depth_node_command(), *args], env=env, stdout=log,
                                       stderr=subprocess.STDOUT))
     return procs
 

@@ -47,7 +47,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from metricgold_ros.model_paths import model_or_untrained  # noqa: E402
-from metricgold_ros.ros_env import loopback_env, use_loopback  # noqa: E402
+from metricgold_ros.ros_env import depth_node_command, loopback_env, use_loopback  # noqa: E402
 
 NS = '/soak'
 OUTPUTS = ('depth/image', 'depth/camera_info', 'depth/colored', 'points')
@@ -233,10 +233,7 @@ def soak(args: argparse.Namespace) -> Dict[str, Any]:
     env['PYTHONUNBUFFERED'] = '1'
     with tempfile.TemporaryDirectory(prefix='soak-') as scratch:
         model = model_or_untrained(args.model, Path(scratch))
-        script = Path(sys.executable).parent / 'depth_node'
-        node_cmd = [str(script) if script.is_file() else sys.executable,
-                    *([] if script.is_file() else ['-m', 'metricgold_ros.node.main']),
-                    '--ros-args', '--params-file', str(REPO_ROOT / 'config' / 'depth.yaml'),
+        node_cmd = [*depth_node_command(), '--ros-args', '--params-file', str(REPO_ROOT / 'config' / 'depth.yaml'),
                     '-p', f'model_path:={model}', '-p', 'device:=cpu',
                     '-p', f'processing_resolution:={args.processing_resolution}',
                     '-p', 'qos:=reliable', '-p', 'output_qos:=reliable',

@@ -43,8 +43,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from metricgold_ros.atomic import write_json_atomic  # noqa: E402
-from metricgold_ros.ros_env import (PROFILE_ENV, free_domain_id, loopback_env,  # noqa: E402
-                                    with_large_data_profile)
+from metricgold_ros.ros_env import (PROFILE_ENV, depth_node_command,  # noqa: E402
+                                    free_domain_id, loopback_env, with_large_data_profile)
 
 NAMESPACE = '/bench'
 START_TIMEOUT_S = 120.0
@@ -217,7 +217,7 @@ def run_once(size: str, profile: str, args: argparse.Namespace, model: Path) -> 
     if profile == 'package':
         with_large_data_profile(env)
     me = [sys.executable, str(Path(__file__).resolve())]
-    node = _Process([sys.executable, '-m', 'metricgold_ros.node.main', '--ros-args',
+    node = _Process([*depth_node_command(), '--ros-args',
                      '--params-file', str(REPO / 'config' / 'depth.yaml'),
                      '-p', f'model_path:={model}', '-p', 'processing_resolution:=64',
                      '-p', 'stats_period:=1.0', '-r', f'__ns:={NAMESPACE}',

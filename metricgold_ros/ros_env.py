@@ -10,9 +10,11 @@ does, unless they already have one.
 """
 
 import os
+import re
 import socket
+import sys
 from pathlib import Path
-from typing import Dict, Mapping, MutableMapping, Optional
+from typing import Dict, List, Mapping, MutableMapping, Optional
 
 _PRE_JAZZY = ('humble', 'iron')
 PACKAGE = 'metricgold_ros'
@@ -82,3 +84,20 @@ def with_large_data_profile(env: MutableMapping[str, str]) -> MutableMapping[str
         if profile is not None:
             env[PROFILE_ENV] = str(profile)
     return env
+
+
+def depth_node_command() -> List[str]:
+    """The command running this checkout's ``depth_node`` console script with this interpreter.
+
+    The entry point (module:function) is read from this checkout's ``setup.py``, so an
+    installed script of another checkout (or none) does not matter; ``sys.argv[0]`` is
+    ``depth_node``, as under the console script (which then ends the process at once after
+    its shutdown). The one way benchmarks and checks start the node.
+    """
+    setup = Path(__file__).resolve().parents[1] / 'setup.py'
+    match = re.search(r"'depth_node\s*=\s*([\w.]+):(\w+)'", setup.read_text(encoding='utf-8'))
+    if match is None:
+        raise RuntimeError(f'{setup} declares no depth_node console script')
+    module, function = match.groups()
+    return [sys.executable, '-c', f'import sys; sys.argv[0] = "depth_node"; '
+                                  f'from {module} import {function}; sys.exit({function}())']
