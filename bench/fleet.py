@@ -5,7 +5,7 @@ frames (rendered indoor walks, CameraInfo beside each, as a recording holds them
 the same bags four ways, each into a fresh folder:
 
 - ``loop``: one child process, the model loaded once, the bags one after another through
-  ``bag.convert`` (what the workers run): the floor that worker processes are measured against;
+  ``bag_convert.convert`` (what the workers run): the floor that worker processes are measured against;
   every mode runs torch on one thread per process (``OMP_NUM_THREADS=1``), so that the modes
   differ only in how many processes share the work;
 - ``workers 1`` and ``workers 2``: ``metricgold bag IN OUT --workers N`` as a child process;
@@ -67,9 +67,7 @@ def write_bags(folder: Path, bags: int, frames: int, width: int, height: int) ->
                                          typestore=store)
             for i, data in enumerate(jpegs):
                 stamp_ns = 1_700_000_000_000_000_000 + b * 10**12 + i * 33_333_333
-                header = types.Header(stamp=types.Time(sec=stamp_ns // 10**9,
-                                                       nanosec=stamp_ns % 10**9),
-                                      frame_id='cam_optical')
+                header = messages.header_msg(types, stamp_ns, 'cam_optical')
                 writer.write(info, stamp_ns, store.serialize_cdr(
                     messages.camera_info_msg(types, header, camera),
                     'sensor_msgs/msg/CameraInfo'))
@@ -102,21 +100,24 @@ def run_loop(inputs: Path, out: Path, model: Path, resolution: int) -> Dict[str,
 
 def loop_child(inputs: Path, out: Path, model: Path, resolution: int) -> Dict[str, Any]:
     """The bags one after another in this process, the model loaded once (1 thread)."""
-    from metricgold_ros.tools import bag, fleet
+    from metricgold_ros.tools import bag, bag_convert, fleet
     from metricgold_ros.tools.fleet_workers import job_settings, load_worker_pipeline
 
     parser = argparse.ArgumentParser()
     bag.add_arguments(parser)
     args = parser.parse_args([str(inputs), str(out), *common_flags(model, resolution)])
     settings = job_settings(args)
+    template = bag.job_from_args(args)
     start = time.perf_counter()
     pipeline, load_s = load_worker_pipeline(settings, threads=1)
     summaries = []
     out.mkdir()
     for job in fleet.plan_jobs([str(inputs)], str(out)):
-        one = argparse.Namespace(**settings, input=job.input, output=job.output, quiet=True)
+        one = template.for_bag(job.input, job.output, quiet=True)
         begin = time.time()
-        summaries.append(bag.convert(one, pipeline=pipeline))
+        result = bag_convert.convert(one, pipeline=pipeline)
+        result.raise_failures()
+        summaries.append(result.summary())
         summaries[-1].update(started_at=begin, finished_at=time.time())
     wall_s = time.perf_counter() - start
     frames = sum(s['frames'] for s in summaries)

@@ -81,9 +81,7 @@ def camera_main(args: argparse.Namespace) -> int:
         start = next_s = time.monotonic()
         while time.monotonic() - start < args.seconds:
             stamp_ns = time.time_ns()
-            header = types.Header(stamp=types.Time(sec=stamp_ns // 10 ** 9,
-                                                   nanosec=stamp_ns % 10 ** 9),
-                                  frame_id='camera_optical_frame')
+            header = messages.header_msg(types, stamp_ns, 'camera_optical_frame')
             info_pub.publish(messages.camera_info_msg(types, header, intr))
             image_pub.publish(messages.rgb_image_msg(types, header, sample.rgb, 'bgr8'))
             sent += 1

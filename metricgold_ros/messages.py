@@ -223,6 +223,12 @@ def stamp_ns(stamp: Any) -> int:
     return int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
 
 
+def header_msg(types: MessageTypes, stamp_ns: int, frame_id: str) -> Any:
+    """A ``std_msgs/Header`` in ``types``' classes stamped ``stamp_ns`` (integer nanoseconds)."""
+    return types.Header(stamp=types.Time(sec=stamp_ns // 1_000_000_000,
+                                         nanosec=stamp_ns % 1_000_000_000), frame_id=frame_id)
+
+
 def calibration_from_info(msg: Any) -> Calibration:
     """The :class:`Calibration` of a CameraInfo of either type system or ROS version.
 

@@ -51,10 +51,8 @@ def synthetic_frame(seed: int = 0, width: int = 160, height: int = 120
 
 def header(stamp_ns: int, frame_id: str = 'camera_optical_frame') -> Any:
     """A std_msgs/Header."""
-    from builtin_interfaces.msg import Time
-    from std_msgs.msg import Header
-    return Header(stamp=Time(sec=stamp_ns // 10 ** 9, nanosec=stamp_ns % 10 ** 9),
-                  frame_id=frame_id)
+    from metricgold_ros import messages
+    return messages.header_msg(messages.rclpy_types(), stamp_ns, frame_id)
 
 
 def image_msg(rgb: np.ndarray, stamp_ns: int, encoding: str = 'rgb8',

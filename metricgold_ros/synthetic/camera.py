@@ -104,9 +104,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         while loop or index < len(frames):
             sample = frames[index % len(frames)]
             stamp_ns = time.time_ns()
-            header = types.Header(
-                stamp=types.Time(sec=stamp_ns // 10**9, nanosec=stamp_ns % 10**9),
-                frame_id=args.frame_id)
+            header = messages.header_msg(types, stamp_ns, args.frame_id)
             info_pub.publish(messages.camera_info_msg(types, header, sample.intrinsics))
             image_pub.publish(messages.rgb_image_msg(types, header, sample.rgb))
             sent[str(stamp_ns)] = index % len(frames)

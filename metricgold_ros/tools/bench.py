@@ -214,7 +214,7 @@ def time_frame(pipeline: Any, rgb: np.ndarray, args: argparse.Namespace, repeats
     stages: Dict[str, Tuple[float, float]] = {}
     systems = _message_systems()
     name, types = systems[0]
-    header = types.Header(stamp=types.Time(sec=1, nanosec=2), frame_id='camera_optical_frame')
+    header = messages.header_msg(types, 1_000_000_002, 'camera_optical_frame')
     msg = messages.rgb_image_msg(types, header, rgb, 'bgr8')
     stages[f'message -> array (bgr8, {name})'] = median_ms(
         lambda: messages.rgb_from_msg(msg), micro, 3)
@@ -273,8 +273,7 @@ def time_frame(pipeline: Any, rgb: np.ndarray, args: argparse.Namespace, repeats
     result = FrameResult(depth, False, None, camera, colorize_depth(depth),
                          depth_to_points(depth, camera, 1))
     for system, system_types in systems:
-        system_header = system_types.Header(stamp=system_types.Time(sec=1, nanosec=2),
-                                            frame_id='camera_optical_frame')
+        system_header = messages.header_msg(system_types, 1_000_000_002, 'camera_optical_frame')
         stages[f'messages: depth, info, colored, cloud ({system})'] = median_ms(
             lambda: frame_messages(system_types, system_header, result), micro, 3)
     overhead_keys = [f'message -> array (bgr8, {name})', 'resize + normalise + pad',
