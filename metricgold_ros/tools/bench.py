@@ -199,17 +199,8 @@ def reference_diff(pipeline: Any, depth: np.ndarray, reference: Any) -> np.ndarr
 def time_frame(pipeline: Any, rgb: np.ndarray, args: argparse.Namespace, repeats: int,
                warmup: int) -> Dict[str, Any]:
     """Every stage of one frame of ``rgb``'s size: ms (wall median) and CPU ms."""
-    import torch
-
     from metricgold_ros import messages
-    from metricgold_ros.camera import Intrinsics
-    from metricgold_ros.colorize import colorize_depth
-    from metricgold_ros.depth_frame import FrameResult, frame_messages
-    from metricgold_ros.model import image_ops
-    from metricgold_ros.model.ensemble import ensemble_members
-    from metricgold_ros.pointcloud import depth_to_points
 
-    height, width = rgb.shape[:2]
     micro = max(repeats, 20)  # cheap stages: more samples for a stable median
     stages: Dict[str, Tuple[float, float]] = {}
     systems = _message_systems()
@@ -218,7 +209,26 @@ def time_frame(pipeline: Any, rgb: np.ndarray, args: argparse.Namespace, repeats
     msg = messages.rgb_image_msg(types, header, rgb, 'bgr8')
     stages[f'message -> array (bgr8, {name})'] = median_ms(
         lambda: messages.rgb_from_msg(msg), micro, 3)
+    depth = _time_pipeline(pipeline, rgb, args, repeats, warmup, stages)
+    proc = _time_postprocess(pipeline, rgb, args, micro, stages)
+    _time_outputs(depth, rgb, systems, micro, stages)
+    overhead_keys = [f'message -> array (bgr8, {name})', 'resize + normalise + pad',
+                     'ensemble + resize back + codec', 'cloud stride 1 xyz',
+                     'colorize (auto range)', f'messages: depth, info, colored, cloud ({name})']
+    return {
+        'stages_ms': {k: round(v[0], 3) for k, v in stages.items()},
+        'stages_cpu_ms': {k: round(v[1], 3) for k, v in stages.items() if v[1] == v[1]},
+        'processing_size': list(proc),
+        'overhead_ms': round(sum(stages[k][0] for k in overhead_keys), 3),
+        'overhead_cpu_ms': round(sum(stages[k][1] for k in overhead_keys), 3),
+        'overhead_stages': overhead_keys,
+        'message_system': name,
+    }
 
+
+def _time_pipeline(pipeline: Any, rgb: np.ndarray, args: argparse.Namespace, repeats: int,
+                   warmup: int, stages: Dict[str, Tuple[float, float]]) -> np.ndarray:
+    """Whole pipeline calls and the stage times they report (wall only); the last depth."""
     calls: List[Any] = []
     walls: List[Tuple[float, float]] = []
 
@@ -241,9 +251,19 @@ def time_frame(pipeline: Any, rgb: np.ndarray, args: argparse.Namespace, repeats
         stages[label] = (ms, float('nan'))
     stages['pipeline total (one call)'] = (statistics.median(w for w, _ in walls),
                                            statistics.median(c for _, c in walls))
-    depth = calls[-1].depth_m
+    return calls[-1].depth_m
 
-    # The postprocess stage, split: the same functions on members of the processed size.
+
+def _time_postprocess(pipeline: Any, rgb: np.ndarray, args: argparse.Namespace, micro: int,
+                      stages: Dict[str, Tuple[float, float]]) -> Tuple[int, int]:
+    """The pre- and postprocess stages split: the same functions on members of the processed
+    size (CPU times); the processed size."""
+    import torch
+
+    from metricgold_ros.model import image_ops
+    from metricgold_ros.model.ensemble import ensemble_members
+
+    height, width = rgb.shape[:2]
     resolution = args.processing_resolution or pipeline.metadata.default_processing_resolution
     proc = image_ops.processing_size(height, width, resolution)
     members = torch.rand((args.ensemble, 1, *proc), generator=torch.Generator().manual_seed(0))
@@ -261,7 +281,19 @@ def time_frame(pipeline: Any, rgb: np.ndarray, args: argparse.Namespace, repeats
         lambda: pipeline.to_depth(value).cpu().numpy(), micro, 3)
     post = 'ensemble + resize back + codec'
     stages[post] = (stages[post][0], sum(stages[k][1] for k in list(stages)[-3:]))
+    return proc
 
+
+def _time_outputs(depth: np.ndarray, rgb: np.ndarray, systems: List[Tuple[str, Any]],
+                  micro: int, stages: Dict[str, Tuple[float, float]]) -> None:
+    """Clouds, the colour image and the output messages of one frame's depth."""
+    from metricgold_ros import messages
+    from metricgold_ros.camera import Intrinsics
+    from metricgold_ros.colorize import colorize_depth
+    from metricgold_ros.depth_frame import FrameResult, frame_messages
+    from metricgold_ros.pointcloud import depth_to_points
+
+    height, width = depth.shape
     camera = Intrinsics(fx_px=0.8 * width, fy_px=0.8 * width, cx_px=(width - 1) / 2,
                         cy_px=(height - 1) / 2, width=width, height=height)
     for stride in (1, 4):
@@ -276,18 +308,6 @@ def time_frame(pipeline: Any, rgb: np.ndarray, args: argparse.Namespace, repeats
         system_header = messages.header_msg(system_types, 1_000_000_002, 'camera_optical_frame')
         stages[f'messages: depth, info, colored, cloud ({system})'] = median_ms(
             lambda: frame_messages(system_types, system_header, result), micro, 3)
-    overhead_keys = [f'message -> array (bgr8, {name})', 'resize + normalise + pad',
-                     'ensemble + resize back + codec', 'cloud stride 1 xyz',
-                     'colorize (auto range)', f'messages: depth, info, colored, cloud ({name})']
-    return {
-        'stages_ms': {k: round(v[0], 3) for k, v in stages.items()},
-        'stages_cpu_ms': {k: round(v[1], 3) for k, v in stages.items() if v[1] == v[1]},
-        'processing_size': list(proc),
-        'overhead_ms': round(sum(stages[k][0] for k in overhead_keys), 3),
-        'overhead_cpu_ms': round(sum(stages[k][1] for k in overhead_keys), 3),
-        'overhead_stages': overhead_keys,
-        'message_system': name,
-    }
 
 
 def _message_systems() -> List[Tuple[str, Any]]:
