@@ -39,7 +39,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -225,6 +225,24 @@ def _windows(depth: List[Any], samples: List[Any], start: float, end: float,
     return rows
 
 
+def _node_command(model: Path, args: argparse.Namespace) -> List[str]:
+    return [*depth_node_command(), '--ros-args',
+            '--params-file', str(REPO_ROOT / 'config' / 'depth.yaml'),
+            '-p', f'model_path:={model}', '-p', 'device:=cpu',
+            '-p', f'processing_resolution:={args.processing_resolution}',
+            '-p', 'qos:=reliable', '-p', 'output_qos:=reliable',
+            '-p', 'stats_period:=2.0', '-r', f'__ns:={NS}',
+            '-r', 'image:=camera/image_raw', '-r', 'camera_info:=camera/camera_info']
+
+
+def _camera_command(args: argparse.Namespace) -> List[str]:
+    """The camera renders its frames while the node loads, then waits for its subscriber."""
+    return [sys.executable, '-m', 'metricgold_ros.synthetic.camera', '--rate',
+            str(args.rate), '--frames', '0', '--qos', 'reliable', '--size', args.size,
+            '--image-topic', f'{NS}/camera/image_raw',
+            '--info-topic', f'{NS}/camera/camera_info', '--wait-subscribers', '120']
+
+
 def soak(args: argparse.Namespace) -> Dict[str, Any]:
     """Run the soak; the report (see the module docstring)."""
     use_loopback()  # before rclpy starts here; the children inherit the domain
@@ -233,20 +251,8 @@ def soak(args: argparse.Namespace) -> Dict[str, Any]:
     env['PYTHONUNBUFFERED'] = '1'
     with tempfile.TemporaryDirectory(prefix='soak-') as scratch:
         model = model_or_untrained(args.model, Path(scratch))
-        node_cmd = [*depth_node_command(), '--ros-args', '--params-file', str(REPO_ROOT / 'config' / 'depth.yaml'),
-                    '-p', f'model_path:={model}', '-p', 'device:=cpu',
-                    '-p', f'processing_resolution:={args.processing_resolution}',
-                    '-p', 'qos:=reliable', '-p', 'output_qos:=reliable',
-                    '-p', 'stats_period:=2.0', '-r', f'__ns:={NS}',
-                    '-r', 'image:=camera/image_raw', '-r', 'camera_info:=camera/camera_info']
-        node = _spawn(node_cmd, env, Path(scratch) / 'node.log')
-        # The camera renders its frames while the node loads, then waits for its subscriber.
-        camera = _spawn(
-            [sys.executable, '-m', 'metricgold_ros.synthetic.camera', '--rate',
-             str(args.rate), '--frames', '0', '--qos', 'reliable', '--size', args.size,
-             '--image-topic', f'{NS}/camera/image_raw',
-             '--info-topic', f'{NS}/camera/camera_info', '--wait-subscribers', '120'],
-            env, Path(scratch) / 'camera.log')
+        node = _spawn(_node_command(model, args), env, Path(scratch) / 'node.log')
+        camera = _spawn(_camera_command(args), env, Path(scratch) / 'camera.log')
         listener = Listener()
         sampler = Sampler(node.pid)
         sampler.start()
@@ -275,13 +281,22 @@ def soak(args: argparse.Namespace) -> Dict[str, Any]:
                     proc.kill()
                     proc.wait()
             listener.close()
+    samples = [s for s in sampler.samples if begin <= s[0] <= end]
+    return _report(args, model, listener, samples, (begin, end), (start_status, end_status),
+                   camera_out, node_log, node.returncode)
+
+
+def _report(args: argparse.Namespace, model: Path, listener: 'Listener', samples: List[Any],
+            window: Tuple[float, float], statuses: Tuple[Dict[str, float], Dict[str, float]],
+            camera_out: str, node_log: str, exit_code: Optional[int]) -> Dict[str, Any]:
+    """The soak's report from what the listener, the sampler and the processes left."""
+    (begin, end), (start_status, end_status) = window, statuses
     with listener.lock:
         depth = list(listener.depth)
         counts = dict(listener.counts)
         first = {k: round(v - listener.first_s['depth/image'], 2)
                  for k, v in listener.first_s.items()}
         diagnostics = dict(listener.diagnostics)
-    samples = [s for s in sampler.samples if begin <= s[0] <= end]
     windows = _windows(depth, samples, begin, end, args.window)
     sent = next((int(line.split()[2]) for line in camera_out.splitlines()
                  if line.startswith('synthetic_camera: sent')), None)
@@ -315,7 +330,7 @@ def soak(args: argparse.Namespace) -> Dict[str, Any]:
             'threads_start': int(start_status['threads']),
             'threads_end': int(end_status['threads']),
             'cpu_s': round(end_status['cpu_s'] - start_status['cpu_s'], 1),
-            'exit_code': node.returncode,
+            'exit_code': exit_code,
         },
         'bounds': {
             'rss_growth_max': args.max_rss_growth, 'rss_ok': growth < args.max_rss_growth,
