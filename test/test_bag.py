@@ -343,13 +343,14 @@ def test_progress_bar_and_summary_on_a_terminal(tmp_path, capsys, fast_model, mo
 
 
 def test_sigterm_is_an_interrupt():
-    from metricgold_ros.tools.bag import _sigterm_as_interrupt
+    from metricgold_ros.tools.signals import sigterm_as_interrupt
 
+    before = signal.getsignal(signal.SIGTERM)  # SIG_DFL, or Ray's after a Ray test ran here
     with pytest.raises(KeyboardInterrupt):
-        with _sigterm_as_interrupt():
+        with sigterm_as_interrupt():
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(5)
-    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    assert signal.getsignal(signal.SIGTERM) == before
 
 
 def test_mounting_adds_the_metric_scale_topic(tmp_path, capsys, fast_model):

@@ -19,7 +19,7 @@ from bag_helpers import read_bag, write_camera_bag
 from metricgold_ros import atomic
 from metricgold_ros.errors import BagError
 from metricgold_ros.tools import bag as bag_tool
-from metricgold_ros.tools import fleet, fleet_workers
+from metricgold_ros.tools import fleet, fleet_run, fleet_workers
 from metricgold_ros.tools.cli import main
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -158,17 +158,18 @@ def test_input_growing_while_read_is_not_marked_done(tmp_path, tiny_pipeline, ti
         with open(bag.path, 'ab') as handle:
             handle.write(b'\0' * 16)
 
-    outcome = fleet_workers.convert_job(job, settings, tiny_pipeline, lambda n: None,
+    template = bag_tool.job_from_args(args)
+    outcome = fleet_workers.convert_job(job, settings, template, tiny_pipeline, lambda n: None,
                                         recorder_appends)
     assert outcome.status == 'failed' and 'changed while it was read' in outcome.error
     assert (Path(job.output) / 'metadata.yaml').is_file()  # the output is kept ...
     assert fleet.completed(job, identity) is None  # ... but not marked done
     assert 'while it was read' in fleet.stale_reason(job, identity)
     # The next run redoes it (ours, out of date) without --overwrite, and then it is done.
-    state, reason = fleet._earlier_run(job, identity, overwrite=False)
+    state, reason = fleet_run._earlier_run(job, identity, overwrite=False)
     assert state == 'redo' and 'while it was read' in reason
     outcome = fleet_workers.convert_job(dataclasses.replace(job, redo=True), settings,
-                                        tiny_pipeline, lambda n: None, lambda n: None)
+                                        template, tiny_pipeline, lambda n: None, lambda n: None)
     assert outcome.status == 'ok', outcome.error
     assert fleet.completed(job, identity)['frames'] == 3
     assert len(next(v for k, v in read_bag(Path(job.output)).items()

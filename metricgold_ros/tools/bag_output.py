@@ -12,15 +12,15 @@ import io
 import os
 import queue
 import shutil
-import signal
 import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from metricgold_ros.atomic import describe, fsync_path, fsync_tree
 from metricgold_ros.errors import BagError
+from metricgold_ros.tools.signals import interrupts_deferred
 
 STORAGES = ('mcap', 'sqlite3')
 BAG_SUFFIXES = ('.bag', '.mcap', '.db3')
@@ -103,7 +103,7 @@ class OutputBag:
         from rosbags.rosbag2 import StoragePlugin, Writer
 
         try:  # `__exit__` does not run when `__enter__` raises: clean up here
-            with _interrupts_deferred():  # the folder is known before a Ctrl-C can land
+            with interrupts_deferred():  # the folder is known before a Ctrl-C can land
                 self._temp_dir = Path(tempfile.mkdtemp(prefix=f'.{self.path.name}.partial-',
                                                        dir=self.path.parent))
             plugin = StoragePlugin.MCAP if self.storage == 'mcap' else StoragePlugin.SQLITE3
@@ -168,7 +168,7 @@ class OutputBag:
         self._writer = None
         new = self._temp_dir / self.path.name
         fsync_tree(new)
-        with _interrupts_deferred():  # the swap must not be interrupted half way
+        with interrupts_deferred():  # the swap must not be interrupted half way
             if self.path.exists() or self.path.is_symlink():
                 if not self.overwrite:
                     raise BagError(f'OUTPUT {self.path} appeared while writing; the new bag is '
@@ -306,7 +306,7 @@ class OutputBag:
         """Drop the unfinished bag (and its temporary folder)."""
         # A second Ctrl-C, or the SIGTERM a fleet driver sends a worker it is stopping, must
         # not leave the temporary folder behind.
-        with _interrupts_deferred():
+        with interrupts_deferred():
             self._stop_worker(discard=True, last=self._abort_storage)
             self._writer = None
             if self._temp_dir is not None:
@@ -321,28 +321,6 @@ class OutputBag:
 def _unchanged(raw: Any) -> Any:
     """A ROS 2 message is copied byte for byte."""
     return raw
-
-
-@contextlib.contextmanager
-def _interrupts_deferred() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM back inside the block; one that came is raised again after it.
-
-    Main thread only (elsewhere signals cannot be set, and Python runs handlers there anyway).
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    held: List[int] = []
-    signals = (signal.SIGINT, signal.SIGTERM)
-    previous = {sig: signal.signal(sig, lambda signum, frame: held.append(signum))
-                for sig in signals}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        for signum in dict.fromkeys(held):
-            signal.raise_signal(signum)
 
 
 def _remove(path: Path) -> None:

@@ -1,12 +1,13 @@
-"""Many bags at once for ``metricgold bag``: discovery, completion records, scheduling.
+"""Many bags at once for ``metricgold bag``: the jobs, their discovery and completion records.
 
 ``metricgold bag IN... OUT`` with several inputs, or a folder to search, writes one output bag
 per input bag under ``OUT`` at the bag's path relative to the folder it was found in (a
 ``.bag``/``.mcap``/``.db3`` file ``x.bag`` becomes the rosbag2 folder ``x``). Each bag is
-converted by the single-bag code (``fleet_workers.convert_job`` calls ``bag.convert``), on
-local worker processes (:mod:`metricgold_ros.tools.fleet_workers`) or on a Ray cluster
-(:mod:`metricgold_ros.tools.fleet_ray`), each worker loading the model once. Progress, the
-per-bag lines and the summary are :mod:`metricgold_ros.tools.fleet_summary`'s.
+converted by the single-bag code (``fleet_workers.convert_job`` calls ``bag_convert.convert``),
+on local worker processes (:mod:`metricgold_ros.tools.fleet_workers`) or on a Ray cluster
+(:mod:`metricgold_ros.tools.fleet_ray`), each worker loading the model once; the command and
+the scheduler are :mod:`metricgold_ros.tools.fleet_run`'s, the progress, per-bag lines and
+summary :mod:`metricgold_ros.tools.fleet_summary`'s. This module imports none of them.
 
 A finished bag gets a completion record beside it, ``NAME.metricgold.json`` (its summary, the
 input's size and modification time taken before it was read, the model's identity and the
@@ -20,23 +21,20 @@ it was read (a bag still being recorded) is not marked done. An output without a
 before any work starts. Times are seconds unless a name says ``_ns``.
 """
 
-import argparse
 import json
 import os
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
-from metricgold_ros.atomic import describe, write_atomic
+from metricgold_ros.atomic import write_atomic
 from metricgold_ros.errors import BagError, MetricGoldError
 from metricgold_ros.tools.bag_output import BAG_SUFFIXES, is_bag
-from metricgold_ros.tools.options import non_negative_int, positive_int
 
 RECORD_SUFFIX = '.metricgold.json'
 RECORD_VERSION = 2  # 2: the model's identity and the output settings are on record
 MODEL_HASHED_FILE_BYTES = 1 << 20  # model files up to this size are hashed, larger by mtime
 OUTPUT_NEUTRAL_SETTINGS = ('overwrite', 'device', 'allow_pickle', 'record_identity')
-DEFAULT_RETRIES = 1  # a bag whose worker died runs once more, on another worker
 
 
 @dataclass(frozen=True)
@@ -331,166 +329,3 @@ def from_dict(data: Dict[str, Any]) -> Outcome:
     values = dict(data)
     values['job'] = Job(**values['job'])
     return Outcome(**values)
-
-
-# -- the command ----------------------------------------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags of many-bag runs (``metricgold bag IN... OUT``)."""
-    group = parser.add_argument_group('many bags (several INPUTs, or folders to search)')
-    group.add_argument('--workers', type=positive_int, metavar='N',
-                       help='worker processes, each with the model loaded once (default: one '
-                            'per GPU, else one per 4 CPU cores); with --ray, at most N actors')
-    group.add_argument('--ray', nargs='?', const='local', metavar='ADDRESS',
-                       help="run on a Ray cluster: without ADDRESS (or 'local') a private one "
-                            'started on this machine, loopback only; to join a running one, '
-                            "give its ADDRESS (host:port, or 'auto' for RAY_ADDRESS or the one "
-                            'running here). Ray has no authentication: whoever runs the '
-                            'cluster runs code in this process. One actor per GPU, else per '
-                            '--cpus-per-worker CPUs; bags and OUTPUT must be at the same path '
-                            'on every node')
-    group.add_argument('--cpus-per-worker', type=positive_int, default=1, metavar='N',
-                       help='CPUs of one Ray actor without GPUs (default 1)')
-    group.add_argument('--retries', type=non_negative_int, default=DEFAULT_RETRIES,
-                       metavar='N',
-                       help='runs more of a bag whose worker died (default %(default)s)')
-    group.add_argument('--summary-json', metavar='PATH',
-                       help='write per-bag summaries (frames, seconds, frames/s, errors) and '
-                            'the total as JSON')
-
-
-def run(args: argparse.Namespace, inputs: Sequence[str]) -> int:
-    """Convert every bag of ``inputs`` into the folder ``args.output``; the exit code.
-
-    0 when every bag is done (now or before), 1 when any failed (listed on stderr), 130 on
-    Ctrl-C (finished bags stay, unfinished ones leave nothing).
-    """
-    from metricgold_ros.tools.bag import _sigterm_as_interrupt
-    from metricgold_ros.tools.fleet_summary import Board, report, write_summary
-    from metricgold_ros.tools.fleet_workers import job_settings
-    from metricgold_ros.model_paths import resolve_model_path
-
-    jobs = plan_jobs(inputs, args.output)
-    settings = job_settings(args)
-    settings['model'] = str(resolve_model_path(args.model, '--model'))  # fail early, once
-    identity = run_identity(settings)
-    settings['record_identity'] = identity
-    pending: List[Job] = []
-    settled: List[Outcome] = []
-    for job in jobs:
-        state, detail = _earlier_run(job, identity, args.overwrite)
-        if state == 'skipped':
-            settled.append(Outcome(job, 'skipped', summary=detail))
-        elif state == 'failed':
-            settled.append(Outcome(job, 'failed', error=detail))
-        else:
-            pending.append(replace(job, redo=state == 'redo', frames_estimate=estimate_frames(
-                job, args.image_topic, args.max_frames)))
-    board = Board(sorted(pending + [o.job for o in settled], key=lambda job: job.index),
-                  args.quiet)
-    for outcome in settled:
-        board.finish(outcome)
-    workers: Dict[str, Any] = {}
-    interrupted = False
-    try:
-        with _sigterm_as_interrupt():
-            if pending:
-                backend = _backend(args, settings, len(pending))
-                try:
-                    schedule(pending, backend, board, args.retries)
-                finally:
-                    workers = backend.describe()
-                    backend.stop()
-                    for job in pending:  # every worker has ended: nothing still writes these
-                        remove_stale_partials(job.output)
-    except KeyboardInterrupt:
-        interrupted = True
-    finally:
-        board.close()
-    data = board.summary(workers)
-    if args.summary_json:
-        write_summary(args.summary_json, data)
-    return report(args, data, interrupted)
-
-
-def _earlier_run(job: Job, identity: Dict[str, Any], overwrite: bool) -> Tuple[str, Any]:
-    """What to do with ``job`` given what an earlier run left: ``('skipped', summary)``,
-    ``('failed', error)``, ``('redo', reason)`` (an out-of-date output of ours) or
-    ``('run', None)``."""
-    output = Path(job.output)
-    present = output.exists() or output.is_symlink()
-    if overwrite:
-        if present and not is_bag(output):
-            return 'failed', (f'OUTPUT {job.output} is {describe(output)}, not a bag: '
-                              '--overwrite replaces only bags; move it away yourself')
-        return 'run', None
-    earlier = completed(job, identity)
-    if earlier is not None:
-        return 'skipped', earlier
-    if not present:
-        return 'run', None
-    reason = stale_reason(job, identity)
-    if reason is not None:
-        return 'redo', reason
-    return 'failed', (f'OUTPUT {job.output} exists without a completion record '
-                      f'({record_path(job.output).name}; written by another tool or an '
-                      'interrupted run?): pass --overwrite to replace it')
-
-
-def _backend(args: argparse.Namespace, settings: Dict[str, Any], jobs: int) -> Any:
-    if args.ray is not None:
-        from metricgold_ros.tools import fleet_ray
-
-        return fleet_ray.RayBackend(args.ray, settings, jobs, workers=args.workers,
-                                    cpus_per_worker=args.cpus_per_worker)
-    from metricgold_ros.tools import fleet_workers
-
-    return fleet_workers.LocalBackend(settings, jobs, workers=args.workers)
-
-
-def schedule(jobs: Sequence[Job], backend: Any, board: Any, retries: int) -> None:
-    """Hand bags to idle workers until each is done, failed, or its worker died too often."""
-    from collections import deque
-
-    queue = deque(sorted(jobs, key=lambda job: -job.frames_estimate))  # longest first
-    by_index = {job.index: job for job in jobs}
-    attempts: Dict[int, int] = {}
-    running: Dict[int, str] = {}
-    while queue or running:
-        for worker in backend.idle():
-            if not queue:
-                break
-            job = queue.popleft()
-            attempts[job.index] = attempts.get(job.index, 0) + 1
-            running[job.index] = worker
-            backend.submit(worker, job, attempts[job.index])
-        if queue and not running and not backend.alive():
-            reason = backend.why_none()
-            while queue:
-                job = queue.popleft()
-                board.finish(Outcome(job, 'failed', error=f'no worker left: {reason}',
-                                     attempts=attempts.get(job.index, 0)))
-            break
-        for event in backend.poll(0.25):
-            kind, index = event[0], event[1]
-            if index not in running:
-                continue  # news from an attempt that was given up
-            if kind == 'total':
-                board.total(index, event[2])
-            elif kind == 'frames':
-                board.frames(index, event[2])
-            elif kind == 'done':
-                outcome = event[2]
-                outcome.attempts, outcome.worker = attempts[index], running.pop(index)
-                board.finish(outcome)
-            elif kind == 'died':
-                worker = running.pop(index)
-                if attempts[index] <= retries:
-                    board.restart(index)
-                    queue.appendleft(by_index[index])
-                else:
-                    board.finish(Outcome(by_index[index], 'failed', attempts=attempts[index],
-                                         worker=worker, error=(
-                                             f'its worker died on each of {attempts[index]} '
-                                             f'attempts (last: {event[2]})')))

@@ -22,7 +22,10 @@ import time
 from typing import Any, Dict, List, Optional, Tuple
 
 from metricgold_ros.errors import MetricGoldError
+from metricgold_ros.tools.bag_convert import BagJob
 from metricgold_ros.tools.fleet import Job, from_dict, to_dict
+from metricgold_ros.tools.fleet_backend import DiedEvent, DoneEvent, Event, FramesEvent, \
+    TotalEvent
 from metricgold_ros.tools.fleet_workers import convert_job, load_worker_pipeline
 
 FRAME_REPORT_PERIOD_S = 0.5  # an actor sends its frame count at most this often
@@ -89,15 +92,16 @@ def _cluster_address() -> str:
 
 
 class _Tally:
-    """Frames done per (bag, attempt), collected from the actors and drained by the driver."""
+    """Frame counts of each bag's attempt, collected from the actors and drained by the
+    driver: ``(attempt, event)`` pairs."""
 
     def __init__(self) -> None:
-        self._events: List[Tuple[str, int, int, int]] = []
+        self._events: List[Tuple[int, Event]] = []
 
-    def add(self, kind: str, index: int, attempt: int, n: int) -> None:
-        self._events.append((kind, index, attempt, n))
+    def add(self, attempt: int, event: Event) -> None:
+        self._events.append((attempt, event))
 
-    def drain(self) -> List[Tuple[str, int, int, int]]:
+    def drain(self) -> List[Tuple[int, Event]]:
         events, self._events = self._events, []
         return events
 
@@ -105,8 +109,9 @@ class _Tally:
 class _BagWorker:
     """A Ray actor holding one loaded model; converts one bag per call."""
 
-    def __init__(self, settings: Dict[str, Any], threads: int) -> None:
+    def __init__(self, settings: Dict[str, Any], template: BagJob, threads: int) -> None:
         self.settings = settings
+        self.template = template
         self.error: Optional[str] = None
         self.pipeline = None
         self.load_s = 0.0
@@ -139,21 +144,21 @@ class _BagWorker:
                 raise KeyboardInterrupt('cancelled by the driver')
             pending[0] += n
             if time.monotonic() - pending[1] >= FRAME_REPORT_PERIOD_S:
-                tally.add.remote('frames', job_.index, attempt, pending[0])
+                tally.add.remote(attempt, FramesEvent(job_.index, pending[0]))
                 pending[0], pending[1] = 0, time.monotonic()
 
-        outcome = convert_job(job_, self.settings, self.pipeline,
-                              lambda n: tally.add.remote('total', job_.index, attempt, n),
+        outcome = convert_job(job_, self.settings, self.template, self.pipeline,
+                              lambda n: tally.add.remote(attempt, TotalEvent(job_.index, n)),
                               on_frames)
         if pending[0]:
-            tally.add.remote('frames', job_.index, attempt, pending[0])
+            tally.add.remote(attempt, FramesEvent(job_.index, pending[0]))
         return to_dict(outcome)
 
 
 class RayBackend:
     """The scheduler's view of a Ray cluster: actors, their running bag, their deaths."""
 
-    def __init__(self, address: str, settings: Dict[str, Any], jobs: int, *,
+    def __init__(self, address: str, settings: Dict[str, Any], template: BagJob, jobs: int, *,
                  workers: Optional[int] = None, cpus_per_worker: int = 1) -> None:
         self._actors: Dict[str, Any] = {}
         self._busy: Dict[str, Tuple[int, int, Any]] = {}  # actor -> (bag, attempt, ref)
@@ -164,13 +169,13 @@ class RayBackend:
         self.info: Dict[str, Any] = {'backend': 'ray', 'address': address}
         self.started = connect(address)
         try:
-            self._start(settings, jobs, workers, cpus_per_worker)
+            self._start(settings, template, jobs, workers, cpus_per_worker)
         except BaseException:
             self.stop()
             raise
 
-    def _start(self, settings: Dict[str, Any], jobs: int, workers: Optional[int],
-               cpus_per_worker: int) -> None:
+    def _start(self, settings: Dict[str, Any], template: BagJob, jobs: int,
+               workers: Optional[int], cpus_per_worker: int) -> None:
         """Size the pool from the cluster's resources, start the actors, wait for models."""
         import ray
 
@@ -192,7 +197,7 @@ class RayBackend:
         worker_class = ray.remote(_BagWorker).options(
             max_restarts=ACTOR_RESTARTS, max_task_retries=0, **options)
         self._tally = ray.remote(_Tally).options(num_cpus=0).remote()
-        self._actors = {f'ray-{i}': worker_class.remote(settings, threads)
+        self._actors = {f'ray-{i}': worker_class.remote(settings, template, threads)
                         for i in range(count)}
         self._deaths = {name: 0 for name in self._actors}
         self._check_ready()
@@ -232,8 +237,8 @@ class RayBackend:
         ref = self._actors[worker].convert.remote(to_dict(job), attempt, self._tally)
         self._busy[worker] = (job.index, attempt, ref)
 
-    def poll(self, timeout: float) -> List[Tuple[Any, ...]]:
-        """Frame counts, finished bags, and ``('died', bag, reason)`` for lost actors."""
+    def poll(self, timeout: float) -> List[Event]:
+        """Frame counts, finished bags, and a :class:`DiedEvent` for a lost actor's bag."""
         import ray
 
         refs = {ref: name for name, (_, _, ref) in self._busy.items()}
@@ -247,18 +252,17 @@ class RayBackend:
             if ref in pings:
                 self._recovered(pings[ref], ref)
         current = {index: attempt for index, attempt, _ in self._busy.values()}
-        events: List[Tuple[Any, ...]] = [
-            (kind, index, n) for kind, index, attempt, n in ray.get(self._tally.drain.remote())
-            if current.get(index) == attempt]
+        events: List[Event] = [event for attempt, event in ray.get(self._tally.drain.remote())
+                               if current.get(event.index) == attempt]
         for ref in [r for r in ready if r in refs]:
             name = refs[ref]
             index, _, _ = self._busy.pop(name)
             try:
-                events.append(('done', index, from_dict(ray.get(ref))))
+                events.append(DoneEvent(index, from_dict(ray.get(ref))))
             except ray.exceptions.RayActorError as err:
-                events.append(('died', index, self._lost(name, err)))
+                events.append(DiedEvent(index, self._lost(name, err)))
             except ray.exceptions.RayTaskError as err:  # a bug in convert_job itself
-                events.append(('died', index, f'{name}: {err}'))
+                events.append(DiedEvent(index, f'{name}: {err}'))
         return events
 
     def _lost(self, name: str, err: Exception) -> str:

@@ -1,7 +1,8 @@
 """Workers of many-bag runs: one bag on a worker, and local worker processes.
 
 A worker loads the model once and converts bags one after another with the single-bag code
-(:func:`metricgold_ros.tools.bag.convert`). :class:`LocalBackend` runs N such workers as
+(:func:`metricgold_ros.tools.bag_convert.convert`), each bag's :class:`BagJob` made from the
+run's template. :class:`LocalBackend` runs N such workers as
 processes on this machine (``spawn``: no torch state is forked), each on its own duplex pipe,
 so a worker that dies (killed, out of memory) is noticed at once, its bag handed to another
 worker and a new worker started in its place. The Ray backend
@@ -13,13 +14,18 @@ import multiprocessing
 import os
 import signal
 import time
+from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from metricgold_ros.errors import MetricGoldError
-from metricgold_ros.tools.fleet import Job, Outcome, from_dict, input_fingerprint, \
-    remove_stale_partials, to_dict, write_record
+from metricgold_ros.tools import bag_convert
+from metricgold_ros.tools.bag_convert import BagJob
+from metricgold_ros.tools.fleet import Job, Outcome, input_fingerprint, remove_stale_partials, \
+    to_dict, write_record
+from metricgold_ros.tools.fleet_backend import DiedEvent, DoneEvent, Event, FramesEvent, \
+    TotalEvent
 
 LOCAL_FIELDS = ('input', 'output', 'ray', 'workers', 'summary_json', 'cpus_per_worker',
                 'retries', 'quiet')
@@ -46,27 +52,27 @@ def load_worker_pipeline(settings: Dict[str, Any], threads: int) -> Tuple[Any, f
     return pipeline, time.perf_counter() - start
 
 
-def convert_job(job: Job, settings: Dict[str, Any], pipeline: Any,
+def convert_job(job: Job, settings: Dict[str, Any], template: BagJob, pipeline: Any,
                 on_total: Callable[[int], None], on_frames: Callable[[int], None]) -> Outcome:
     """Convert one bag with an already loaded pipeline; never raises for a bag's problem.
 
-    ``on_total(frames)`` is called once the bag's frame count is known, ``on_frames(n)`` as
-    frames are done. KeyboardInterrupt propagates (the partial output is removed).
+    The bag is converted as ``template`` says (``settings['record_identity']`` goes into its
+    completion record). ``on_total(frames)`` is called once the bag's frame count is known,
+    ``on_frames(n)`` as frames are done. KeyboardInterrupt propagates (the partial output is
+    removed).
     """
-    from metricgold_ros.tools import bag
-
-    values = dict(settings)
-    identity = values.pop('record_identity', None)
-    args = argparse.Namespace(**values)
-    args.input, args.output, args.quiet = job.input, job.output, True
-    args.overwrite = bool(values.get('overwrite')) or job.redo
+    identity = settings.get('record_identity')
+    bag_job = template.for_bag(job.input, job.output, quiet=True,
+                               overwrite=template.overwrite or job.redo)
     started_at = time.time()
     try:
         Path(job.output).parent.mkdir(parents=True, exist_ok=True)
         remove_stale_partials(job.output)
         before = input_fingerprint(job.input)  # a bag still being recorded changes under us
-        summary = bag.convert(args, pipeline=pipeline,
-                              progress=_Progress(on_total, on_frames))
+        result = bag_convert.convert(bag_job, pipeline=pipeline,
+                                     progress=_Progress(on_total, on_frames))
+        result.raise_failures()
+        summary = result.summary()
         summary.update(started_at=round(started_at, 3), finished_at=round(time.time(), 3))
         if input_fingerprint(job.input) != before:
             write_record(job, summary, identity, fingerprint=before, complete=False)
@@ -142,26 +148,45 @@ def threads_per_worker(workers: int) -> int:
     return max(1, _cores() // workers)
 
 
-def _worker_main(conn: Connection, settings: Dict[str, Any], threads: int) -> None:
-    """A worker process: load the model, then convert the bags the driver sends, one by one."""
+@dataclass(frozen=True)
+class _Ready:
+    """A worker process loaded its model (sent once, before any bag)."""
+
+    info: Dict[str, Any]
+
+
+@dataclass(frozen=True)
+class _Fatal:
+    """A worker process could not load the model; it ends."""
+
+    error: str
+
+
+def _worker_main(conn: Connection, settings: Dict[str, Any], template: BagJob,
+                 threads: int) -> None:
+    """A worker process: load the model, then convert the bags the driver sends, one by one.
+
+    It sends :class:`_Ready` or :class:`_Fatal`, then the events of each bag (plain
+    dataclasses, pickled by the pipe).
+    """
     try:
         try:
             pipeline, load_s = load_worker_pipeline(settings, threads)
         except MetricGoldError as err:
-            conn.send(('fatal', str(err)))
+            conn.send(_Fatal(str(err)))
             return
-        conn.send(('ready', {'pid': os.getpid(), 'model_load_s': round(load_s, 3),
-                             'device': settings.get('device')}))
+        conn.send(_Ready({'pid': os.getpid(), 'model_load_s': round(load_s, 3),
+                          'device': settings.get('device')}))
         while True:
             message = conn.recv()
             if message is None:
                 return
             job = Job(**message)
             outcome = convert_job(
-                job, settings, pipeline,
-                on_total=lambda n: conn.send(('total', job.index, n)),
-                on_frames=lambda n: conn.send(('frames', job.index, n)))
-            conn.send(('done', job.index, to_dict(outcome)))
+                job, settings, template, pipeline,
+                on_total=lambda n: conn.send(TotalEvent(job.index, n)),
+                on_frames=lambda n: conn.send(FramesEvent(job.index, n)))
+            conn.send(DoneEvent(job.index, outcome))
     except (KeyboardInterrupt, EOFError, BrokenPipeError):
         return  # the driver stopped the run; the unfinished bag's partial output is gone
 
@@ -169,13 +194,14 @@ def _worker_main(conn: Connection, settings: Dict[str, Any], threads: int) -> No
 class LocalBackend:
     """N worker processes on this machine, each converting one bag at a time."""
 
-    def __init__(self, settings: Dict[str, Any], jobs: int, *,
+    def __init__(self, settings: Dict[str, Any], template: BagJob, jobs: int, *,
                  workers: Optional[int] = None) -> None:
         gpus = gpu_count(str(settings.get('device', 'auto')))
         self.count = min(workers, jobs) if workers else default_workers(jobs, gpus)
         self.threads = threads_per_worker(self.count)
         self.gpus = gpus
         self.settings = settings
+        self.template = template
         self._context = multiprocessing.get_context('spawn')
         self._procs: Dict[str, Any] = {}
         self._conns: Dict[str, Connection] = {}
@@ -194,7 +220,8 @@ class LocalBackend:
             settings['device'] = f'cuda:{self._started % self.gpus}'
         self._started += 1
         ours, theirs = self._context.Pipe(duplex=True)
-        proc = self._context.Process(target=_worker_main, args=(theirs, settings, self.threads),
+        proc = self._context.Process(target=_worker_main,
+                                     args=(theirs, settings, self.template, self.threads),
                                      name=f'metricgold-{name}', daemon=True)
         proc.start()
         theirs.close()
@@ -217,9 +244,9 @@ class LocalBackend:
         self._busy[worker] = job.index
         self._conns[worker].send(to_dict(job))
 
-    def poll(self, timeout: float) -> List[Tuple[Any, ...]]:
-        """Messages from the workers; a worker that died yields ``('died', index, reason)``."""
-        events: List[Tuple[Any, ...]] = []
+    def poll(self, timeout: float) -> List[Event]:
+        """Events from the workers; a worker that died yields a :class:`DiedEvent`."""
+        events: List[Event] = []
         by_handle = {conn: name for name, conn in self._conns.items()}
         by_handle.update({self._procs[name].sentinel: name for name in self._conns})
         for handle in wait(list(by_handle), timeout):
@@ -236,20 +263,18 @@ class LocalBackend:
                 events.extend(self._lost(name))
         return events
 
-    def _message(self, name: str, message: Tuple[Any, ...]) -> List[Tuple[Any, ...]]:
-        kind = message[0]
-        if kind == 'ready':
-            self._ready[name] = message[1]
+    def _message(self, name: str, message: Any) -> List[Event]:
+        if isinstance(message, _Ready):
+            self._ready[name] = message.info
             return []
-        if kind == 'fatal':
-            self._fatal = f'the model could not be loaded: {message[1]}'
+        if isinstance(message, _Fatal):
+            self._fatal = f'the model could not be loaded: {message.error}'
             return []
-        if kind == 'done':
+        if isinstance(message, DoneEvent):
             self._busy.pop(name, None)
-            return [('done', message[1], from_dict(message[2]))]
         return [message]
 
-    def _lost(self, name: str) -> List[Tuple[Any, ...]]:
+    def _lost(self, name: str) -> List[Event]:
         """A worker process ended: report its bag, start a new worker unless the model failed."""
         proc = self._procs.pop(name)
         proc.join(timeout=5)
@@ -260,9 +285,9 @@ class LocalBackend:
                   if code is not None and code < 0 else
                   f'worker {name} (pid {proc.pid}) exited with code {code}')
         self._deaths.append(reason)
-        events = []
+        events: List[Event] = []
         if name in self._busy:
-            events.append(('died', self._busy.pop(name), reason))
+            events.append(DiedEvent(self._busy.pop(name), reason))
         if self._fatal is None and len(self._deaths) <= 4 * self.count:
             self._start_worker()
         return events
