@@ -5,8 +5,8 @@ frames (rendered indoor walks, CameraInfo beside each, as a recording holds them
 the same bags four ways, each into a fresh folder:
 
 - ``loop``: one child process, the model loaded once, the bags one after another through
-  ``bag_convert.convert`` (what the workers run): the floor that worker processes are measured against;
-  every mode runs torch on one thread per process (``OMP_NUM_THREADS=1``), so that the modes
+  ``bag_convert.convert`` (what the workers run): the floor that worker processes are
+  measured against; every mode runs torch on one thread per process (``OMP_NUM_THREADS=1``), so that the modes
   differ only in how many processes share the work;
 - ``workers 1`` and ``workers 2``: ``metricgold bag IN OUT --workers N`` as a child process;
 - ``ray 2 CPU actors``: ``metricgold bag IN OUT --ray local --cpus-per-worker 1 --workers 2``
