@@ -14,7 +14,6 @@ node started; on a CPU its peak RSS instead).
 """
 
 import shutil
-import sys
 import tempfile
 import threading
 import time
@@ -161,12 +160,8 @@ def section_node(check: Any) -> Dict[str, Any]:
         command = _node_command(model, cuda, check.args.resolution, soak.NS)
         out['node_command'] = ' '.join(command[:3]) + ' --ros-args ...'
         node = soak._spawn(command, env, scratch / 'node.log')
-        camera = soak._spawn(
-            [sys.executable, '-m', 'metricgold_ros.synthetic.camera', '--rate',
-             str(CAMERA_RATE_HZ), '--frames', '0', '--qos', 'reliable', '--size', CAMERA_SIZE,
-             '--image-topic', f'{soak.NS}/camera/image_raw',
-             '--info-topic', f'{soak.NS}/camera/camera_info', '--wait-subscribers', '120'],
-            env, scratch / 'camera.log')
+        camera = soak._spawn(soak.camera_command(CAMERA_RATE_HZ, CAMERA_SIZE), env,
+                             scratch / 'camera.log')
         check.children += [node, camera]
         sampler = MemorySampler(check.device, node.pid)
         sampler.start()
@@ -174,28 +169,10 @@ def section_node(check: Any) -> Dict[str, Any]:
         warmup_s = 1.0 if check.tiny else 5.0
         deadline = time.monotonic() + max(5.0, check.budget.section_left() - warmup_s
                                           - check.args.node_seconds - 15.0)
-        while not listener.depth:
-            if node.poll() is not None or camera.poll() is not None:
-                raise RuntimeError('the node or the camera exited before the first depth image')
-            if time.monotonic() > deadline:
-                raise RuntimeError('no depth/image arrived within the section budget')
-            time.sleep(0.05)
+        _wait_first_depth(listener, node, camera, deadline)
         out['first_depth_after_s'] = round(time.monotonic() - start, 1)
         time.sleep(warmup_s)
-        begin = time.monotonic()
-        time.sleep(check.args.node_seconds)
-        end = time.monotonic()
-        time.sleep(2.5)  # the node's next diagnostics cover the measured period
-        with listener.lock:
-            depth = [(t, ms) for t, ms in listener.depth if begin <= t < end]
-            history = list(listener.history)
-            counts = dict(listener.counts)
-        out['measured_s'] = round(end - begin, 1)
-        out['frames_per_s_received'] = round(len(depth) / (end - begin), 2)
-        out['stamp_to_received_ms'] = _percentiles([ms for _, ms in depth])
-        out['received_here'] = counts
-        out['node'].update(node_figures(history, begin, end))
-        out['node_diagnostics_last'] = history[-1][1] if history else None
+        out.update(_measure(listener, check.args.node_seconds, out['node']))
         if cuda:
             out['gpu_memory_peak_gib'] = round((sampler.peak_bytes - baseline_used) / 2**30, 2)
             out['gpu_memory_note'] = ('device-wide used memory sampled every 0.2 s minus the '
@@ -215,6 +192,33 @@ def section_node(check: Any) -> Dict[str, Any]:
             listener.close()
         shutil.rmtree(scratch, ignore_errors=True)
     return out
+
+
+def _wait_first_depth(listener: Any, node: Any, camera: Any, deadline: float) -> None:
+    while not listener.depth:
+        if node.poll() is not None or camera.poll() is not None:
+            raise RuntimeError('the node or the camera exited before the first depth image')
+        if time.monotonic() > deadline:
+            raise RuntimeError('no depth/image arrived within the section budget')
+        time.sleep(0.05)
+
+
+def _measure(listener: Any, seconds: float, node: Dict[str, Any]) -> Dict[str, Any]:
+    """``seconds`` of depth received here and the node's own figures (into ``node``)."""
+    begin = time.monotonic()
+    time.sleep(seconds)
+    end = time.monotonic()
+    time.sleep(2.5)  # the node's next diagnostics cover the measured period
+    with listener.lock:
+        depth = [(t, ms) for t, ms in listener.depth if begin <= t < end]
+        history = list(listener.history)
+        counts = dict(listener.counts)
+    node.update(node_figures(history, begin, end))
+    return {'measured_s': round(end - begin, 1),
+            'frames_per_s_received': round(len(depth) / (end - begin), 2),
+            'stamp_to_received_ms': _percentiles([ms for _, ms in depth]),
+            'received_here': counts,
+            'node_diagnostics_last': history[-1][1] if history else None}
 
 
 def _int(values: Dict[str, str], key: str) -> int:

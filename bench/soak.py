@@ -235,10 +235,11 @@ def _node_command(model: Path, args: argparse.Namespace) -> List[str]:
             '-r', 'image:=camera/image_raw', '-r', 'camera_info:=camera/camera_info']
 
 
-def _camera_command(args: argparse.Namespace) -> List[str]:
-    """The camera renders its frames while the node loads, then waits for its subscriber."""
+def camera_command(rate_hz: float, size: str) -> List[str]:
+    """The synthetic camera process on the soak's topics, reliable, ``size`` (WxH) at
+    ``rate_hz``: it renders its frames while the node loads, then waits for its subscriber."""
     return [sys.executable, '-m', 'metricgold_ros.synthetic.camera', '--rate',
-            str(args.rate), '--frames', '0', '--qos', 'reliable', '--size', args.size,
+            str(rate_hz), '--frames', '0', '--qos', 'reliable', '--size', size,
             '--image-topic', f'{NS}/camera/image_raw',
             '--info-topic', f'{NS}/camera/camera_info', '--wait-subscribers', '120']
 
@@ -252,7 +253,7 @@ def soak(args: argparse.Namespace) -> Dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix='soak-') as scratch:
         model = model_or_untrained(args.model, Path(scratch))
         node = _spawn(_node_command(model, args), env, Path(scratch) / 'node.log')
-        camera = _spawn(_camera_command(args), env, Path(scratch) / 'camera.log')
+        camera = _spawn(camera_command(args.rate, args.size), env, Path(scratch) / 'camera.log')
         listener = Listener()
         sampler = Sampler(node.pid)
         sampler.start()
