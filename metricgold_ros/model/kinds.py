@@ -18,7 +18,7 @@ prepared and members combined) and a :class:`Sampler` (how the depth latent is p
 class here and its detection in :mod:`.checkpoint`.
 """
 
-from typing import TYPE_CHECKING, List, Optional, Tuple
+from typing import Any, List, Optional, Protocol, Tuple
 
 import numpy as np
 import torch
@@ -30,8 +30,6 @@ from metricgold_ros.model.codec import decode_depth
 from metricgold_ros.model.ensemble import ensemble_affine, ensemble_members
 from metricgold_ros.model.single_step import predict_x0_single_step
 
-if TYPE_CHECKING:
-    from metricgold_ros.model.pipeline import MetricGoldPipeline
 
 
 class DepthOutput:
@@ -137,6 +135,20 @@ class RelativeDepth(DepthOutput):
         return spread * 0.5
 
 
+class Networks(Protocol):
+    """What a sampler uses of the pipeline (:class:`~.pipeline.MetricGoldPipeline`)."""
+
+    unet: Any
+    scheduler: Any
+    empty_text_embedding: torch.Tensor
+    device: torch.device
+    dtype: torch.dtype
+    output: DepthOutput
+
+    def layout(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` in the activation layout the networks get."""
+
+
 class Sampler:
     """How the depth latent is produced from the RGB latent."""
 
@@ -155,7 +167,7 @@ class Sampler:
         """Whether ``init_latent`` can warm-start latents of ``shape`` ``[E,4,h,w]``."""
         return init_latent is not None and tuple(init_latent.shape) == tuple(shape)
 
-    def run(self, pipeline: 'MetricGoldPipeline', rgb_latent: torch.Tensor, members: int,
+    def run(self, pipeline: Networks, rgb_latent: torch.Tensor, members: int,
             steps: int, seeds: List[Optional[int]], init_latents: List[Optional[torch.Tensor]],
             strength: float, batch: int) -> torch.Tensor:
         """RGB latents ``[N,4,h,w]`` -> depth latents ``[N*E,4,h,w]`` (image-major), the
@@ -166,7 +178,7 @@ class Sampler:
 class DDIMSampler(Sampler):
     """Few-step sampling with the checkpoint's scheduler, from seeded noise or a warm start."""
 
-    def run(self, pipeline: 'MetricGoldPipeline', rgb_latent: torch.Tensor, members: int,
+    def run(self, pipeline: Networks, rgb_latent: torch.Tensor, members: int,
             steps: int, seeds: List[Optional[int]], init_latents: List[Optional[torch.Tensor]],
             strength: float, batch: int) -> torch.Tensor:
         count = rgb_latent.shape[0]
@@ -179,7 +191,7 @@ class DDIMSampler(Sampler):
                                         steps, timesteps, generator)
                           for i in range(0, count * members, batch)])
 
-    def _start(self, pipeline: 'MetricGoldPipeline', rgb_latent: torch.Tensor, members: int,
+    def _start(self, pipeline: Networks, rgb_latent: torch.Tensor, members: int,
                steps: int, seed: Optional[int], init_latent: Optional[torch.Tensor],
                strength: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Generator]:
         """Timesteps to run, the starting latent ``[E,4,h,w]`` and the seeded generator.
@@ -208,7 +220,7 @@ class DDIMSampler(Sampler):
         return timesteps, start, generator
 
     @staticmethod
-    def _denoise(pipeline: 'MetricGoldPipeline', rgb_batch: torch.Tensor,
+    def _denoise(pipeline: Networks, rgb_batch: torch.Tensor,
                  depth_latent: torch.Tensor, steps: int, timesteps: torch.Tensor,
                  generator: torch.Generator) -> torch.Tensor:
         """Run the sampler over ``timesteps`` for the members ``[B,4,h,w]`` of one batch."""
@@ -243,7 +255,7 @@ class SingleStep(Sampler):
     def warm(self, init_latent: Optional[torch.Tensor], shape: Tuple[int, ...]) -> bool:
         return False  # no noise to start from
 
-    def run(self, pipeline: 'MetricGoldPipeline', rgb_latent: torch.Tensor, members: int,
+    def run(self, pipeline: Networks, rgb_latent: torch.Tensor, members: int,
             steps: int, seeds: List[Optional[int]], init_latents: List[Optional[torch.Tensor]],
             strength: float, batch: int) -> torch.Tensor:
         return torch.cat([predict_x0_single_step(pipeline.unet, pipeline.scheduler, part,
