@@ -7,6 +7,8 @@ that a wrong scale of the whole wall, which border and centre share, does not hi
 on frames of the model's own processing size (no resize).
 """
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -18,6 +20,7 @@ WALLS = 8
 DISTANCES_M = (1.0, 2.0, 3.5, 6.0)
 WIDTH, HEIGHT = 128, 96  # the bundled model's processing size: the networks see these pixels
 BAND_PX = 4  # half a latent pixel
+CONFIGS = Path(__file__).resolve().parents[1] / 'training' / 'configs'
 
 
 @pytest.fixture(scope='module')
@@ -50,3 +53,21 @@ def test_the_edge_frame_is_no_wider_than_recorded(wall_scores):
 def test_no_border_band_on_a_flat_wall(wall_scores):
     border, centre = wall_scores.mean(axis=0)
     assert border <= 1.10 * centre, (border, centre, wall_scores.tolist())
+
+
+@pytest.mark.parametrize('name, render, zoom', [('tiny_bundled_e2e_crops', (160, 120), 1.25),
+                                                ('tiny_bundled_e2e_crops_wide', (256, 192), 2.0)])
+def test_window_fine_tune_configs_train_on_windows_of_larger_renders(tmp_path, name, render,
+                                                                     zoom):
+    """The issue-24 experiments: the bundled model fine-tuned on 128x96 windows at random
+    offsets of larger renders, camera-aware, same seeds and objective as the bundled run."""
+    from training.config import load_config
+
+    config = load_config(CONFIGS / f'{name}.yaml', tmp_path)
+    train = config.data.generate['train']
+    assert (train.width, train.height, train.seed, train.count) == (*render, 0, 2000)
+    assert config.data.resolution == (96, 128) and config.data.scale_range == (1.0, zoom)
+    # Zoom 1 shrinks the render to 128 px wide, zoom z to 128 z px: never enlarged (blurred).
+    assert 128 * zoom <= render[0] and render[0] * 3 == render[1] * 4
+    assert config.model.pretrained == 'metricgold_ros/models/metricgold-tiny'
+    assert config.model.canonical_focal_px == 100.0 and config.train.objective == 'e2e_ft'
