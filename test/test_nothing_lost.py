@@ -281,3 +281,28 @@ def test_symlinked_folders_are_searched_once(tmp_path):
 
 if __name__ == '__main__':
     sys.exit(pytest.main([__file__]))
+
+
+@pytest.mark.slow
+def test_bare_ray_never_joins_the_cluster_ray_address_names():
+    """Even with RAY_ADDRESS naming a cluster, bare --ray starts a private one on loopback and
+    says so; joining needs the address given on the command line."""
+    import subprocess
+
+    pytest.importorskip('ray')
+    code = '\n'.join([
+        'import argparse',
+        'from metricgold_ros.tools import bag, fleet_ray',
+        'parser = argparse.ArgumentParser()',
+        'bag.add_arguments(parser)',
+        "args = parser.parse_args(['a', 'b', 'out', '--ray'])",
+        'assert fleet_ray.connect(args.ray)',
+        'import ray  # after connect: Ray reads its environment when imported',
+        "print(ray.nodes()[0]['NodeManagerAddress'])",
+        'ray.shutdown()'])
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), RAY_ADDRESS='192.0.2.1:6379')
+    proc = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True,
+                          text=True, timeout=180, cwd=REPO_ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == '127.0.0.1'
+    assert 'started a private Ray cluster on this machine' in proc.stderr

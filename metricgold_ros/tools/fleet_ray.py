@@ -11,8 +11,8 @@ Ray is optional (``pip install ray``). Input bags and OUTPUT must be visible at 
 on every node (a shared file system). ``--ray`` (or ``--ray local``) starts a private
 one-machine cluster that stays on loopback: no dashboard, no usage statistics, every Ray
 process bound to 127.0.0.1. Joining a running cluster needs its address (or ``auto``), and
-the joined address is printed: Ray has no authentication, so whoever runs that cluster can
-run code in this driver.
+the joined address is printed: Ray does not authenticate a cluster to the drivers that join
+it, so whoever runs that cluster can run code in this driver.
 """
 
 import logging

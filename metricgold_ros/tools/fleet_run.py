@@ -37,8 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="run on a Ray cluster: without ADDRESS (or 'local') a private one "
                             'started on this machine, loopback only; to join a running one, '
                             "give its ADDRESS (host:port, or 'auto' for RAY_ADDRESS or the one "
-                            'running here). Ray has no authentication: whoever runs the '
-                            'cluster runs code in this process. One actor per GPU, else per '
+                            'running here). Ray does not authenticate a cluster: whoever runs '
+                            'it runs code in this process. One actor per GPU, else per '
                             '--cpus-per-worker CPUs; bags and OUTPUT must be at the same path '
                             'on every node')
     group.add_argument('--cpus-per-worker', type=positive_int, default=1, metavar='N',
