@@ -268,3 +268,58 @@ def test_any_camera_info_is_a_calibration_or_its_problem(d, model, k, size):
 
 if __name__ == '__main__':
     pytest.main([__file__])
+
+
+# -- hostile parameter sets for `metricgold bag` ---------------------------------------------
+
+VALUES = st.sampled_from(['0', '-1', '1', '2', '64', '1e9', 'nan', 'inf', '-inf', '', 'x',
+                          '0.5', '99999999999999999999'])
+FLAGS = st.lists(st.one_of(
+    st.tuples(st.sampled_from(['--output-scale', '--color-min-depth', '--color-max-depth',
+                               '--points-stride', '--max-depth', '--max-frames', '--start',
+                               '--end', '--max-pixels', '--camera-height-m',
+                               '--camera-pitch-deg', '--camera-roll-deg', '--denoising-steps',
+                               '--ensemble-size', '--fallback-processing-resolution', '--seed',
+                               '--warm-start-strength', '--prefix', '--image-topic',
+                               '--camera-info-topic', '--colormap', '--storage']), VALUES),
+    st.tuples(st.sampled_from(['--no-copy', '--skip-bad-frames', '--points-rgb', '--no-points',
+                               '--no-colored', '--warm-start', '--overwrite']), st.just(None))),
+    max_size=4)
+
+
+@pytest.fixture(scope='module')
+def small_bag(tmp_path_factory):
+    from bag_helpers import write_camera_bag
+
+    return write_camera_bag(tmp_path_factory.mktemp('fuzzbag') / 'in', count=2, width=64,
+                            height=48)
+
+
+@settings(max_examples=max(10, EXAMPLES // 4), deadline=None, derandomize=True,
+          suppress_health_check=list(HealthCheck))
+@given(flags=FLAGS)
+@example(flags=[('--start', 'nan')])  # was a traceback (ValueError from round(nan))
+@example(flags=[('--end', 'inf')])  # was a traceback (OverflowError)
+def test_bag_under_hostile_flags_exits_cleanly_and_leaves_whole_outputs(
+        flags, small_bag, fast_model, capsys):
+    from metricgold_ros.tools.cli import main
+
+    argv = ['--processing-resolution', '64']
+    for flag, value in flags:
+        argv += [flag] if value is None else [flag, value]
+    before = snapshot(small_bag.path)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / 'out'
+        try:
+            code = main(['bag', str(small_bag.path), str(out), '--quiet', *argv])
+        except SystemExit as exit_:  # argparse: a usage error
+            code = exit_.code
+        err = capsys.readouterr().err
+        assert code in (0, 1, 2), (argv, err)
+        assert 'Traceback' not in err, (argv, err)
+        if code == 0:
+            assert (out / 'metadata.yaml').is_file()
+        else:
+            assert not out.exists() or (out / 'metadata.yaml').is_file(), argv  # failures kept
+        assert not [p for p in Path(tmp).iterdir() if '.partial' in p.name]
+    assert snapshot(small_bag.path) == before  # the input is never touched

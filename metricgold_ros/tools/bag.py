@@ -16,7 +16,8 @@ from metricgold_ros.tools import bag_output, fleet, fleet_run, fleet_summary
 from metricgold_ros.tools.bag_convert import BagJob, BagResult, convert
 from metricgold_ros.tools.options import (
     add_inference_arguments, add_max_pixels_argument, add_mounting_arguments,
-    add_output_arguments, load_pipeline, options_from_args, positive_int)
+    add_output_arguments, load_pipeline, non_negative_float, options_from_args, positive_float,
+    positive_int)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,9 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sel = parser.add_argument_group('selection')
     sel.add_argument('--max-frames', type=positive_int, metavar='N',
                      help='stop after N images (the new bag ends there)')
-    sel.add_argument('--start', type=float, metavar='S',
+    sel.add_argument('--start', type=non_negative_float, metavar='S',
                      help='skip the first S seconds of the bag')
-    sel.add_argument('--end', type=float, metavar='S',
+    sel.add_argument('--end', type=positive_float, metavar='S',
                      help='stop S seconds after the bag start')
     sel.add_argument('--skip-bad-frames', action='store_true',
                      help='skip images that cannot be decoded instead of stopping')
@@ -92,9 +93,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _check_usage(args: argparse.Namespace) -> None:
     """Flag combinations argparse cannot check: a usage error (exit code 2)."""
-    parser = args._parser
-    if args.start is not None and args.start < 0:
-        parser.error(f'--start {args.start}: must be >= 0 seconds')
+    parser = args._parser  # (--start >= 0 and a finite --end > 0 are their types' checks)
     if args.end is not None and args.end <= (args.start or 0.0):
         parser.error(f'--end {args.end}: must be after --start ({args.start or 0.0} s)')
 
