@@ -6,8 +6,8 @@ the same bags four ways, each into a fresh folder:
 
 - ``loop``: one child process, the model loaded once, the bags one after another through
   ``bag_convert.convert`` (what the workers run): the floor that worker processes are
-  measured against; every mode runs torch on one thread per process (``OMP_NUM_THREADS=1``), so that the modes
-  differ only in how many processes share the work;
+  measured against; every mode runs torch on one thread per process (``OMP_NUM_THREADS=1``),
+  so that the modes differ only in how many processes share the work;
 - ``workers 1`` and ``workers 2``: ``metricgold bag IN OUT --workers N`` as a child process;
 - ``ray 2 CPU actors``: ``metricgold bag IN OUT --ray local --cpus-per-worker 1 --workers 2``
   (a local Ray cluster, loopback only, started and stopped by the command).
