@@ -129,3 +129,20 @@ def test_infer_with_decoder_flag(tiny_model_dir, taesd_dir, tmp_path, capsys):
     full = np.load(tmp_path / 'full' / 'frame_depth.npy')
     light = np.load(tmp_path / 'light' / 'frame_depth.npy')
     assert full.shape == light.shape and np.abs(np.log(full) - np.log(light)).max() > 1e-3
+
+
+@pytest.mark.skipif(LIGHT_DECODER is None or not (LIGHT_DECODER / 'config.json').is_file(),
+                    reason='the bundled light decoder metricgold-tiny-taesd is not installed')
+def test_bundled_light_decoder_follows_the_full_decoder():
+    """metricgold-tiny-taesd (training/distill_decoder.py) on held-out scenes: its depth stays
+    close to the full decoder's (BENCHMARKS.md scores both against ground truth)."""
+    from metricgold_ros.synthetic.scenes import render_sample
+
+    full = load_model(None, '--model', device='cpu', notify=lambda line: None)
+    light = load_model(None, '--model', device='cpu', decoder=str(LIGHT_DECODER),
+                       notify=lambda line: None)
+    errors = []
+    for seed, kind in ((900_000, 'indoor'), (900_001, 'outdoor')):
+        rgb = render_sample(seed, kind, 128, 96).rgb
+        errors.append(np.median(np.abs(np.log(light(rgb).depth) - np.log(full(rgb).depth))))
+    assert max(errors) < 0.1, errors

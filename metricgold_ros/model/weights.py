@@ -10,6 +10,7 @@ its ``blobs/`` are allowed); pickled weights unless allowed; NaN/inf weights; te
 not fit the config.
 """
 
+import inspect
 import json
 import os
 from pathlib import Path
@@ -85,6 +86,10 @@ def load_module(cls: type, folder: Path, allow_pickle: bool,
         raise CheckpointError(f'{folder} is missing: expected a {cls.__name__} sub-folder')
     config = read_json(config_path)
     check_config(config, config_path)
+    # Keys the class does not take are ignored by diffusers either way, with a warning on every
+    # load (AutoencoderTiny saves 'block_out_channels' and then warns about it).
+    accepted = inspect.signature(cls.__init__).parameters
+    config = {k: v for k, v in config.items() if k.startswith('_') or k in accepted}
     try:
         with init_empty_weights():
             module = cls.from_config(config)
