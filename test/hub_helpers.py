@@ -85,7 +85,8 @@ def write_tiny_clip(folder: Path, hidden_size: int, variants=()) -> None:
     (tokenizer_dir / 'vocab.json').write_text(json.dumps(vocab))
     (tokenizer_dir / 'merges.txt').write_text('#version: 0.2\n')
     CLIPTokenizer(vocab_file=str(tokenizer_dir / 'vocab.json'),
-                  merges_file=str(tokenizer_dir / 'merges.txt')).save_pretrained(tokenizer_dir)
+                  merges_file=str(tokenizer_dir / 'merges.txt'),
+                  model_max_length=77).save_pretrained(tokenizer_dir)  # CLIP's 77 tokens
     torch.manual_seed(3)
     encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(vocab), hidden_size=hidden_size, intermediate_size=hidden_size,

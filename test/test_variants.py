@@ -110,3 +110,20 @@ def test_variant_of_a_local_folder(layouts):
     plain = load_checkpoint(folder)
     torch.testing.assert_close(half.vae.decoder.conv_out.weight,
                                plain.vae.decoder.conv_out.weight.half().float(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize('repo', ['prs-eth/marigold-depth-v1-1', 'prs-eth/marigold-depth-lcm-v1-0'])
+def test_by_id_equals_diffusers_on_the_same_snapshot(cache, repo):
+    """diffusers' MarigoldDepthPipeline on the very snapshot (its own scheduler, defaults, text
+    encoder and tokenizer; our networks, see test_marigold_parity.load_reference) gives our
+    depth at the checkpoint's default steps."""
+    from diffusers import MarigoldDepthPipeline
+
+    ours = load_model(repo, 'model_path', device='cpu', notify=lambda line: None)
+    snapshot = next(cache.glob(f'models--{repo.replace("/", "--")}/snapshots/*'))
+    reference = MarigoldDepthPipeline.from_pretrained(snapshot, unet=ours.unet, vae=ours.vae)
+    reference.set_progress_bar_config(disable=True)
+    mine = ours(RGB, processing_resolution=64, seed=0).depth
+    theirs = reference(RGB, processing_resolution=64, generator=torch.Generator().manual_seed(0),
+                       output_type='np').prediction[0, :, :, 0]
+    assert np.abs(mine - theirs).max() < 1e-4
