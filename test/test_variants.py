@@ -112,7 +112,8 @@ def test_variant_of_a_local_folder(layouts):
                                plain.vae.decoder.conv_out.weight.half().float(), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize('repo', ['prs-eth/marigold-depth-v1-1', 'prs-eth/marigold-depth-lcm-v1-0'])
+@pytest.mark.parametrize('repo', ['prs-eth/marigold-depth-v1-1',
+                                  'prs-eth/marigold-depth-lcm-v1-0'])
 def test_by_id_equals_diffusers_on_the_same_snapshot(cache, repo):
     """diffusers' MarigoldDepthPipeline on the very snapshot (its own scheduler, defaults, text
     encoder and tokenizer; our networks, see test_marigold_parity.load_reference) gives our
