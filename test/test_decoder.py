@@ -146,3 +146,36 @@ def test_bundled_light_decoder_follows_the_full_decoder():
         rgb = render_sample(seed, kind, 128, 96).rgb
         errors.append(np.median(np.abs(np.log(light(rgb).depth) - np.log(full(rgb).depth))))
     assert max(errors) < 0.1, errors
+
+
+def test_distill_recipe_writes_a_decoder_the_pipeline_loads(tiny_model_dir, tmp_path):
+    """training/distill_decoder.py end to end at toy size: the folder it writes is a decoder
+    for its teacher, its losses are recorded, and a typo in the config is named."""
+    import json
+    import sys
+
+    from metricgold_ros.errors import InputError
+    from conftest import REPO_ROOT
+
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))
+    from training import distill_decoder
+
+    config_path = tmp_path / 'distill.yaml'
+    config_path.write_text(
+        f'teacher: {tiny_model_dir}\n'
+        'student: {decoder_block_out_channels: [8, 8, 8, 8], num_decoder_blocks: [1, 1, 1, 1],'
+        ' encoder_block_out_channels: [8, 8, 8, 8], num_encoder_blocks: [1, 1, 1, 1]}\n'
+        'data: {per_kind: 1, val_per_kind: 1, width: 64, height: 48}\n'
+        'train: {steps: 4, batch_size: 2, log_every: 2}\n')
+    assert distill_decoder.main(['--config', str(config_path), '--output',
+                                 str(tmp_path / 'out')]) == 0
+    summary = json.loads((tmp_path / 'out' / 'distill.json').read_text())
+    assert [entry['step'] for entry in summary['history']] == [0, 2, 3]
+    pipeline = MetricGoldPipeline.from_pretrained(tiny_model_dir, device='cpu',
+                                                  decoder=tmp_path / 'out')
+    assert type(pipeline.decoder).__name__ == 'AutoencoderTiny'
+    assert np.isfinite(pipeline(RGB).depth).all()
+    config_path.write_text(f'teacher: {tiny_model_dir}\ntrain: {{stesp: 4}}\n')
+    with pytest.raises(InputError, match="train: unknown key 'stesp'"):
+        distill_decoder.load_config(config_path)
