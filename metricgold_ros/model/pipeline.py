@@ -370,12 +370,9 @@ class MetricGoldPipeline:
     def _decode(self, latent: torch.Tensor) -> torch.Tensor:
         """Depth latents ``[n,4,h,w]`` -> values ``[n,1,PH,PW]`` in [-1, 1] (the light decoder
         when there is one: its latents are the UNet's divided by its own scaling factor)."""
-        if self.decoder is not None:
-            latent = self.layout(latent / float(self.decoder.config.scaling_factor))
-            decoded = self.decoder.decode(latent, return_dict=False)[0]
-            return decoded.mean(dim=1, keepdim=True).clamp(-1.0, 1.0)
-        latent = self.layout(latent / self.latent_scale)
-        decoded = self.vae.decode(latent, return_dict=False)[0]
+        decoder, scale = (self.vae, self.latent_scale) if self.decoder is None else \
+            (self.decoder, float(self.decoder.config.scaling_factor))
+        decoded = decoder.decode(self.layout(latent / scale), return_dict=False)[0]
         return decoded.mean(dim=1, keepdim=True).clamp(-1.0, 1.0)
 
     def layout(self, tensor: torch.Tensor) -> torch.Tensor:
