@@ -95,13 +95,14 @@ def replace_path(new: PathLike, final: PathLike) -> None:
     """Rename ``new`` to ``final``; an existing ``final`` is moved aside until ``new`` is there.
 
     ``new`` is fsynced before and the parent folder after. A failing rename puts the old
-    output back. Files replace files atomically (``os.replace``); a folder in the way is
-    renamed to ``.NAME.XXXX.replaced`` first and deleted only once ``new`` holds ``final``.
+    output back. Files replace files atomically (``os.replace``; a folder where a file is to
+    go is an error, never replaced); a folder replacing a folder renames the old one to
+    ``.NAME.XXXX.replaced`` first and deletes it only once ``new`` holds ``final``.
     """
     new, final = Path(new), Path(final)
     fsync_tree(new)
     aside = None
-    if final.is_dir() and not final.is_symlink():
+    if new.is_dir() and final.is_dir() and not final.is_symlink():  # a file never replaces one
         aside = Path(tempfile.mkdtemp(prefix=f'.{final.name}.', suffix=REPLACED_SUFFIX,
                                       dir=final.parent))
         aside.rmdir()  # only the unique name is wanted

@@ -234,35 +234,3 @@ def test_the_environment_is_not_read_for_faults(tiny_pipeline, monkeypatch):
         assert tiny_pipeline.stage_hook is None
         node.close()
 
-
-def test_the_node_loads_a_hub_id_from_the_cache_at_configure(tmp_path, monkeypatch,
-                                                             tiny_model_dir, rgb_k):
-    """model_path:=org/name with HF_HUB_OFFLINE=1: resolved in configure from the hub cache
-    laid out as huggingface_hub lays it out; an id not in the cache fails configure in one
-    line naming the id and the download command."""
-    from hub_helpers import hub_env, write_hub_cache
-
-    hub = hub_env(monkeypatch, tmp_path / 'hf')
-    write_hub_cache(hub, 'metricgold-test/node-depth', tiny_model_dir)
-    rgb, k = rgb_k
-    with RosHarness('hub_node_test') as ros:
-        rosout = ros.collector(Log, '/rosout', reliable_qos(200))
-        node = ros.add_node(DepthNode(context=ros.context, namespace='/hubnode',
-                                      parameter_overrides=[
-                                          Parameter('model_path',
-                                                    value='metricgold-test/node-depth'),
-                                          Parameter('device', value='cpu'),
-                                          Parameter('processing_resolution', value=32)]))
-        depth = ros.collector(Image, '/hubnode/depth/image')
-        image_pub = ros.publisher(Image, '/hubnode/image')
-        assert wait_for_subscribers(image_pub) and wait_for_publishers(depth.subscription)
-        image_pub.publish(image_msg(rgb, 77))
-        assert depth.wait_for(lambda m: stamp_of(m) == 77, 20.0) is not None
-        missing = ros.add_node(DepthNode(context=ros.context, namespace='/hubmissing',
-                                         parameter_overrides=[
-                                             Parameter('model_path', value='nobody/absent'),
-                                             Parameter('device', value='cpu')]),
-                               activate=False)
-        assert missing.trigger_configure() == TransitionCallbackReturn.FAILURE
-        assert wait_until(lambda: [m for m in rosout.messages() if m.level >= 40 and
-                                   'nobody/absent' in m.msg and 'download' in m.msg], 5.0)

@@ -88,7 +88,7 @@ def test_param_describe_shows_descriptions_ranges_and_read_only(running, ros2, w
     assert 'Min value: -1' in resolution and 'Max value: 4096' in resolution, resolution
     assert 'Read only: true' not in resolution
     assert 'Read only: true' in blocks['model_path'], blocks['model_path']
-    assert 'Description: Local MetricGold checkpoint folder' in blocks['model_path']
+    assert 'Description: The checkpoint: a local folder, or a Hugging Face' in blocks['model_path']
     assert 'Additional constraints: one of: ' in blocks['colormap'] and 'turbo' in \
         blocks['colormap']
     assert 'Min value: 0.05' in blocks['warm_start_strength'], blocks['warm_start_strength']
@@ -142,20 +142,21 @@ def test_ros2_lifecycle_drives_an_unstarted_node(workspace, ros2):
                           'stats_period:=0.0'], env)
     try:
         assert output.wait_for('waiting for a lifecycle manager', 120), output.text()
-        assert 'unconfigured' in _ros2(ros2, workspace, 'lifecycle', 'get', node_name)
+        assert 'unconfigured' in _ros2(ros2, workspace, 'lifecycle', 'get', node_name,
+                                       *DISCOVERY)
         assert 'listening on' not in output.text()
         for transition, state in (('configure', 'inactive'), ('activate', 'active')):
-            text = _ros2(ros2, workspace, 'lifecycle', 'set', node_name, transition)
+            text = _ros2(ros2, workspace, 'lifecycle', 'set', node_name, transition, *DISCOVERY)
             assert 'Transitioning successful' in text, text
-            assert state in _ros2(ros2, workspace, 'lifecycle', 'get', node_name)
+            assert state in _ros2(ros2, workspace, 'lifecycle', 'get', node_name, *DISCOVERY)
         assert output.wait_for('listening on', 30), output.text()
         assert f'{ns}/front/image' in output.text() and f'{ns}/rear/image' in output.text()
         topics = _ros2(ros2, workspace, 'topic', 'list', *DISCOVERY)
         assert f'{ns}/rear/depth/image' in topics and f'{ns}/front/points' in topics, topics
         for transition, state in (('deactivate', 'inactive'), ('cleanup', 'unconfigured')):
-            text = _ros2(ros2, workspace, 'lifecycle', 'set', node_name, transition)
+            text = _ros2(ros2, workspace, 'lifecycle', 'set', node_name, transition, *DISCOVERY)
             assert 'Transitioning successful' in text, text
-            assert state in _ros2(ros2, workspace, 'lifecycle', 'get', node_name)
+            assert state in _ros2(ros2, workspace, 'lifecycle', 'get', node_name, *DISCOVERY)
         assert 'model freed' in output.text()
     finally:
         code = stop(node)

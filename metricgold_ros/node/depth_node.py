@@ -120,6 +120,7 @@ class DepthNode(LifecycleNode):
             raise
         self._injected = pipeline
         self._faults = faults
+        self.configure_error: Optional[str] = None  # why the last configure failed
         self.pipeline: Optional['MetricGoldPipeline'] = None
         self._streams: List[Stream] = []
         self._worker: Optional[BatchWorker] = None  # while active
@@ -177,8 +178,10 @@ class DepthNode(LifecycleNode):
                     raise InputError(reason)
             self._warm_up(pipeline)
         except MetricGoldError as err:
+            self.configure_error = str(err)
             self.get_logger().error(f'cannot configure: {err}')
             return TransitionCallbackReturn.FAILURE
+        self.configure_error = None
         self.pipeline = pipeline
         if self._faults is not None:
             pipeline.stage_hook = self._faults

@@ -55,7 +55,7 @@ def _run(args: Optional[List[str]]) -> int:
         if node.autostart:
             if node.trigger_configure() != TransitionCallbackReturn.SUCCESS:
                 rclpy.logging.get_logger(NODE_NAME).fatal(
-                    'cannot start: configure failed (the error above says why)')
+                    f'cannot start: {node.configure_error or "configure failed"}')
                 return 1
             node.trigger_activate()
         else:
