@@ -210,6 +210,18 @@ def test_atomic_replace_syncs_and_keeps_the_old_folder_until_the_new_one_is_in(
     assert str(tmp_path) in synced  # the parent folder, after it
 
 
+def test_a_file_never_replaces_a_folder(tmp_path):
+    """write_atomic onto a folder (a PLY named like the user's folder) fails; the folder and its
+    files stay, nothing is left aside."""
+    folder = tmp_path / 'scan.ply'
+    folder.mkdir()
+    (folder / 'thesis.tex').write_text('years of work')
+    with pytest.raises(OSError):
+        atomic.write_atomic(folder, b'ply')
+    assert (folder / 'thesis.tex').read_text() == 'years of work'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['scan.ply']
+
+
 def test_written_files_follow_the_umask(tmp_path):
     old = os.umask(0o077)
     try:
