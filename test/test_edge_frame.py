@@ -40,7 +40,7 @@ def wall_scores() -> np.ndarray:
 
 
 def test_the_edge_frame_is_no_wider_than_recorded(wall_scores):
-    # Today's model: border 0.215, centre 0.121 (1.78x; BENCHMARKS.md, the edge frame). A
+    # Today's model: border 0.215, centre 0.121 (1.78x; BENCHMARKS.md 16). A
     # change in preprocessing or decoding that widened the frame would show here first.
     border, centre = wall_scores.mean(axis=0)
     assert np.isfinite(wall_scores).all() and 0 < centre < 0.2
@@ -49,7 +49,7 @@ def test_the_edge_frame_is_no_wider_than_recorded(wall_scores):
 
 @pytest.mark.xfail(strict=True, reason='issue 24: the edge frame is learned from whole-frame '
                    'training (the training rooms are nearer at the border); it needs a '
-                   'retrained model, see BENCHMARKS.md, the edge frame')
+                   'retrained model, see BENCHMARKS.md 16')
 def test_no_border_band_on_a_flat_wall(wall_scores):
     border, centre = wall_scores.mean(axis=0)
     assert border <= 1.10 * centre, (border, centre, wall_scores.tolist())
