@@ -62,7 +62,10 @@ def run(args: argparse.Namespace, inputs: Sequence[str], template: BagJob) -> in
 
     jobs = plan_jobs(inputs, args.output)
     settings = job_settings(args)
-    settings['model'] = str(resolve_model_path(args.model, '--model'))  # fail early, once
+    # Fail early, once; a hub id is fetched here with the variant and pickles the workers load.
+    settings['model'] = str(resolve_model_path(
+        args.model, '--model', variant=getattr(args, 'variant', None) or None,
+        allow_pickle=bool(getattr(args, 'allow_pickle', False))))
     identity = run_identity(settings)
     settings['record_identity'] = identity
     pending: List[Job] = []
