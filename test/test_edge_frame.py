@@ -2,7 +2,7 @@
 
 A flat wall has one depth everywhere, so whatever band of error runs along the image's edges
 belongs to the model. Scored as ``training/evaluate_synthetic.py --walls`` scores it
-(:func:`metricgold_ros.evaluation.border_abs_rel`, the prediction scale-fitted per image so
+(:func:`metricgold_ros.boundaries.border_abs_rel`, the prediction scale-fitted per image so
 that a wrong scale of the whole wall, which border and centre share, does not hide the band),
 on frames of the model's own processing size (no resize).
 """
@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from metricgold_ros.evaluation import border_abs_rel
+from metricgold_ros.boundaries import border_abs_rel
 from metricgold_ros.model_paths import bundled_model_path
 from metricgold_ros.synthetic.scenes import flat_wall
 

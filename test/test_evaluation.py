@@ -12,10 +12,10 @@ import pytest
 
 from metricgold_ros.tools import cli
 from metricgold_ros.errors import InputError
-from metricgold_ros.evaluation import (METRIC_KEYS, BoundaryCounts, align, border_abs_rel,
-                                       boundary_counts, depth_boundaries, depth_metrics,
-                                       evaluate_folder, evaluate_image, fit_alignment,
-                                       format_table, get_protocol, plane_jumps,
+from metricgold_ros.boundaries import (BoundaryCounts, border_abs_rel, boundary_counts,
+                                       depth_boundaries, plane_jumps)
+from metricgold_ros.evaluation import (METRIC_KEYS, align, depth_metrics, evaluate_folder,
+                                       evaluate_image, fit_alignment, format_table, get_protocol,
                                        protocol_mask)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -10,13 +10,13 @@ the training split's valid depth, per domain); and an oracle-scaled constant (pe
 constant with the lowest AbsRel against that image's ground truth: the 1/depth-weighted median,
 which a model would have to know the scene's scale to match).
 Beside AbsRel and delta1 each method gets depth-boundary precision / recall / F1 against the
-generator's exact discontinuities (:func:`metricgold_ros.evaluation.boundary_counts`: jumps of
+generator's exact discontinuities (:func:`metricgold_ros.boundaries.boundary_counts`: jumps of
 more than 10 %, found in the prediction as steps over 3 px - a 128-px model's jump spreads over
 2.5 px at 320x240; the exact depth shrunk to 128x96 and enlarged back scores F1 0.93 indoors,
 0.76 outdoors - matched within 2 px, pooled over a domain's images), and the model's edge frame
 is measured on ``--walls`` flat walls seen square on (border AbsRel, a band of 1/32 of the
 width, against the centre's, the prediction scale-fitted per image:
-:func:`metricgold_ros.evaluation.border_abs_rel`).
+:func:`metricgold_ros.boundaries.border_abs_rel`).
 Ground truth is written as 16-bit PNG with 256 units per metre (the KITTI convention: outdoor
 depth reaches 80 m, beyond uint16 millimetres); predictions as ``.npy`` metres.
 """
@@ -37,7 +37,7 @@ except ImportError:  # run from a source checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from metricgold_ros.tools import cli
 from metricgold_ros.canonical_camera import for_camera
-from metricgold_ros.evaluation import BoundaryCounts, border_abs_rel, boundary_counts
+from metricgold_ros.boundaries import BoundaryCounts, border_abs_rel, boundary_counts
 from metricgold_ros.model import MetricGoldPipeline
 from metricgold_ros.synthetic.scenes import KINDS, flat_wall, render_sample
 
