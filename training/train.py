@@ -34,7 +34,7 @@ import sys
 import time
 from datetime import timedelta
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence, Tuple
 
 _ROOT = Path(__file__).resolve().parents[1]
 if sys.path and Path(sys.path[0] or '.').resolve() == _ROOT / 'training':
@@ -150,9 +150,65 @@ class Run:
         return json.loads(report_path.read_text())
 
     def unet_stage(self, parts: Components, vae_report: Optional[dict]) -> dict:
+        """Fine-tune the UNet (VAE frozen) for ``train.steps``; the progress record."""
+        from torch.utils.data import DataLoader
+
+        cfg, acc = self.config.train, self.accelerator
+        optimizer, lr_scheduler = self._prepare_unet(parts)
+        progress = {'step': 0, 'loss': [], 'lr': [], 'val': [], 'vae': vae_report,
+                    'baseline': self.baseline}
+        latest = latest_checkpoint(self.output / 'checkpoints') if self.resume else None
+        if latest is not None:
+            load_training_state(acc, latest, self.ema, self.device, lr_scheduler,
+                                trust_pickled_state=self.trust_pickled_state)
+            progress = json.loads((latest / PROGRESS_FILE).read_text())
+            LOGGER.info('resumed from %s at step %d', latest, progress['step'])
+        elif cfg.steps > 0:
+            self._validate(progress)
+        batches = train_data.make_train_batches(self.config.data, cfg.batch_size,
+                                                self.config.seed)
+        loader = DataLoader(batches, batch_size=None, num_workers=self.config.data.num_workers,
+                            sampler=train_data.BatchNumbers(
+                                progress['step'], cfg.steps, cfg.gradient_accumulation_steps,
+                                acc.process_index, acc.num_processes),
+                            pin_memory=self.device.type == 'cuda')
+        data_iter = iter(loader)
+        start = time.perf_counter()
+        skipped_in_a_row = 0
+        for step in range(progress['step'], cfg.steps):
+            finite, step_loss = self._train_step(data_iter, optimizer)
+            progress['lr'].append(lr_scheduler.get_last_lr()[0])
+            lr_scheduler.step()
+            if not finite:
+                skipped_in_a_row = self._skip_step(progress, step + 1, skipped_in_a_row)
+            else:
+                skipped_in_a_row = 0
+                if self.ema is not None:
+                    self.ema.step(acc.unwrap_model(self.unet).parameters())
+            progress['loss'].append(float(acc.reduce(step_loss, 'mean')) if finite else None)
+            progress['step'] = done = step + 1
+            progress['data_position'] = {'seed': self.config.seed, 'position': (
+                done * cfg.gradient_accumulation_steps * acc.num_processes)}
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                self._log_step(progress, done)
+            if done % self.config.validation.every == 0 or done == cfg.steps:
+                self.wall['unet_stage'] += time.perf_counter() - start
+                self._validate(progress)
+                start = time.perf_counter()
+            if cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
+                self._save_state(progress)
+            if done == self.stop_at_step:
+                LOGGER.warning('stopping after step %d as asked (--stop-at-step)', done)
+                self.wall['unet_stage'] += time.perf_counter() - start
+                return progress
+        self.wall['unet_stage'] += time.perf_counter() - start
+        self._save_final()
+        return progress
+
+    def _prepare_unet(self, parts: Components) -> Tuple[Any, Any]:
+        """Networks on the device, optimizer, LR schedule and EMA; the optimizer and schedule."""
         from diffusers import DDIMScheduler
         from diffusers.training_utils import EMAModel
-        from torch.utils.data import DataLoader
 
         cfg, acc = self.config.train, self.accelerator
         unet = parts.unet.to(self.device).train().requires_grad_(True)
@@ -183,76 +239,46 @@ class Run:
         if acc.is_main_process:
             check_checkpoint_disk(self.output, *checkpoint_bytes(unet, self.vae, cfg.ema),
                                   cfg.keep_checkpoints if cfg.checkpoint_every else None)
-        progress = {'step': 0, 'loss': [], 'lr': [], 'val': [], 'vae': vae_report,
-                    'baseline': self.baseline}
-        latest = latest_checkpoint(self.output / 'checkpoints') if self.resume else None
-        if latest is not None:
-            load_training_state(acc, latest, self.ema, self.device, lr_scheduler,
-                                trust_pickled_state=self.trust_pickled_state)
-            progress = json.loads((latest / PROGRESS_FILE).read_text())
-            LOGGER.info('resumed from %s at step %d', latest, progress['step'])
-        elif cfg.steps > 0:
-            self._validate(progress)
-        batches = train_data.make_train_batches(self.config.data, cfg.batch_size,
-                                                self.config.seed)
-        loader = DataLoader(batches, batch_size=None, num_workers=self.config.data.num_workers,
-                            sampler=train_data.BatchNumbers(
-                                progress['step'], cfg.steps, cfg.gradient_accumulation_steps,
-                                acc.process_index, acc.num_processes),
-                            pin_memory=self.device.type == 'cuda')
-        data_iter = iter(loader)
-        start = time.perf_counter()
-        skipped_in_a_row = 0
-        for step in range(progress['step'], cfg.steps):
-            step_loss = torch.zeros((), device=self.device)
-            finite = True  # every micro-batch's loss, on every rank
-            for _ in range(cfg.gradient_accumulation_steps):
-                batch = next(data_iter)
-                with acc.accumulate(self.unet):
-                    loss = self._loss(batch)
-                    finite = finite and self._finite_everywhere(loss)
-                    if finite:
-                        acc.backward(loss)
-                    if acc.sync_gradients and not finite:  # the whole step is dropped
-                        optimizer.zero_grad(set_to_none=True)
-                    elif finite:
-                        if acc.sync_gradients and cfg.max_grad_norm:
-                            acc.clip_grad_norm_(self.unet.parameters(), cfg.max_grad_norm)
-                        optimizer.step()
-                        optimizer.zero_grad(set_to_none=True)
+        return optimizer, lr_scheduler
+
+    def _train_step(self, data_iter: Any, optimizer: Any) -> Tuple[bool, torch.Tensor]:
+        """One optimizer step over the accumulated micro-batches: (every loss finite on every
+        rank, the step's mean loss). A non-finite step changes no weight."""
+        cfg, acc = self.config.train, self.accelerator
+        step_loss = torch.zeros((), device=self.device)
+        finite = True  # every micro-batch's loss, on every rank
+        for _ in range(cfg.gradient_accumulation_steps):
+            batch = next(data_iter)
+            with acc.accumulate(self.unet):
+                loss = self._loss(batch)
+                finite = finite and self._finite_everywhere(loss)
                 if finite:
-                    step_loss += loss.detach() / cfg.gradient_accumulation_steps
-            progress['lr'].append(lr_scheduler.get_last_lr()[0])
-            lr_scheduler.step()
-            if not finite:
-                skipped_in_a_row = self._skip_step(progress, step + 1, skipped_in_a_row)
-            else:
-                skipped_in_a_row = 0
-                if self.ema is not None:
-                    self.ema.step(acc.unwrap_model(self.unet).parameters())
-            progress['loss'].append(float(acc.reduce(step_loss, 'mean')) if finite else None)
-            progress['step'] = done = step + 1
-            progress['data_position'] = {'seed': self.config.seed, 'position': (
-                done * cfg.gradient_accumulation_steps * acc.num_processes)}
-            if done % cfg.log_every == 0 or done == cfg.steps:
-                recent = [x for x in progress['loss'][-cfg.log_every:] if x is not None] \
-                    or [float('nan')]  # every step of the window was skipped
-                LOGGER.info('step %d/%d: loss %.4f, lr %.2e', done, cfg.steps,
-                            float(np.mean(recent)), progress['lr'][-1])
-                if self.writer is not None:
-                    self.writer.add_scalar('train/loss', float(np.mean(recent)), done)
-                    self.writer.add_scalar('train/lr', progress['lr'][-1], done)
-            if done % self.config.validation.every == 0 or done == cfg.steps:
-                self.wall['unet_stage'] += time.perf_counter() - start
-                self._validate(progress)
-                start = time.perf_counter()
-            if cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
-                self._save_state(progress)
-            if done == self.stop_at_step:
-                LOGGER.warning('stopping after step %d as asked (--stop-at-step)', done)
-                self.wall['unet_stage'] += time.perf_counter() - start
-                return progress
-        self.wall['unet_stage'] += time.perf_counter() - start
+                    acc.backward(loss)
+                if acc.sync_gradients and not finite:  # the whole step is dropped
+                    optimizer.zero_grad(set_to_none=True)
+                elif finite:
+                    if acc.sync_gradients and cfg.max_grad_norm:
+                        acc.clip_grad_norm_(self.unet.parameters(), cfg.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+            if finite:
+                step_loss += loss.detach() / cfg.gradient_accumulation_steps
+        return finite, step_loss
+
+    def _log_step(self, progress: dict, done: int) -> None:
+        """The loss and learning rate of the last log window (log and TensorBoard)."""
+        cfg = self.config.train
+        recent = [x for x in progress['loss'][-cfg.log_every:] if x is not None] \
+            or [float('nan')]  # every step of the window was skipped
+        LOGGER.info('step %d/%d: loss %.4f, lr %.2e', done, cfg.steps,
+                    float(np.mean(recent)), progress['lr'][-1])
+        if self.writer is not None:
+            self.writer.add_scalar('train/loss', float(np.mean(recent)), done)
+            self.writer.add_scalar('train/lr', progress['lr'][-1], done)
+
+    def _save_final(self) -> None:
+        """``final/``: a link to the last checkpoint's model, else the model saved there."""
+        cfg, acc = self.config.train, self.accelerator
         if acc.is_main_process:
             last = checkpoint_folder(self.output / 'checkpoints', cfg.steps) / 'model'
             if not (cfg.checkpoint_every and last.is_dir() and
@@ -260,7 +286,6 @@ class Run:
                 self._with_ema(lambda: save_checkpoint(self.output / 'final',
                                                        self._checkpoint(), overwrite=True))
         acc.wait_for_everyone()
-        return progress
 
     # -- pieces --------------------------------------------------------------------------------
 
