@@ -126,101 +126,125 @@ def check_scene_args(kind: str, width: int = 8, height: int = 8, seed: int = 0) 
     return KINDS.index(kind)
 
 
+class _Builder:
+    """The boxes and materials of a scene being made, and the generator that picks them."""
+
+    def __init__(self, rng: np.random.Generator) -> None:
+        self.rng = rng
+        self.boxes: list[tuple] = []  # (lo, hi, material index per face [3,2], inside)
+        self.mats: list[Material] = []
+
+    def add(self, lo, hi, mat: Material | int | list, inside: bool = False) -> None:
+        """A box from ``lo`` to ``hi`` (metres) of a new material or a known index."""
+        if isinstance(mat, Material):
+            self.mats.append(mat)
+            mat = len(self.mats) - 1
+        self.boxes.append((lo, hi, np.broadcast_to(mat, (3, 2)), inside))
+
+    def slab(self, x_m: float, dx_m: float, top_m: float, z0_m: float, z1_m: float,
+             mat) -> None:
+        """A box standing on the ground between ``x_m`` and ``x_m + dx_m``."""
+        self.add((min(x_m, x_m + dx_m), 0.0, z0_m), (max(x_m, x_m + dx_m), top_m, z1_m), mat)
+
+    def color(self, low: float = 0.15, high: float = 0.9) -> tuple[float, float, float]:
+        """A random RGB albedo with every channel in [low, high]."""
+        return tuple(self.rng.uniform(low, high, 3).tolist())
+
+
 def make_scene(seed: int, kind: str = 'indoor') -> Scene:
     """The scene (boxes, materials, lights, camera path) that ``seed`` and ``kind`` define."""
     rng = np.random.default_rng([seed, check_scene_args(kind, seed=seed), 0])
-    boxes: list[tuple] = []  # (lo, hi, material index per face [3,2], inside)
-    mats: list[Material] = []
-
-    def add_box(lo, hi, mat: Material | int | list, inside: bool = False) -> None:
-        if isinstance(mat, Material):
-            mats.append(mat)
-            mat = len(mats) - 1
-        boxes.append((lo, hi, np.broadcast_to(mat, (3, 2)), inside))
-
-    def slab(x_m: float, dx_m: float, top_m: float, z0_m: float, z1_m: float, mat) -> None:
-        add_box((min(x_m, x_m + dx_m), 0.0, z0_m), (max(x_m, x_m + dx_m), top_m, z1_m), mat)
-
-    def color(low: float = 0.15, high: float = 0.9) -> tuple[float, float, float]:
-        return tuple(rng.uniform(low, high, 3).tolist())
-
+    build = _Builder(rng)
     noise = rng.random((256, 256), dtype=np.float32)
-    if kind == 'indoor':
-        size = rng.uniform([3.5, 2.4, 4.0], [8.0, 3.4, 10.0])  # room width, height, depth
-        mats += [Material(color(0.3, 0.8), color(0.1, 0.6), int(rng.choice([CHECKER, STRIPES,
-                          NOISE])), rng.uniform(0.15, 0.8)),  # floor
-                 Material(color(0.5, 0.95), color(0.3, 0.9), int(rng.choice([PLAIN, STRIPES,
-                          NOISE, CHECKER])), rng.uniform(0.1, 0.6)),  # walls
-                 Material(color(0.8, 0.97), color(0.6, 0.8), NOISE, 2.0)]  # ceiling
-        add_box((0.0, 0.0, 0.0), tuple(size), [[1, 1], [0, 2], [1, 1]], inside=True)
-        centre = size[[0, 2]] / 2
-        radii = rng.uniform(0.3, 1.0, 2) * np.maximum(centre - 1.0, 0.1)  # 1 m from the walls
-        omega = rng.uniform(0.5, 1.0) / max(radii.mean(), 0.5) * rng.choice([-1, 1])  # rad/s
-        path = (0, *centre, *radii, omega, rng.uniform(0, 2 * math.pi), rng.uniform(1.2, 1.7),
-                rng.uniform(-0.25, 0.0))
-        angle = np.linspace(0.0, 2 * math.pi, 64)
-        loop = centre + radii * np.stack([np.cos(angle), np.sin(angle)], 1)  # [64,2] x, z
-        for _ in range(int(rng.integers(8, 25))):  # furniture stays 0.8 m clear of the loop
-            w, d, h = rng.uniform(*_FURNITURE[rng.integers(len(_FURNITURE))])
-            x0, z0 = rng.uniform(0.0, 1.0, 2) * (size[[0, 2]] - [w, d])
-            gap = np.maximum(np.maximum([x0, z0] - loop, loop - [x0 + w, z0 + d]), 0.0)
-            if np.hypot(*gap.T).min() < 0.8:
-                continue
-            mat = Material(color(), color(), int(rng.choice([PLAIN, NOISE, STRIPES])),
-                           rng.uniform(0.05, 0.4))
-            if h < 0.9 and w > 0.75 and rng.random() < 0.7:  # a table: top and four legs
-                add_box((x0, h - 0.04, z0), (x0 + w, h, z0 + d), mat)
-                for lx, lz in itertools.product((x0, x0 + w - 0.05), (z0, z0 + d - 0.05)):
-                    add_box((lx, 0.0, lz), (lx + 0.05, h - 0.04, lz + 0.05), len(mats) - 1)
-            else:
-                add_box((x0, 0.0, z0), (x0 + w, h, z0 + d), mat)
-        for _ in range(int(rng.integers(0, 3))):  # pictures on the x walls
-            x0 = 0.0 if rng.random() < 0.5 else size[0] - 0.03
-            y0, z0, h, w = rng.uniform([0.9, 0.5, 0.3, 0.4], [1.6, size[2] - 1.5, 0.8, 1.2])
-            add_box((x0, y0, z0), (x0 + 0.03, y0 + h, z0 + w), Material(color(), color(),
-                                                                         NOISE, 0.1))
-        n = int(rng.integers(1, 3))
-        light = dict(ambient=rng.uniform(0.25, 0.4), light_power=rng.uniform(0.6, 1.0, n),
-                     lights_m=np.column_stack([rng.uniform(0.5, size[0] - 0.5, n), np.full(
-                         n, size[1] - 0.3), rng.uniform(0.5, size[2] - 0.5, n)]))
-    else:
-        n_lanes, walk_w, length = int(rng.integers(2, 5)), *rng.uniform([2.0, 70.0], [4, 80])
-        road_w, grey = 3.3 * n_lanes + 4.0, rng.uniform(0.22, 0.4)  # lanes, 2 m parking strips
-        add_box((-90.0, -1.0, -60.0), (90.0, 0.0, length + 30), Material(
-            (grey, grey, grey * 1.05), (0.9, 0.9, 0.85), ROAD, road_w, n_lanes))
-        tiles = Material(color(0.5, 0.75), color(0.4, 0.7), CHECKER, rng.uniform(0.4, 1.0))
-        for side in (-1, 1):
-            slab(side * road_w / 2, side * walk_w, 0.15, -60.0, length + 30, tiles)
-            z = -45.0
-            while z < length:  # building blocks, sometimes an alley between two
-                w, h, d, setback = rng.uniform([8.0, 6.0, 8.0, 0.0], [25.0, 30.0, 16.0, 1.5])
-                slab(side * (road_w / 2 + walk_w + setback), side * d, h, z, z + w, Material(
-                    color(0.3, 0.85), color(0.05, 0.3), WINDOWS, rng.uniform(2.5, 4.0)))
-                z += w + (rng.uniform(3.0, 6.0) if rng.random() < 0.3 else 0.0)
-            slab(side * (road_w / 2 + walk_w + 24), side * 10, rng.uniform(15.0, 40.0), -60.0,
-                 length + 30, Material(color(0.3, 0.7), color(0.05, 0.3), WINDOWS, 3.0))
-            for zp in np.arange(rng.uniform(-40.0, -25.0), length, rng.uniform(12.0, 25.0)):
-                xp = side * (road_w / 2 + 0.5)  # poles along the curb
-                add_box((xp - 0.08, 0.0, zp), (xp + 0.08, rng.uniform(4.0, 7.0), zp + 0.16),
-                        Material((0.3, 0.3, 0.32)))
-            for zc in rng.uniform(-10.0, length - 10.0, int(rng.integers(0, 4))):  # parked cars
-                xc, paint = side * (road_w / 2 - 1.0), Material(color(0.05, 0.9))
-                add_box((xc - 0.9, 0.15, zc), (xc + 0.9, 0.95, zc + 4.3), paint)
-                add_box((xc - 0.8, 0.95, zc + 1.0), (xc + 0.8, 1.45, zc + 3.2), len(mats) - 1)
-        for z_end in (length, -58.0):  # blocks closing the street ahead and behind
-            add_box((-60.0, 0.0, z_end), (60.0, rng.uniform(10.0, 30.0), z_end + 12.0),
-                    Material(color(0.3, 0.85), color(0.05, 0.3), WINDOWS, 3.0))
-        lane_x = -road_w / 2 + 2.0 + 3.3 * (int(rng.integers(n_lanes)) + 0.5)
-        path = (1, lane_x, 0.0, 0.3, length - 30, rng.uniform(4.0, 10.0) * 2 / (length - 30),
-                0.0, rng.uniform(1.3, 2.0), rng.uniform(-0.1, 0.02))  # 4-10 m/s at most
-        elevation, azimuth = rng.uniform(0.3, 1.1), rng.uniform(0.0, 2 * math.pi)
-        light = dict(ambient=rng.uniform(0.35, 0.5), sun_dir=(
-            math.cos(elevation) * math.sin(azimuth), math.sin(elevation),
-            math.cos(elevation) * math.cos(azimuth)))
-    lo, hi, face, inside = zip(*boxes)
-    return Scene(kind, np.array(lo, float), np.array(hi, float), np.array(face, int), mats,
-                 np.array(inside, bool), noise=noise, path=tuple(float(v) for v in path),
-                 **light)
+    path, light = (_room if kind == 'indoor' else _street)(build)
+    lo, hi, face, inside = zip(*build.boxes)
+    return Scene(kind, np.array(lo, float), np.array(hi, float), np.array(face, int),
+                 build.mats, np.array(inside, bool), noise=noise,
+                 path=tuple(float(v) for v in path), **light)
+
+
+def _room(build: _Builder) -> tuple[tuple, dict]:
+    """A furnished room walked around in a loop: the camera path and the light."""
+    rng = build.rng
+    size = rng.uniform([3.5, 2.4, 4.0], [8.0, 3.4, 10.0])  # room width, height, depth
+    color = build.color
+    build.mats += [
+        Material(color(0.3, 0.8), color(0.1, 0.6), int(rng.choice([CHECKER, STRIPES, NOISE])),
+                 rng.uniform(0.15, 0.8)),  # floor
+        Material(color(0.5, 0.95), color(0.3, 0.9), int(rng.choice([PLAIN, STRIPES, NOISE,
+                 CHECKER])), rng.uniform(0.1, 0.6)),  # walls
+        Material(color(0.8, 0.97), color(0.6, 0.8), NOISE, 2.0)]  # ceiling
+    build.add((0.0, 0.0, 0.0), tuple(size), [[1, 1], [0, 2], [1, 1]], inside=True)
+    centre = size[[0, 2]] / 2
+    radii = rng.uniform(0.3, 1.0, 2) * np.maximum(centre - 1.0, 0.1)  # 1 m from the walls
+    omega = rng.uniform(0.5, 1.0) / max(radii.mean(), 0.5) * rng.choice([-1, 1])  # rad/s
+    path = (0, *centre, *radii, omega, rng.uniform(0, 2 * math.pi), rng.uniform(1.2, 1.7),
+            rng.uniform(-0.25, 0.0))
+    angle = np.linspace(0.0, 2 * math.pi, 64)
+    loop = centre + radii * np.stack([np.cos(angle), np.sin(angle)], 1)  # [64,2] x, z
+    for _ in range(int(rng.integers(8, 25))):  # furniture stays 0.8 m clear of the loop
+        w, d, h = rng.uniform(*_FURNITURE[rng.integers(len(_FURNITURE))])
+        x0, z0 = rng.uniform(0.0, 1.0, 2) * (size[[0, 2]] - [w, d])
+        gap = np.maximum(np.maximum([x0, z0] - loop, loop - [x0 + w, z0 + d]), 0.0)
+        if np.hypot(*gap.T).min() < 0.8:
+            continue
+        mat = Material(build.color(), build.color(), int(rng.choice([PLAIN, NOISE, STRIPES])),
+                       rng.uniform(0.05, 0.4))
+        if h < 0.9 and w > 0.75 and rng.random() < 0.7:  # a table: top and four legs
+            build.add((x0, h - 0.04, z0), (x0 + w, h, z0 + d), mat)
+            for lx, lz in itertools.product((x0, x0 + w - 0.05), (z0, z0 + d - 0.05)):
+                build.add((lx, 0.0, lz), (lx + 0.05, h - 0.04, lz + 0.05), len(build.mats) - 1)
+        else:
+            build.add((x0, 0.0, z0), (x0 + w, h, z0 + d), mat)
+    for _ in range(int(rng.integers(0, 3))):  # pictures on the x walls
+        x0 = 0.0 if rng.random() < 0.5 else size[0] - 0.03
+        y0, z0, h, w = rng.uniform([0.9, 0.5, 0.3, 0.4], [1.6, size[2] - 1.5, 0.8, 1.2])
+        build.add((x0, y0, z0), (x0 + 0.03, y0 + h, z0 + w), Material(build.color(), build.color(),
+                                                                     NOISE, 0.1))
+    n = int(rng.integers(1, 3))
+    light = dict(ambient=rng.uniform(0.25, 0.4), light_power=rng.uniform(0.6, 1.0, n),
+                 lights_m=np.column_stack([rng.uniform(0.5, size[0] - 0.5, n), np.full(
+                     n, size[1] - 0.3), rng.uniform(0.5, size[2] - 0.5, n)]))
+    return path, light
+
+
+def _street(build: _Builder) -> tuple[tuple, dict]:
+    """A street of blocks, poles and parked cars driven along a lane: the path and the sun."""
+    rng = build.rng
+    n_lanes, walk_w, length = int(rng.integers(2, 5)), *rng.uniform([2.0, 70.0], [4, 80])
+    road_w, grey = 3.3 * n_lanes + 4.0, rng.uniform(0.22, 0.4)  # lanes, 2 m parking strips
+    build.add((-90.0, -1.0, -60.0), (90.0, 0.0, length + 30), Material(
+        (grey, grey, grey * 1.05), (0.9, 0.9, 0.85), ROAD, road_w, n_lanes))
+    tiles = Material(build.color(0.5, 0.75), build.color(0.4, 0.7), CHECKER, rng.uniform(0.4, 1.0))
+    for side in (-1, 1):
+        build.slab(side * road_w / 2, side * walk_w, 0.15, -60.0, length + 30, tiles)
+        z = -45.0
+        while z < length:  # building blocks, sometimes an alley between two
+            w, h, d, setback = rng.uniform([8.0, 6.0, 8.0, 0.0], [25.0, 30.0, 16.0, 1.5])
+            build.slab(side * (road_w / 2 + walk_w + setback), side * d, h, z, z + w, Material(
+                build.color(0.3, 0.85), build.color(0.05, 0.3), WINDOWS, rng.uniform(2.5, 4.0)))
+            z += w + (rng.uniform(3.0, 6.0) if rng.random() < 0.3 else 0.0)
+        build.slab(side * (road_w / 2 + walk_w + 24), side * 10, rng.uniform(15.0, 40.0), -60.0,
+             length + 30, Material(build.color(0.3, 0.7), build.color(0.05, 0.3), WINDOWS, 3.0))
+        for zp in np.arange(rng.uniform(-40.0, -25.0), length, rng.uniform(12.0, 25.0)):
+            xp = side * (road_w / 2 + 0.5)  # poles along the curb
+            build.add((xp - 0.08, 0.0, zp), (xp + 0.08, rng.uniform(4.0, 7.0), zp + 0.16),
+                    Material((0.3, 0.3, 0.32)))
+        for zc in rng.uniform(-10.0, length - 10.0, int(rng.integers(0, 4))):  # parked cars
+            xc, paint = side * (road_w / 2 - 1.0), Material(build.color(0.05, 0.9))
+            build.add((xc - 0.9, 0.15, zc), (xc + 0.9, 0.95, zc + 4.3), paint)
+            build.add((xc - 0.8, 0.95, zc + 1.0), (xc + 0.8, 1.45, zc + 3.2), len(build.mats) - 1)
+    for z_end in (length, -58.0):  # blocks closing the street ahead and behind
+        build.add((-60.0, 0.0, z_end), (60.0, rng.uniform(10.0, 30.0), z_end + 12.0),
+                Material(build.color(0.3, 0.85), build.color(0.05, 0.3), WINDOWS, 3.0))
+    lane_x = -road_w / 2 + 2.0 + 3.3 * (int(rng.integers(n_lanes)) + 0.5)
+    path = (1, lane_x, 0.0, 0.3, length - 30, rng.uniform(4.0, 10.0) * 2 / (length - 30),
+            0.0, rng.uniform(1.3, 2.0), rng.uniform(-0.1, 0.02))  # 4-10 m/s at most
+    elevation, azimuth = rng.uniform(0.3, 1.1), rng.uniform(0.0, 2 * math.pi)
+    light = dict(ambient=rng.uniform(0.35, 0.5), sun_dir=(
+        math.cos(elevation) * math.sin(azimuth), math.sin(elevation),
+        math.cos(elevation) * math.cos(azimuth)))
+    return path, light
 
 
 def _path_pose(path: tuple[float, ...], time_s: float) -> CameraPose:

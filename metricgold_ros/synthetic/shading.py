@@ -7,12 +7,9 @@ windows, road paint), so they stay put while the camera moves. Numpy only.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Optional, Protocol, Sequence
 
 import numpy as np
-
-if TYPE_CHECKING:
-    from metricgold_ros.synthetic.scenes import Scene
 
 PLAIN, CHECKER, STRIPES, NOISE, WINDOWS, ROAD = range(6)  # texture patterns
 
@@ -66,7 +63,21 @@ def _road_paint(mat: Material, x_m: np.ndarray, z_m: np.ndarray) -> np.ndarray:
     return paint.astype(np.float32)
 
 
-def shade(scene: 'Scene', origin: list, ray: list, depth: np.ndarray, prim: np.ndarray,
+class Lighting(Protocol):
+    """What shading reads of a scene (:class:`~metricgold_ros.synthetic.scenes.Scene`)."""
+
+    kind: str
+    materials: Sequence[Material]
+    face_material: np.ndarray  # [N,3,2] material index per box face
+    inside: np.ndarray  # [N] bool: the box is a room seen from inside
+    noise: np.ndarray  # [256,256] texture noise
+    ambient: float
+    lights_m: np.ndarray  # [L,3] lamp positions
+    light_power: np.ndarray  # [L]
+    sun_dir: Optional[tuple]  # unit vector towards the sun, or None
+
+
+def shade(scene: 'Lighting', origin: list, ray: list, depth: np.ndarray, prim: np.ndarray,
            axis: np.ndarray) -> np.ndarray:
     """[H,W,3] uint8: textured albedo x (ambient + Lambert) for hits, a sky gradient elsewhere."""
     table = np.pad(scene.noise, ((0, 1), (0, 1)), mode='wrap').reshape(-1)
