@@ -25,7 +25,7 @@ markdown.
 The model is SD2-size (the UNet with an 8-channel ``conv_in`` and the VAE of Stable Diffusion
 2, configs in ``bench/flops.py``) with random weights, built in code: nothing is downloaded.
 Without CUDA (or with ``--tiny``) the same code runs at tiny sizes in about a minute on a CPU
-(``test/test_gpu_check.py``); compile then uses the ``eager`` backend (tracing only).
+(``test/bench/test_gpu_check.py``); compile then uses the ``eager`` backend (tracing only).
 
     bash bench/gpu_check.sh                       # on the GPU machine (see BENCHMARKS.md)
     python bench/gpu_check.py --tiny --out /tmp/gpu_check   # CPU rehearsal

@@ -23,7 +23,7 @@ from metricgold_ros.tools import fleet
 from metricgold_ros.tools.cli import main
 from metricgold_ros.errors import BagError
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 FAST = ['--processing-resolution', '64']
 REAL_BAGS = ('dgp_scene_01_front_camera', 'raspicam_aruco_images/aruco_images',
              'raspicam_aruco_images/aruco_images_mcap',

@@ -20,7 +20,7 @@ WALLS = 8
 DISTANCES_M = (1.0, 2.0, 3.5, 6.0)
 WIDTH, HEIGHT = 128, 96  # the bundled model's processing size: the networks see these pixels
 BAND_PX = 4  # half a latent pixel
-CONFIGS = Path(__file__).resolve().parents[1] / 'training' / 'configs'
+CONFIGS = Path(__file__).resolve().parents[2] / 'training' / 'configs'
 
 
 @pytest.fixture(scope='module')

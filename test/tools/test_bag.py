@@ -18,7 +18,7 @@ from metricgold_ros.tools.cli import main
 from metricgold_ros.errors import BagError
 from signal_helpers import interruptible
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 FAST = ['--processing-resolution', '64']
 OUTPUTS = ('depth/image', 'depth/camera_info', 'depth/colored', 'points')
 Conn = namedtuple('Conn', 'topic msgtype')

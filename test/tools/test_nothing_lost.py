@@ -22,7 +22,7 @@ from metricgold_ros.tools import bag as bag_tool
 from metricgold_ros.tools import fleet, fleet_run, fleet_workers
 from metricgold_ros.tools.cli import main
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 FAST = ['--processing-resolution', '64']
 
 

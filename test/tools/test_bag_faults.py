@@ -25,7 +25,7 @@ from bag_helpers import START_NS, read_bag, run_bag, write_camera_bag
 
 pytestmark = pytest.mark.timeout(120)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 FAST = ['--processing-resolution', '32']
 CUSTOM_TYPE = 'my_pkg/msg/Custom'
 CUSTOM_DEF = 'int32 value\nstring label\nfloat64[] samples\n'

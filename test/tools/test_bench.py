@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from metricgold_ros.tools.cli import main
 from metricgold_ros.model import image_ops
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow

@@ -19,7 +19,7 @@ import torch
 
 from metricgold_ros.synthetic.vkitti import write_vkitti2
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 

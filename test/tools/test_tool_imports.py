@@ -8,7 +8,7 @@ import ast
 from pathlib import Path
 from typing import Dict, List, Set
 
-TOOLS = Path(__file__).resolve().parents[1] / 'metricgold_ros' / 'tools'
+TOOLS = Path(__file__).resolve().parents[2] / 'metricgold_ros' / 'tools'
 PACKAGE = 'metricgold_ros.tools'
 
 

@@ -18,7 +18,7 @@ PARAMETER_NAMES = tuple(SPECS)
 def default_values():
     return {name: spec.default for name, spec in SPECS.items()}
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 LAUNCH_FILE = REPO / 'launch' / 'depth.launch.py'
 PARAMS_FILE = REPO / 'config' / 'depth.yaml'
 RVIZ_FILE = REPO / 'config' / 'depth.rviz'

@@ -12,7 +12,7 @@ import pytest
 from metricgold_ros.ros_env import (PROFILE_ENV, large_data_profile,
                                     with_large_data_profile)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PROFILE = REPO / 'config' / 'fastdds_large_data.xml'
 NS = {'dds': 'http://www.eprosima.com'}
 CLOUD_1280X720_BYTES = 1280 * 720 * 16  # x, y, z, rgb float32 per point
