@@ -12,7 +12,9 @@ the node (``camera_height_m``, ``camera_pitch_deg``) and its ground fit has the 
 """
 
 import argparse
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
@@ -65,6 +67,10 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parse_args(argv)
+    # Ctrl-C / SIGINT stops the camera with its summary line even when it was started with
+    # SIGINT ignored (a background job of a script, nohup: Python then installs no handler).
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     width, height = (int(v) for v in args.size.lower().split('x'))
     loop = args.frames == 0
     mounting = (args.camera_height_m, args.camera_pitch_deg) if args.camera_height_m > 0 \
