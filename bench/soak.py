@@ -24,7 +24,7 @@ Usage::
 
     python bench/soak.py --duration 620 --warmup 20 --json soak.json   # the 10-minute run
     python bench/soak.py --duration 30 --warmup 6 --window 8 \
-        --processing-resolution 128 --p99-slack-ms 300                   # CI (test/bench/test_soak.py)
+        --processing-resolution 128 --p99-slack-ms 300     # CI (test/bench/test_soak.py)
 
 Exit code 0; with ``--check``, 1 when a bound is missed. Results: bench/SOAK.md.
 """

@@ -220,7 +220,7 @@ def process_batch(jobs: Sequence[GuardedJob]
                   ) -> Tuple[List[Union[FrameOutcome, MetricGoldError]], Optional[Failure]]:
     """Frames of several streams in one batch, guarded as :meth:`GuardedProcessor.process`.
 
-    Returns each frame's Outcome, or the MetricGoldError its input or options raised (the
+    Returns each frame's FrameOutcome, or the MetricGoldError its input or options raised (the
     other frames are not affected), and the batch's own failure when the batch raised and
     the frames were then run one at a time (each with its own retry and report).
     """

@@ -50,7 +50,7 @@ class Job:
 
 
 @dataclass
-class Outcome:
+class JobOutcome:
     """What became of one job: 'ok', 'skipped' (complete before) or 'failed' with ``error``."""
 
     job: Job
@@ -320,12 +320,12 @@ def estimate_frames(job: Job, image_topic: Optional[str], max_frames: Optional[i
 
 
 def to_dict(item: Any) -> Dict[str, Any]:
-    """A Job or Outcome as plain data (what crosses to and from a worker process)."""
+    """A Job or JobOutcome as plain data (what crosses to and from a worker process)."""
     return asdict(item)
 
 
-def from_dict(data: Dict[str, Any]) -> Outcome:
-    """The Outcome that :func:`to_dict` made plain."""
+def from_dict(data: Dict[str, Any]) -> JobOutcome:
+    """The JobOutcome that :func:`to_dict` made plain."""
     values = dict(data)
     values['job'] = Job(**values['job'])
-    return Outcome(**values)
+    return JobOutcome(**values)

@@ -10,7 +10,7 @@ job's index.
 from dataclasses import dataclass
 from typing import Any, Dict, List, Protocol, Union
 
-from metricgold_ros.tools.fleet import Job, Outcome
+from metricgold_ros.tools.fleet import Job, JobOutcome
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ class DoneEvent:
     """Bag ``index`` ended: ``outcome`` says how ('ok' or 'failed')."""
 
     index: int
-    outcome: Outcome
+    outcome: JobOutcome
 
 
 @dataclass(frozen=True)

@@ -129,11 +129,11 @@ class _BagWorker:
 
     def convert(self, job: Dict[str, Any], attempt: int, tally: Any) -> Dict[str, Any]:
         """Convert one bag; its outcome as plain data. Frame counts go to ``tally``."""
-        from metricgold_ros.tools.fleet import Outcome
+        from metricgold_ros.tools.fleet import JobOutcome
 
         job_ = Job(**job)
         if self.error is not None:
-            return to_dict(Outcome(job_, 'failed', error=f'model: {self.error}'))
+            return to_dict(JobOutcome(job_, 'failed', error=f'model: {self.error}'))
         import ray
 
         pending = [0, time.monotonic()]

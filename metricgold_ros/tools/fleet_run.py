@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Sequence, Tuple
 from metricgold_ros.atomic import describe
 from metricgold_ros.tools.bag_convert import BagJob
 from metricgold_ros.tools.bag_output import is_bag
-from metricgold_ros.tools.fleet import (Job, Outcome, completed, estimate_frames, plan_jobs,
+from metricgold_ros.tools.fleet import (Job, JobOutcome, completed, estimate_frames, plan_jobs,
                                         record_path, remove_stale_partials, run_identity,
                                         stale_reason)
 from metricgold_ros.tools.fleet_backend import (Backend, DiedEvent, DoneEvent, FramesEvent,
@@ -69,13 +69,13 @@ def run(args: argparse.Namespace, inputs: Sequence[str], template: BagJob) -> in
     identity = run_identity(settings)
     settings['record_identity'] = identity
     pending: List[Job] = []
-    settled: List[Outcome] = []
+    settled: List[JobOutcome] = []
     for job in jobs:
         state, detail = _earlier_run(job, identity, args.overwrite)
         if state == 'skipped':
-            settled.append(Outcome(job, 'skipped', summary=detail))
+            settled.append(JobOutcome(job, 'skipped', summary=detail))
         elif state == 'failed':
-            settled.append(Outcome(job, 'failed', error=detail))
+            settled.append(JobOutcome(job, 'failed', error=detail))
         else:
             pending.append(replace(job, redo=state == 'redo', frames_estimate=estimate_frames(
                 job, args.image_topic, args.max_frames)))
@@ -160,7 +160,7 @@ def schedule(jobs: Sequence[Job], backend: Backend, board: Board, retries: int) 
             reason = backend.why_none()
             while queue:
                 job = queue.popleft()
-                board.finish(Outcome(job, 'failed', error=f'no worker left: {reason}',
+                board.finish(JobOutcome(job, 'failed', error=f'no worker left: {reason}',
                                      attempts=attempts.get(job.index, 0)))
             break
         for event in backend.poll(0.25):
@@ -181,7 +181,7 @@ def schedule(jobs: Sequence[Job], backend: Backend, board: Board, retries: int) 
                     board.restart(index)
                     queue.appendleft(by_index[index])
                 else:
-                    board.finish(Outcome(by_index[index], 'failed', attempts=attempts[index],
-                                         worker=worker, error=(
-                                             f'its worker died on each of {attempts[index]} '
-                                             f'attempts (last: {event.reason})')))
+                    board.finish(JobOutcome(by_index[index], 'failed',
+                                            attempts=attempts[index], worker=worker, error=(
+                                                f'its worker died on each of {attempts[index]} '
+                                                f'attempts (last: {event.reason})')))

@@ -12,7 +12,7 @@ import time
 from typing import Any, Dict, Sequence
 
 from metricgold_ros.atomic import write_atomic
-from metricgold_ros.tools.fleet import Job, Outcome
+from metricgold_ros.tools.fleet import Job, JobOutcome
 
 
 class Board:
@@ -22,7 +22,7 @@ class Board:
         self.jobs = list(jobs)
         self.totals = {job.index: job.frames_estimate for job in jobs}
         self.done_frames = {job.index: 0 for job in jobs}
-        self.outcomes: Dict[int, Outcome] = {}
+        self.outcomes: Dict[int, JobOutcome] = {}
         self.quiet = quiet
         self.start = time.perf_counter()
         self.bar: Any = None
@@ -51,7 +51,7 @@ class Board:
             self.bar.update(-self.done_frames[index])
         self.done_frames[index] = 0
 
-    def finish(self, outcome: Outcome) -> None:
+    def finish(self, outcome: JobOutcome) -> None:
         """Record a bag's outcome and print one line about it (not with --quiet)."""
         index = outcome.job.index
         self.outcomes[index] = outcome
@@ -82,7 +82,7 @@ class Board:
         wall_s = time.perf_counter() - self.start
         bags = []
         for job in self.jobs:
-            outcome = self.outcomes.get(job.index) or Outcome(job, 'not run')
+            outcome = self.outcomes.get(job.index) or JobOutcome(job, 'not run')
             bags.append({'input': job.input, 'output': job.output, 'status': outcome.status,
                          'frames': outcome.summary.get('frames', 0),
                          'seconds': outcome.summary.get('seconds'),
@@ -104,7 +104,7 @@ class Board:
         }
 
 
-def _outcome_line(outcome: Outcome) -> str:
+def _outcome_line(outcome: JobOutcome) -> str:
     job = outcome.job
     if outcome.status == 'ok':
         s = outcome.summary

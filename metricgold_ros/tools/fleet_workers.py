@@ -22,8 +22,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from metricgold_ros.errors import MetricGoldError
 from metricgold_ros.tools import bag_convert
 from metricgold_ros.tools.bag_convert import BagJob
-from metricgold_ros.tools.fleet import Job, Outcome, input_fingerprint, remove_stale_partials, \
-    to_dict, write_record
+from metricgold_ros.tools.fleet import Job, JobOutcome, input_fingerprint, \
+    remove_stale_partials, to_dict, write_record
 from metricgold_ros.tools.fleet_backend import DiedEvent, DoneEvent, Event, FramesEvent, \
     TotalEvent
 
@@ -53,7 +53,7 @@ def load_worker_pipeline(settings: Dict[str, Any], threads: int) -> Tuple[Any, f
 
 
 def convert_job(job: Job, settings: Dict[str, Any], template: BagJob, pipeline: Any,
-                on_total: Callable[[int], None], on_frames: Callable[[int], None]) -> Outcome:
+                on_total: Callable[[int], None], on_frames: Callable[[int], None]) -> JobOutcome:
     """Convert one bag with an already loaded pipeline; never raises for a bag's problem.
 
     The bag is converted as ``template`` says (``settings['record_identity']`` goes into its
@@ -76,16 +76,16 @@ def convert_job(job: Job, settings: Dict[str, Any], template: BagJob, pipeline: 
         summary.update(started_at=round(started_at, 3), finished_at=round(time.time(), 3))
         if input_fingerprint(job.input) != before:
             write_record(job, summary, identity, fingerprint=before, complete=False)
-            return Outcome(job, 'failed', summary=summary, error=(
+            return JobOutcome(job, 'failed', summary=summary, error=(
                 f'INPUT {job.input} changed while it was read (still being recorded?): its '
                 'output is kept but not marked done; run again when the recording is '
                 'finished and it is redone'))
         write_record(job, summary, identity, fingerprint=before)
     except MetricGoldError as err:
-        return Outcome(job, 'failed', error=str(err))
+        return JobOutcome(job, 'failed', error=str(err))
     except Exception as err:  # noqa: B902 - a bug or a machine fault fails this bag only
-        return Outcome(job, 'failed', error=f'{type(err).__name__}: {err}')
-    return Outcome(job, 'ok', summary=summary)
+        return JobOutcome(job, 'failed', error=f'{type(err).__name__}: {err}')
+    return JobOutcome(job, 'ok', summary=summary)
 
 
 class _Progress:
