@@ -55,14 +55,6 @@ def non_negative_float(text: str) -> float:
     return value
 
 
-def fraction(text: str) -> float:
-    """argparse type: a number in (0, 1]."""
-    value = _parse(float, text)
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f'{text!r} must be a number in (0, 1]')
-    return value
-
-
 def _parse(kind: type, text: str) -> Any:
     try:
         return kind(text)
