@@ -363,6 +363,7 @@ def test_single_step_models_refuse_more_steps(node_rig, tiny_model_dir, tmp_path
                                           Parameter('device', value='cpu'),
                                           Parameter('denoising_steps', value=4)]),
                             activate=False)
+        assert wait_for_publishers(rosout.subscription, count=2)  # this harness and the node
         assert node.trigger_configure() == TransitionCallbackReturn.FAILURE
         assert node.pipeline is None and node.streams == ()
         assert wait_until(lambda: [m for m in rosout.messages() if m.level >= 40 and

@@ -115,14 +115,14 @@ def test_per_stream_mounting_overrides_the_node_value(tiny_pipeline, rgb_k):
 
 
 @pytest.mark.parametrize('garbage', ['wrong encoding', 'NaN CameraInfo', '8K frame'])
-def test_a_camera_sending_garbage_does_not_break_the_others(tiny_pipeline, rgb_k, garbage):
+def test_a_camera_sending_garbage_does_not_break_the_others(tiny_pipeline, rgb_k, garbage,
+                                                            capfd):
     """One stream's bad input is its own error (named, counted); the good stream goes on at
     its rate and with its outputs intact."""
     rgb, k = rgb_k
     with RosHarness('garbage_test') as ros:
         node = ros.add_node(_node(ros, tiny_pipeline, '/mix', cameras=['good', 'bad'],
                                   max_pixels=W * H * 4))
-        rosout = ros.collector(Log, '/rosout', reliable_qos(500))
         depth = {c: ros.collector(Image, f'/mix/{c}/depth/image') for c in ('good', 'bad')}
         points = ros.collector(PointCloud2, '/mix/good/points')
         pubs = {c: (ros.publisher(Image, f'/mix/{c}/image'),
@@ -142,9 +142,10 @@ def test_a_camera_sending_garbage_does_not_break_the_others(tiny_pipeline, rgb_k
             return image_msg(big, stamp), camera_info_msg(stamp, 7680, 4320, k)
 
         good = PairPublisher(*pubs['good'], lambda stamp: _pair(rgb, k, stamp), 5.0)
-        # 8K raw frames are 100 MB messages: 1 Hz of them (deserialised by rclpy in this process
-        # and refused by the node before any conversion) must leave the good stream its rate.
-        bad_camera = PairPublisher(*pubs['bad'], bad, 1.0 if garbage == '8K frame' else 5.0)
+        # 8K raw frames are 100 MB messages: a few of them (deserialised by rclpy in this
+        # process, refused by the node before any conversion) must leave the good stream its
+        # rate.
+        bad_camera = PairPublisher(*pubs['bad'], bad, 0.5 if garbage == '8K frame' else 5.0)
         try:
             time.sleep(4.0)
         finally:
@@ -159,9 +160,12 @@ def test_a_camera_sending_garbage_does_not_break_the_others(tiny_pipeline, rgb_k
         else:
             assert bad_stats.published == 0 and bad_stats.errors >= 1
             words = ['/mix/bad/image']
-        assert wait_until(lambda: [m for m in rosout.messages() if m.level >= 40
-                                   and all(w in m.msg for w in words)], 5.0), garbage
-        assert not [m for m in rosout.messages() if 'unexpected' in m.msg]
+        # The node's own log (stderr): its /rosout copy did not always arrive while 100 MB
+        # frames were in flight in this process (seen here).
+        logged = capfd.readouterr().err
+        assert [line for line in logged.splitlines() if line.startswith('[ERROR]')
+                and all(w in line for w in words)], (garbage, logged[-3000:])
+        assert 'unexpected' not in logged
 
 
 def test_a_quiet_camera_gets_a_diagnostic_not_an_error(tiny_pipeline, rgb_k):
@@ -170,6 +174,7 @@ def test_a_quiet_camera_gets_a_diagnostic_not_an_error(tiny_pipeline, rgb_k):
         ros.add_node(_node(ros, tiny_pipeline, '/quiet', cameras=['live', 'dead']))
         diag = ros.collector(DiagnosticArray, '/diagnostics', reliable_qos())
         rosout = ros.collector(Log, '/rosout', reliable_qos(500))
+        assert wait_for_publishers(rosout.subscription, count=2)  # this harness and the node
         depth = ros.collector(Image, '/quiet/live/depth/image')
         pubs = (ros.publisher(Image, '/quiet/live/image'),
                 ros.publisher(CameraInfo, '/quiet/live/camera_info'))
