@@ -13,7 +13,6 @@ stage times and the ratios full / light.
 """
 
 import argparse
-import json
 import platform
 import sys
 import time
@@ -27,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from flops import build_networks  # noqa: E402  (after the path fix for a source checkout)
+from metricgold_ros.atomic import write_json_atomic  # noqa: E402
 from metricgold_ros.model import Checkpoint, MetricGoldPipeline, ModelMetadata  # noqa: E402
 from metricgold_ros.model.tiny import TINY_TEXT_TOKENS, tiny_scheduler_config  # noqa: E402
 
@@ -87,7 +87,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f'decode stage {result["ratio_decode"]:.1f}x faster, whole 1-step frame '
           f'{result["ratio_frame"]:.2f}x faster with the light decoder')
     if args.json is not None:
-        args.json.write_text(json.dumps(result, indent=2) + '\n')
+        write_json_atomic(args.json, result)
     return 0
 
 

@@ -16,9 +16,9 @@ TAESD's. The output folder is an ``AutoencoderTiny`` in diffusers' layout (safet
 
 import argparse
 import dataclasses
-import json
 import math
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
@@ -32,6 +32,7 @@ try:
 except ImportError:  # run from a source checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from metricgold_ros.model import MetricGoldPipeline, load_checkpoint
+from metricgold_ros.atomic import replace_path, write_json_atomic
 from metricgold_ros.errors import InputError
 from metricgold_ros.model.codec import encode_depth
 from metricgold_ros.synthetic.scenes import KINDS, render_sample
@@ -227,13 +228,17 @@ def distill(config: DistillConfig, output: Path, log=print) -> dict:
 def _save(student: torch.nn.Module, output: Path, config: DistillConfig, history: list,
           start: float) -> dict:
     """The student (and ``distill.json``) in ``output``, at each log step: a run stopped
-    early leaves its last one."""
+    early leaves its last one, each file whole (written aside and renamed into place; other
+    files in ``output``, a model card, stay)."""
     output.mkdir(parents=True, exist_ok=True)
-    student.save_pretrained(output, safe_serialization=True)
+    with tempfile.TemporaryDirectory(prefix=f'.{output.name}.', dir=output.parent) as temp:
+        student.save_pretrained(temp, safe_serialization=True)
+        for file in Path(temp).iterdir():
+            replace_path(file, output / file.name)
     summary = {'teacher': config.teacher, 'config': dataclasses.asdict(config),
                'history': history, 'wall_s': round(time.perf_counter() - start, 1),
                'parameters': sum(p.numel() for p in student.parameters())}
-    (output / 'distill.json').write_text(json.dumps(summary, indent=2) + '\n')
+    write_json_atomic(output / 'distill.json', summary)
     return summary
 
 
