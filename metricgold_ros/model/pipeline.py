@@ -125,6 +125,7 @@ class MetricGoldPipeline:
         """
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
         self.metadata = checkpoint.metadata
+        self._kind_for, self._kinds = self.metadata, kind_of(self.metadata)
         weights = next(checkpoint.unet.parameters()).dtype \
             if self.output.weights_dtype or self.sampler.weights_dtype else None
         self.dtype = resolve_dtype(dtype, self.device, weights)
@@ -173,19 +174,20 @@ class MetricGoldPipeline:
         return cls(checkpoint, device=device, dtype=dtype, **kwargs)
 
     @property
-    def output(self) -> 'DepthOutput':
+    def output(self) -> DepthOutput:
         """What the networks' values mean (:mod:`.kinds`), for the current ``metadata``."""
         return self._kind()[0]
 
     @property
-    def sampler(self) -> 'Sampler':
+    def sampler(self) -> Sampler:
         """How the depth latent is produced (:mod:`.kinds`), for the current ``metadata``."""
         return self._kind()[1]
 
-    def _kind(self) -> Tuple['DepthOutput', 'Sampler']:
-        if getattr(self, '_kind_of', (None,))[0] is not self.metadata:
-            self._kind_of = (self.metadata, *kind_of(self.metadata))
-        return self._kind_of[1], self._kind_of[2]
+    def _kind(self) -> Tuple[DepthOutput, Sampler]:
+        """The kind of ``metadata``, made again only when ``metadata`` is replaced."""
+        if self._kind_for is not self.metadata:
+            self._kind_for, self._kinds = self.metadata, kind_of(self.metadata)
+        return self._kinds
 
     @property
     def relative(self) -> bool:
