@@ -71,6 +71,9 @@ class GenerateConfig:
     seed: int = 0  # frame i of a kind is scene seed + i: keep train and val seeds apart
     width: int = 640
     height: int = 480
+    # True: metricgold_ros.synthetic.variety's widened training distribution (unusual colours,
+    # poses, clutter, walls) instead of the generator's own, which the evaluation splits use.
+    variety: bool = False
 
 
 @dataclasses.dataclass
@@ -146,6 +149,9 @@ class TrainConfig:
     multi_res_noise: float = 0.9  # pyramid-noise strength; 0 = plain Gaussian noise
     annealed_noise: bool = True  # strength * t / T (Marigold)
     sampling_timestep_p: float = 0.0  # share of samples at the checkpoint's DDIM timesteps
+    # e2e_ft only: weight of recipe.masked_gradient_loss (steps of log depth) beside the MSE
+    gradient_loss_weight: float = 0.0
+    gradient_loss_scales: int = 4
     # Resumable checkpoints (UNet, Adam's moments, a loadable model: ~13 GB at SD2 size), every
     # N steps and at the end; None: none, only final/ (the run cannot be resumed).
     checkpoint_every: Optional[int] = 500
@@ -251,6 +257,13 @@ def validate(config: Config, source: str = 'config') -> None:
     if not train.distributed_timeout_s > 0:
         fail('train.distributed_timeout_s', f'{train.distributed_timeout_s} must be > 0 s')
     _check_vkitti2_split(data, fail)
+    if not (math.isfinite(train.gradient_loss_weight) and train.gradient_loss_weight >= 0):
+        fail('train.gradient_loss_weight', f'{train.gradient_loss_weight} must be >= 0')
+    if train.gradient_loss_weight and train.objective != 'e2e_ft':
+        fail('train.gradient_loss_weight', 'the gradient loss compares decoded depth: it needs '
+             'objective: e2e_ft (the diffusion objective compares latents)')
+    if train.gradient_loss_scales < 1:
+        fail('train.gradient_loss_scales', f'{train.gradient_loss_scales} must be >= 1')
     if not 0 <= train.sampling_timestep_p <= 1:
         fail('train.sampling_timestep_p', f'{train.sampling_timestep_p} must be in [0, 1]')
     if train.lr <= 0 or not 0 < train.final_lr_ratio <= 1:

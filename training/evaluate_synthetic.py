@@ -17,6 +17,8 @@ more than 10 %, found in the prediction as steps over 3 px - a 128-px model's ju
 is measured on ``--walls`` flat walls seen square on (border AbsRel, a band of 1/32 of the
 width, against the centre's, the prediction scale-fitted per image:
 :func:`metricgold_ros.boundaries.border_abs_rel`).
+The per-image scale ambiguity is reported beside them: the share of scenes whose median
+predicted / true depth is off by more than 1.5x either way, and the worst scene's seed.
 Ground truth is written as 16-bit PNG with 256 units per metre (the KITTI convention: outdoor
 depth reaches 80 m, beyond uint16 millimetres); predictions as ``.npy`` metres.
 """
@@ -48,6 +50,7 @@ BOUNDARY_BASELINE_PX = 3  # ... in the prediction, over 3 px
 BOUNDARY_TOLERANCE_PX = 2
 WALL_DISTANCES_M = (1.0, 2.0, 3.5, 6.0)
 WALL_BAND_FRACTION = 1 / 32  # of the width: 10 px at 320 px, 4 px of a 128-px model's output
+SCALE_OFF = 1.5  # an image's scale is off when its median pred / true is beyond 1.5x either way
 
 
 def training_medians(train_seed: int, count: int, width: int, height: int) -> Dict[str, float]:
@@ -64,6 +67,21 @@ def best_constant_m(depth_m: np.ndarray) -> float:
     order = np.sort(depth_m.ravel())
     weights = np.cumsum(1.0 / order)
     return float(order[np.searchsorted(weights, weights[-1] / 2)])
+
+
+def scale_check(ratios: Dict[int, float]) -> dict:
+    """The per-image scale ambiguity: median predicted / true depth of each scene (by seed).
+
+    A share of scenes off by more than ``SCALE_OFF`` either way, the 5th and 95th percentile of
+    the ratio, and the worst scene (the seed to look at).
+    """
+    seeds, values = zip(*sorted(ratios.items()))
+    values = np.asarray(values)
+    worst = int(np.argmax(np.abs(np.log(values))))
+    return {'off_share': round(float(np.mean(np.abs(np.log(values)) > np.log(SCALE_OFF))), 4),
+            'p05': round(float(np.percentile(values, 5)), 3),
+            'p95': round(float(np.percentile(values, 95)), 3),
+            'worst_seed': int(seeds[worst]), 'worst_ratio': round(float(values[worst]), 3)}
 
 
 def wall_border(pipeline: MetricGoldPipeline, count: int, seed: int, width: int,
@@ -96,6 +114,7 @@ def evaluate(model: Path, per_kind: int, seed: int, width: int, height: int,
     results: dict = {}
     for kind in KINDS:
         boundaries = {m: BoundaryCounts() for m in METHODS}
+        ratios = {}
         gt_dir = workdir / 'gt' / kind
         gt_dir.mkdir(parents=True)
         pred_dirs = {m: workdir / m / kind for m in METHODS}
@@ -111,6 +130,8 @@ def evaluate(model: Path, per_kind: int, seed: int, width: int, height: int,
             predictions = {'model': depth, 'constant': np.full_like(depth, medians[kind]),
                            'oracle_constant': np.full_like(
                                depth, best_constant_m(sample.depth_m[sample.valid]))}
+            ratios[seed + index] = float(np.median(depth[sample.valid] /
+                                                   sample.depth_m[sample.valid]))
             for method, prediction in predictions.items():
                 np.save(pred_dirs[method] / f'{name}.npy', prediction)
                 boundaries[method] += boundary_counts(
@@ -129,6 +150,7 @@ def evaluate(model: Path, per_kind: int, seed: int, width: int, height: int,
                 **{k: round(mean[k], 4) for k in ('abs_rel', 'delta1')},
                 'boundary_precision': round(counts.precision, 4),
                 'boundary_recall': round(counts.recall, 4), 'boundary_f1': round(counts.f1, 4)}
+        results[kind]['model']['scale'] = scale_check(ratios)
     summary = {'results': results}
     if walls:
         summary['wall_border'] = wall_border(pipeline, walls, seed, width, height)
@@ -146,6 +168,12 @@ def format_table(summary: dict) -> str:
             lines.append(f'| {kind} | {method} | {metrics["abs_rel"]:.3f} | '
                          f'{metrics["delta1"]:.3f} | {metrics["boundary_precision"]:.3f} / '
                          f'{metrics["boundary_recall"]:.3f} / {metrics["boundary_f1"]:.3f} |')
+    for kind, methods in summary['results'].items():
+        scale = methods['model']['scale']
+        lines.append(f'\n{kind}: the model\'s scale (median pred / true per image) is off by '
+                     f'> {SCALE_OFF}x in {100 * scale["off_share"]:.0f} % of the images '
+                     f'(5-95 %: {scale["p05"]:.2f}-{scale["p95"]:.2f}; worst: seed '
+                     f'{scale["worst_seed"]}, {scale["worst_ratio"]:.2f}x)')
     wall = summary.get('wall_border')
     if wall:
         lines.append(f'\nedge frame, {wall["count"]} flat walls: border AbsRel '

@@ -56,8 +56,8 @@ from training.progress import (  # noqa: E402
     PROGRESS_FILE, check_checkpoint_disk, checkpoint_bytes, checkpoint_folder, fmt,
     latest_checkpoint, link_final, rotate_checkpoints, setup_logging, summarize)
 from training.recipe import (  # noqa: E402
-    WarmupExponentialDecay, annealed_strength, decoded_depth, latent_valid_mask, masked_mse,
-    multi_res_noise_like, sample_timesteps, velocity_target)
+    WarmupExponentialDecay, annealed_strength, decoded_depth, latent_valid_mask,
+    masked_gradient_loss, masked_mse, multi_res_noise_like, sample_timesteps, velocity_target)
 from training.state import (  # noqa: E402,F401 - load_training_state: also this module's API
     load_training_state, nonfinite_weights, save_extra_state)
 from training.validation import constant_baseline, make_checkpoint, validate  # noqa: E402
@@ -338,7 +338,8 @@ class Run:
 
         The predicted x0 goes through the frozen VAE decoder (gradients reach the UNet through
         it); the loss compares the decoded codec value with the target's, in [-1, 1] log depth,
-        on the valid pixels only.
+        on the valid pixels only, plus ``train.gradient_loss_weight`` times the multi-scale
+        gradient matching of the same values (:func:`masked_gradient_loss`).
         """
         text = self.parts.empty_text_embedding.to(self.device)  # [1,T,C]
         with self.accelerator.autocast():
@@ -346,7 +347,12 @@ class Run:
             x0 = predict_x0_single_step(self.unet, self.parts.noise_scheduler, rgb_latent,
                                         text)  # [B,4,h,w]
             prediction = decoded_depth(self.vae, x0)  # [B,1,H,W]
-        return masked_mse(prediction, depth[:, :1].float(), valid)
+        target, cfg = depth[:, :1].float(), self.config.train
+        loss = masked_mse(prediction, target, valid)
+        if cfg.gradient_loss_weight:
+            loss = loss + cfg.gradient_loss_weight * masked_gradient_loss(
+                prediction, target, valid, cfg.gradient_loss_scales)
+        return loss
 
     def _diffusion_loss(self, batch: dict, rgb_latent: torch.Tensor,
                         depth_latent: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

@@ -299,19 +299,25 @@ def flat_wall(seed: int, distance_m: float, width: int = 640, height: int = 480)
     if not 0.5 <= distance_m <= 20.0:
         raise InputError(f'distance_m={distance_m!r} must be within 0.5..20 m')
     rng = np.random.default_rng([seed, 2, 0])
-    color = rng.uniform(0.35, 0.9, 3), rng.uniform(0.15, 0.7, 3)
-    material = Material(tuple(color[0].tolist()), tuple(color[1].tolist()),
-                        int(rng.choice([PLAIN, CHECKER, STRIPES, NOISE])), rng.uniform(0.2, 0.8))
-    scene = Scene('indoor', np.array([[-100.0, -100.0, distance_m]]),
-                  np.array([[100.0, 100.0, distance_m + 1.0]]), np.zeros((1, 3, 2), int),
-                  [material], np.array([False]), ambient=rng.uniform(0.25, 0.4),
-                  lights_m=np.array([[rng.uniform(-1.0, 1.0), rng.uniform(0.3, 1.0),
-                                      distance_m - rng.uniform(0.8, 1.5)]]),
-                  light_power=np.array([rng.uniform(0.6, 1.0)]),
-                  noise=rng.random((256, 256), dtype=np.float32))
+    scene = wall_scene(rng, distance_m)
     f_px = width / 2 / math.tan(math.radians(rng.uniform(45.0, 90.0)) / 2)
     return render_view(scene, CameraPose((0.0, 0.0, 0.0)),
                        (f_px, f_px, (width - 1) / 2, (height - 1) / 2), width, height, seed=seed)
+
+
+def wall_scene(rng: np.random.Generator, distance_m: float) -> Scene:
+    """A textured wall 200 m wide across z = ``distance_m`` with a lamp in front of it: its
+    colours, pattern (plain, checker, stripes or noise) and lamp drawn from ``rng``."""
+    color = rng.uniform(0.35, 0.9, 3), rng.uniform(0.15, 0.7, 3)
+    material = Material(tuple(color[0].tolist()), tuple(color[1].tolist()),
+                        int(rng.choice([PLAIN, CHECKER, STRIPES, NOISE])), rng.uniform(0.2, 0.8))
+    return Scene('indoor', np.array([[-100.0, -100.0, distance_m]]),
+                 np.array([[100.0, 100.0, distance_m + 1.0]]), np.zeros((1, 3, 2), int),
+                 [material], np.array([False]), ambient=rng.uniform(0.25, 0.4),
+                 lights_m=np.array([[rng.uniform(-1.0, 1.0), rng.uniform(0.3, 1.0),
+                                     distance_m - rng.uniform(0.8, 1.5)]]),
+                 light_power=np.array([rng.uniform(0.6, 1.0)]),
+                 noise=rng.random((256, 256), dtype=np.float32))
 
 
 def camera_sequence(seed: int, kind: str = 'indoor', n_frames: int = 100, width: int = 640,

@@ -16,6 +16,7 @@ import numpy as np
 from metricgold_ros.depth_traits import VKITTI2_CENTIMETRES
 from metricgold_ros.errors import InputError
 from metricgold_ros.synthetic.scenes import KINDS, check_scene_args, render_sample
+from metricgold_ros.synthetic.variety import render_varied
 
 VKITTI2_SCENES = {'indoor': 'Scene01', 'outdoor': 'Scene02'}
 VKITTI2_VARIATION = 'clone'
@@ -23,10 +24,11 @@ VKITTI2_VARIATION = 'clone'
 
 def write_vkitti2(root: str | Path, n_per_kind: int, seed: int = 0, width: int = 640,
                   height: int = 480, *, kinds: Sequence[str] = KINDS,
-                  overwrite: bool = False) -> int:
+                  overwrite: bool = False, variety: bool = False) -> int:
     """Write ``n_per_kind`` frames per kind in the Virtual KITTI 2 layout; return the count.
 
-    Indoor goes to Scene01, outdoor to Scene02; frame i is ``render_sample(seed + i, kind)``::
+    Indoor goes to Scene01, outdoor to Scene02; frame i is ``render_sample(seed + i, kind)``
+    (with ``variety``: ``variety.render_varied``, the widened training distribution)::
 
         root/SceneXX/domain.txt                 'indoor' | 'outdoor' (our extension)
         root/SceneXX/clone/intrinsic.txt        'frame cameraID K[0,0] K[1,1] K[0,2] K[1,2]'
@@ -45,6 +47,7 @@ def write_vkitti2(root: str | Path, n_per_kind: int, seed: int = 0, width: int =
                              'overwrite (--overwrite)')
     jpeg = [cv2.IMWRITE_JPEG_QUALITY, 95, cv2.IMWRITE_JPEG_SAMPLING_FACTOR,
             cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444]  # full-resolution colour: textures are fine
+    render = render_varied if variety else render_sample
     for kind in kinds:
         frames = root / VKITTI2_SCENES[kind] / VKITTI2_VARIATION / 'frames'
         for name in ('rgb', 'depth'):
@@ -52,7 +55,7 @@ def write_vkitti2(root: str | Path, n_per_kind: int, seed: int = 0, width: int =
         (root / VKITTI2_SCENES[kind] / 'domain.txt').write_text(kind + '\n')
         rows = ['frame cameraID K[0,0] K[1,1] K[0,2] K[1,2]']
         for i in range(n_per_kind):
-            smp = render_sample(seed + i, kind, width, height)
+            smp = render(seed + i, kind, width, height)
             rgb_path = frames / 'rgb' / 'Camera_0' / f'rgb_{i:05d}.jpg'
             depth_path = frames / 'depth' / 'Camera_0' / f'depth_{i:05d}.png'
             if not (cv2.imwrite(str(rgb_path), smp.rgb[..., ::-1], jpeg) and
@@ -73,11 +76,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument('--size', default='640x480', help='WIDTHxHEIGHT in pixels')
     parser.add_argument('--kinds', default='indoor,outdoor', help='comma-separated kinds')
     parser.add_argument('--overwrite', action='store_true', help='write into existing scenes')
+    parser.add_argument('--variety', action='store_true',
+                        help='the widened training distribution (synthetic/variety.py)')
     args = parser.parse_args(argv)
     try:
         width, height = (int(v) for v in args.size.lower().split('x'))
         count = write_vkitti2(args.out, args.n, args.seed, width, height,
-                              kinds=args.kinds.split(','), overwrite=args.overwrite)
+                              kinds=args.kinds.split(','), overwrite=args.overwrite,
+                              variety=args.variety)
     except ValueError:
         print(f'ERROR: --size {args.size!r} is not WIDTHxHEIGHT, e.g. 320x240', file=sys.stderr)
         return 2

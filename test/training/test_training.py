@@ -175,6 +175,30 @@ def test_masked_loss_ignores_invalid_pixels():
     assert float(nothing.detach()) == 0.0 and prediction.grad is not None
 
 
+
+def test_gradient_loss_wants_steps_not_offsets_and_ignores_invalid_pixels():
+    step = torch.zeros(1, 1, 16, 16)
+    step[..., 8:] = 1.0  # a depth boundary: one step of height 1 between columns 7 and 8
+    blur = step.clone()
+    blur[..., 6:10] = torch.tensor([0.2, 0.4, 0.6, 0.8])  # the same step smeared over 4 px
+    valid = torch.ones(1, 1, 16, 16, dtype=torch.bool)
+    loss = recipe.masked_gradient_loss
+    assert float(loss(step + 0.5, step, valid)) == 0.0  # an offset (a scale in log) is free
+    assert float(loss(blur, step, valid, scales=1)) == pytest.approx(
+        (0.2 * 4 + 0.8) * 16 / (2 * 16 * 15))  # |d/dx| of the residual over all pairs
+    assert float(loss(blur, step, valid)) > float(loss(step * 0.9, step, valid)) > 0
+    hidden = valid.clone()
+    hidden[..., 4:12] = False  # the blur is where nothing is known
+    noisy = blur.clone()
+    noisy[~hidden] = 1e3
+    assert float(loss(noisy, step, hidden)) == 0.0
+    nothing = loss(blur.requires_grad_(), step, torch.zeros_like(valid))
+    nothing.backward()
+    assert float(nothing.detach()) == 0.0 and blur.grad is not None
+    with pytest.raises(ValueError, match='must match'):
+        loss(step, step[..., :8], valid)
+
+
 def test_velocity_target_is_the_v_parameterisation():
     from diffusers import DDPMScheduler
 
@@ -301,6 +325,10 @@ def test_effective_batch_derives_or_checks_the_accumulation(tmp_path):
     ('data: {train: [{type: vkitti2, root: v, scenes: [Scene01, Scene02]}], '
      'val: [{type: vkitti2, root: v, scenes: [Scene01]}]}',
      r"\['Scene01'\] are also training scenes of v"),
+    ('train: {gradient_loss_weight: 0.5}', 'gradient_loss_weight: the gradient loss compares '
+     'decoded depth: it needs objective: e2e_ft'),
+    ('train: {objective: e2e_ft, gradient_loss_weight: -1}\nmodel: {tiny: true, d_min_m: 1, '
+     'd_max_m: 10}', r'train.gradient_loss_weight: -1(\.0)? must be >= 0'),
 ])
 def test_config_rejects_bad_objective_focal_and_leaking_splits(tmp_path, body, message):
     base = {'model': 'model: {tiny: true, d_min_m: 1, d_max_m: 10}',
