@@ -152,6 +152,9 @@ class TrainConfig:
     # e2e_ft only: weight of recipe.masked_gradient_loss (steps of log depth) beside the MSE
     gradient_loss_weight: float = 0.0
     gradient_loss_scales: int = 4
+    # e2e_ft only: fine-tune the VAE decoder with the UNet (the pipeline decodes nothing but
+    # depth with it; the encoder, which reads the images, stays frozen). One process only.
+    train_decoder: bool = False
     # Resumable checkpoints (UNet, Adam's moments, a loadable model: ~13 GB at SD2 size), every
     # N steps and at the end; None: none, only final/ (the run cannot be resumed).
     checkpoint_every: Optional[int] = 500
@@ -262,6 +265,9 @@ def validate(config: Config, source: str = 'config') -> None:
     if train.gradient_loss_weight and train.objective != 'e2e_ft':
         fail('train.gradient_loss_weight', 'the gradient loss compares decoded depth: it needs '
              'objective: e2e_ft (the diffusion objective compares latents)')
+    if train.train_decoder and train.objective != 'e2e_ft':
+        fail('train.train_decoder', 'only the e2e_ft objective decodes depth while training; '
+             'set objective: e2e_ft or train_decoder: false')
     if train.gradient_loss_scales < 1:
         fail('train.gradient_loss_scales', f'{train.gradient_loss_scales} must be >= 1')
     if not 0 <= train.sampling_timestep_p <= 1:

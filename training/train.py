@@ -8,7 +8,8 @@ Stages, each resumable with ``--resume`` (``DIR`` keeps everything):
    is written to ``DIR/vae/``; its depth reconstruction AbsRel goes into ``metrics.json``.
 2. The UNet learns v-prediction of the depth latent with pyramid noise and a valid-pixel mask
    (``training/recipe.py``), or with ``train.objective: e2e_ft`` the single-step E2E-FT
-   objective (t = T, zero depth latent, loss on the VAE-decoded depth); the VAE is frozen.
+   objective (t = T, zero depth latent, loss on the VAE-decoded depth); the VAE is frozen,
+   or only its encoder with ``train.train_decoder``.
    ``accelerate`` does devices, mixed precision and gradient accumulation
    (``accelerate launch --config_file training/accelerate/1node_8gpu.yaml training/train.py
    ...`` for several GPUs or nodes); the effective batch is logged at start and checked
@@ -50,7 +51,8 @@ from metricgold_ros.errors import MetricGoldError  # noqa: E402
 from metricgold_ros.model.checkpoint import ModelMetadata, save_checkpoint  # noqa: E402
 from metricgold_ros.model.single_step import predict_x0_single_step  # noqa: E402
 from training import data as train_data  # noqa: E402
-from training.config import Config, load_config, resolve_accumulation  # noqa: E402
+from training.config import (  # noqa: E402
+    Config, ConfigError, load_config, resolve_accumulation)
 from training.models import Components, load_components, load_trained_vae  # noqa: E402
 from training.progress import (  # noqa: E402
     PROGRESS_FILE, check_checkpoint_disk, checkpoint_bytes, checkpoint_folder, fmt,
@@ -150,7 +152,8 @@ class Run:
         return json.loads(report_path.read_text())
 
     def unet_stage(self, parts: Components, vae_report: Optional[dict]) -> dict:
-        """Fine-tune the UNet (VAE frozen) for ``train.steps``; the progress record."""
+        """Fine-tune the UNet (and the decoder with ``train.train_decoder``) for ``train.steps``;
+        the progress record."""
         from torch.utils.data import DataLoader
 
         cfg, acc = self.config.train, self.accelerator
@@ -184,7 +187,7 @@ class Run:
             else:
                 skipped_in_a_row = 0
                 if self.ema is not None:
-                    self.ema.step(acc.unwrap_model(self.unet).parameters())
+                    self.ema.step(self._trained_parameters())
             progress['loss'].append(float(acc.reduce(step_loss, 'mean')) if finite else None)
             progress['step'] = done = step + 1
             progress['data_position'] = {'seed': self.config.seed, 'position': (
@@ -213,6 +216,12 @@ class Run:
         cfg, acc = self.config.train, self.accelerator
         unet = parts.unet.to(self.device).train().requires_grad_(True)
         self.vae = parts.vae.to(self.device).eval().requires_grad_(False)
+        if cfg.train_decoder:
+            if acc.num_processes > 1:
+                raise ConfigError('train.train_decoder: fine-tuning the decoder runs in one '
+                                  f'process; this run has {acc.num_processes}')
+            for part in self._decoder_parts():
+                part.requires_grad_(True)
         if self.config.model.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
             if cfg.objective == 'e2e_ft':  # the loss backpropagates through the decoder
@@ -222,18 +231,22 @@ class Run:
         ddim = DDIMScheduler.from_config(parts.scheduler_config)
         ddim.set_timesteps(self.config.model.denoising_steps)
         self.sampling_timesteps = ddim.timesteps.clone()  # what inference will visit
-        optimizer = torch.optim.Adam(unet.parameters(), lr=cfg.lr, betas=cfg.adam_betas,
-                                     eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+        decoder = [p for part in self._decoder_parts() for p in part.parameters()]
+        optimizer = torch.optim.Adam([*unet.parameters(), *decoder], lr=cfg.lr,
+                                     betas=cfg.adam_betas, eps=cfg.adam_eps,
+                                     weight_decay=cfg.weight_decay)
         schedule = WarmupExponentialDecay(cfg.warmup_steps, cfg.decay_steps or cfg.steps,
                                           cfg.final_lr_ratio)
         lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         self.unet, optimizer = acc.prepare(unet, optimizer)
+        if cfg.train_decoder:  # registered, so that checkpoints save and --resume restores it
+            self.vae = acc.prepare(self.vae)
         # Stepped by hand, once per optimizer step; saved as JSON by training/state.py (never
         # registered with accelerate, which would pickle it and unpickle it on --resume).
         self.lr_scheduler = lr_scheduler
         self.ema = None
         if cfg.ema:
-            self.ema = EMAModel(acc.unwrap_model(self.unet).parameters(), decay=cfg.ema_decay)
+            self.ema = EMAModel(self._trained_parameters(), decay=cfg.ema_decay)
             self.ema.to(self.device)
         self.metadata = self._metadata(parts)
         if acc.is_main_process:
@@ -412,11 +425,23 @@ class Run:
                                parts.scheduler_config, parts.empty_text_embedding,
                                self.metadata)
 
+    def _decoder_parts(self) -> list:
+        """The VAE modules that ``train.train_decoder`` fine-tunes (none without it)."""
+        if not self.config.train.train_decoder:
+            return []
+        return [self.vae.post_quant_conv, self.vae.decoder]
+
+    def _trained_parameters(self) -> list:
+        """What the optimizer and the EMA update: the UNet's weights, then the decoder's."""
+        return [*self.accelerator.unwrap_model(self.unet).parameters(),
+                *(p for part in self._decoder_parts() for p in part.parameters())]
+
     def _with_ema(self, action):
-        """Run ``action`` with the EMA weights swapped into the UNet (if EMA is on)."""
+        """Run ``action`` with the EMA weights swapped into the UNet (and the decoder, when it
+        trains), if EMA is on."""
         if self.ema is None:
             return action()
-        params = list(self.accelerator.unwrap_model(self.unet).parameters())
+        params = self._trained_parameters()
         self.ema.store(params)
         self.ema.copy_to(params)
         try:

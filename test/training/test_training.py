@@ -327,6 +327,7 @@ def test_effective_batch_derives_or_checks_the_accumulation(tmp_path):
      r"\['Scene01'\] are also training scenes of v"),
     ('train: {gradient_loss_weight: 0.5}', 'gradient_loss_weight: the gradient loss compares '
      'decoded depth: it needs objective: e2e_ft'),
+    ('train: {train_decoder: true}', 'train.train_decoder: only the e2e_ft objective'),
     ('train: {objective: e2e_ft, gradient_loss_weight: -1}\nmodel: {tiny: true, d_min_m: 1, '
      'd_max_m: 10}', r'train.gradient_loss_weight: -1(\.0)? must be >= 0'),
 ])
