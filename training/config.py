@@ -74,6 +74,7 @@ class GenerateConfig:
     # True: metricgold_ros.synthetic.variety's widened training distribution (unusual colours,
     # poses, clutter, walls) instead of the generator's own, which the evaluation splits use.
     variety: bool = False
+    wall_share: float = 0.15  # variety only: the share of indoor frames that are walls
 
 
 @dataclasses.dataclass
@@ -265,6 +266,9 @@ def validate(config: Config, source: str = 'config') -> None:
     if train.gradient_loss_weight and train.objective != 'e2e_ft':
         fail('train.gradient_loss_weight', 'the gradient loss compares decoded depth: it needs '
              'objective: e2e_ft (the diffusion objective compares latents)')
+    for name, spec in data.generate.items():
+        if not 0 <= spec.wall_share <= 1:
+            fail(f'data.generate.{name}.wall_share', f'{spec.wall_share} must be within 0..1')
     if train.train_decoder and train.objective != 'e2e_ft':
         fail('train.train_decoder', 'only the e2e_ft objective decodes depth while training; '
              'set objective: e2e_ft or train_decoder: false')

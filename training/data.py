@@ -42,7 +42,8 @@ def generate_synthetic(data: DataConfig, output: Path) -> None:
         if root.exists():
             shutil.rmtree(root)
         count = write_vkitti2(root, spec.count, spec.seed, spec.width, spec.height,
-                              kinds=spec.kinds, variety=spec.variety)
+                              kinds=spec.kinds, variety=spec.variety,
+                              wall_share=spec.wall_share)
         marker.write_text(wanted)
         LOGGER.info('rendered %d synthetic frames into %s', count, root)
 

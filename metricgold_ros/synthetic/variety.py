@@ -8,7 +8,7 @@ training only, where the bundled model failed:
   street grey, brick, dark); poses with pitch -34..+23 deg, eye height 0.3-2.4 m and a
   heading within 115 deg of the room's centre; 15 % are close-ups of a wall, square on within 17 deg, 0.5-3 m away; 0-12 extra
   boxes (10-70 cm) on the floor as clutter;
-* walls (15 % of indoor frames): ``scenes.wall_scene``'s plane, 0.5-12 m away, turned up to
+* walls (``wall_share`` of the indoor frames, 15 % unless asked): ``scenes.wall_scene``'s plane, 0.5-12 m away, turned up to
   29 deg, with 0-4 boxes in front: flat depth with steps against it, the scene a border
   artefact shows on;
 * streets: pitch -20..+9 deg, eye height 0.5-3 m, heading within 46 deg of the street, and
@@ -25,19 +25,23 @@ import math
 
 import numpy as np
 
+from metricgold_ros.errors import InputError
 from metricgold_ros.synthetic.scenes import (
     CameraPose, Sample, Scene, _path_pose, check_scene_args, make_scene, render_view,
     wall_scene)
 from metricgold_ros.synthetic.shading import NOISE, PLAIN, STRIPES, WINDOWS, Material
 
 _STREAM = 7  # the generator's own streams are 0-2
-WALL_SHARE = 0.15  # indoor frames that are a plane with boxes in front
+WALL_SHARE = 0.15  # indoor frames that are a plane with boxes in front (default)
 CLEARANCE_M = 0.3  # the camera stays this far outside every box
 
 
-def render_varied(seed: int, kind: str = 'indoor', width: int = 640,
-                  height: int = 480) -> Sample:
-    """One training frame of ``kind`` from the widened distribution above."""
+def render_varied(seed: int, kind: str = 'indoor', width: int = 640, height: int = 480,
+                  wall_share: float = WALL_SHARE) -> Sample:
+    """One training frame of ``kind`` from the widened distribution above; ``wall_share`` of
+    the indoor frames are walls."""
+    if not 0.0 <= wall_share <= 1.0:
+        raise InputError(f'wall_share={wall_share!r} must be within 0..1')
     rng = np.random.default_rng([seed, check_scene_args(kind, width, height, seed), _STREAM])
     hfov = math.radians(rng.uniform(50.0, 100.0))
     f_px = width / 2 / math.tan(hfov / 2)
@@ -45,7 +49,7 @@ def render_varied(seed: int, kind: str = 'indoor', width: int = 640,
     intrinsics = (f_px, f_px, (width - 1) / 2 + du * width, (height - 1) / 2 + dv * height)
     if kind == 'outdoor':
         scene, pose = _street(seed, rng)
-    elif rng.random() < WALL_SHARE:
+    elif rng.random() < wall_share:
         scene, pose = _wall(rng)
     else:
         scene, pose = _room(seed, rng)

@@ -7,6 +7,7 @@ module) writes them from the command line.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -16,7 +17,7 @@ import numpy as np
 from metricgold_ros.depth_traits import VKITTI2_CENTIMETRES
 from metricgold_ros.errors import InputError
 from metricgold_ros.synthetic.scenes import KINDS, check_scene_args, render_sample
-from metricgold_ros.synthetic.variety import render_varied
+from metricgold_ros.synthetic.variety import WALL_SHARE, render_varied
 
 VKITTI2_SCENES = {'indoor': 'Scene01', 'outdoor': 'Scene02'}
 VKITTI2_VARIATION = 'clone'
@@ -24,11 +25,13 @@ VKITTI2_VARIATION = 'clone'
 
 def write_vkitti2(root: str | Path, n_per_kind: int, seed: int = 0, width: int = 640,
                   height: int = 480, *, kinds: Sequence[str] = KINDS,
-                  overwrite: bool = False, variety: bool = False) -> int:
+                  overwrite: bool = False, variety: bool = False,
+                  wall_share: float = WALL_SHARE) -> int:
     """Write ``n_per_kind`` frames per kind in the Virtual KITTI 2 layout; return the count.
 
     Indoor goes to Scene01, outdoor to Scene02; frame i is ``render_sample(seed + i, kind)``
-    (with ``variety``: ``variety.render_varied``, the widened training distribution)::
+    (with ``variety``: ``variety.render_varied``, the widened training distribution, with
+    ``wall_share`` of the indoor frames walls)::
 
         root/SceneXX/domain.txt                 'indoor' | 'outdoor' (our extension)
         root/SceneXX/clone/intrinsic.txt        'frame cameraID K[0,0] K[1,1] K[0,2] K[1,2]'
@@ -47,7 +50,8 @@ def write_vkitti2(root: str | Path, n_per_kind: int, seed: int = 0, width: int =
                              'overwrite (--overwrite)')
     jpeg = [cv2.IMWRITE_JPEG_QUALITY, 95, cv2.IMWRITE_JPEG_SAMPLING_FACTOR,
             cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444]  # full-resolution colour: textures are fine
-    render = render_varied if variety else render_sample
+    render = functools.partial(render_varied, wall_share=wall_share) if variety \
+        else render_sample
     for kind in kinds:
         frames = root / VKITTI2_SCENES[kind] / VKITTI2_VARIATION / 'frames'
         for name in ('rgb', 'depth'):

@@ -71,3 +71,30 @@ def test_window_fine_tune_configs_train_on_windows_of_larger_renders(tmp_path, n
     assert 128 * zoom <= render[0] and render[0] * 3 == render[1] * 4
     assert config.model.pretrained == 'metricgold_ros/models/metricgold-tiny'
     assert config.model.canonical_focal_px == 100.0 and config.train.objective == 'e2e_ft'
+
+
+@pytest.mark.parametrize('name, start, walls', [
+    ('tiny_bundled_edges', 'metricgold-tiny', 0.15),
+    ('tiny_bundled_edges_walls', 'metricgold-tiny', 0.5),
+    ('tiny_bundled_edges_scratch', None, 0.15)])
+def test_edge_configs_mix_the_widened_data_with_the_generator_own(tmp_path, name, start,
+                                                                 walls):
+    """The issue-24 runs: half the frames from synthetic/variety.py (walls, close-ups, unusual
+    colours and poses), windows of 0.8-1.0 of 160x120 renders, the gradient loss."""
+    from training.config import load_config
+
+    config = load_config(CONFIGS / f'{name}.yaml', tmp_path)
+    generate = config.data.generate
+    assert not generate['train'].variety and generate['varied'].variety
+    assert generate['varied'].wall_share == walls
+    for split in ('train', 'varied'):
+        assert (generate[split].width, generate[split].height, generate[split].seed) == (
+            160, 120, 0)
+    assert [s.probability for s in config.data.train] == [0.5, 0.5]
+    assert config.data.scale_range == (1.0, 1.25) and config.data.resolution == (96, 128)
+    assert config.train.objective == 'e2e_ft' and config.train.gradient_loss_weight > 0
+    assert config.model.canonical_focal_px == 100.0
+    if start:
+        assert config.model.pretrained.endswith(start) and config.train.train_decoder
+    else:
+        assert config.model.tiny and config.vae_stage.steps > 0

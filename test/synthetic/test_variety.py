@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 
+from metricgold_ros.errors import InputError
 from metricgold_ros.synthetic.scenes import NEAR_M, Material, Scene, render_sample
 from metricgold_ros.synthetic.variety import CLEARANCE_M, _clear, render_varied
 from metricgold_ros.synthetic.vkitti import write_vkitti2
@@ -44,6 +45,15 @@ def test_rooms_reach_poses_colours_and_walls_that_render_sample_never_draws(room
         return sum(float(np.mean(s.rgb[..., 2])) > float(np.mean(s.rgb[..., 0])) + 25
                    for s in frames)
     assert blue(rooms) > blue(usual)
+
+
+def test_wall_share_sets_how_many_indoor_frames_are_walls():
+    def walls(share):
+        return sum(render_varied(seed, 'indoor', 32, 24, wall_share=share).camera_height_m == 0
+                   for seed in range(40))
+    assert (walls(0.0), walls(1.0)) == (0, 40) and 10 <= walls(0.5) <= 30
+    with pytest.raises(InputError, match='wall_share'):
+        render_varied(0, 'indoor', 32, 24, wall_share=1.5)
 
 
 def test_a_camera_position_must_keep_clear_of_every_box():
