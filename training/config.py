@@ -156,6 +156,9 @@ class TrainConfig:
     # e2e_ft only: fine-tune the VAE decoder with the UNet (the pipeline decodes nothing but
     # depth with it; the encoder, which reads the images, stays frozen). One process only.
     train_decoder: bool = False
+    # e2e_ft only: the MSE weight of the pixels within border_px of the image's edge (1: none)
+    border_weight: float = 1.0
+    border_px: int = 8
     # Resumable checkpoints (UNet, Adam's moments, a loadable model: ~13 GB at SD2 size), every
     # N steps and at the end; None: none, only final/ (the run cannot be resumed).
     checkpoint_every: Optional[int] = 500
@@ -269,6 +272,12 @@ def validate(config: Config, source: str = 'config') -> None:
     for name, spec in data.generate.items():
         if not 0 <= spec.wall_share <= 1:
             fail(f'data.generate.{name}.wall_share', f'{spec.wall_share} must be within 0..1')
+    if not (math.isfinite(train.border_weight) and train.border_weight > 0
+            and train.border_px >= 0):
+        fail('train.border_weight/border_px', f'{train.border_weight}/{train.border_px}: '
+             'need a weight > 0 and border_px >= 0')
+    if train.border_weight != 1.0 and train.objective != 'e2e_ft':
+        fail('train.border_weight', 'weights decoded depth pixels: it needs objective: e2e_ft')
     if train.train_decoder and train.objective != 'e2e_ft':
         fail('train.train_decoder', 'only the e2e_ft objective decodes depth while training; '
              'set objective: e2e_ft or train_decoder: false')

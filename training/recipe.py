@@ -140,9 +140,10 @@ def latent_valid_mask(valid: torch.Tensor, factor: int = 8) -> torch.Tensor:
     return ~F.max_pool2d(invalid, kernel_size=factor, stride=factor).bool()
 
 
-def masked_mse(prediction: torch.Tensor, target: torch.Tensor,
-               mask: torch.Tensor) -> torch.Tensor:
-    """Mean squared error over the elements where ``mask`` ``[B,1,h,w]`` is True (all channels).
+def masked_mse(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
+               weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Mean squared error over the elements where ``mask`` ``[B,1,h,w]`` is True (all channels),
+    weighted by ``weights`` (broadcast to the prediction; None: all 1) when given.
 
     The mean runs over every selected element of the batch (Marigold's ``mse_loss`` on the
     masked tensors). With nothing selected it returns a zero that still depends on
@@ -155,7 +156,23 @@ def masked_mse(prediction: torch.Tensor, target: torch.Tensor,
     if not bool(selected.any()):
         return prediction.sum() * 0.0
     diff = prediction.float()[selected] - target.float()[selected]
-    return (diff * diff).mean()
+    if weights is None:
+        return (diff * diff).mean()
+    weight = weights.expand_as(prediction)[selected].float()
+    return (weight * diff * diff).sum() / weight.sum()
+
+
+def border_weights(height: int, width: int, border_px: int, weight: float) -> torch.Tensor:
+    """``[1,1,H,W]`` loss weights: ``weight`` within ``border_px`` of the image's edge, else 1.
+
+    The pixels along the edge see the least context and the convolutions' zero padding; a
+    network trained on whole views learns to fill them from a prior (nearer than the centre,
+    as rooms and streets are) instead of from the image. Weighting them up makes that prior
+    cost more than it saves."""
+    rows, cols = torch.arange(height), torch.arange(width)
+    edge = torch.minimum(torch.minimum(rows, height - 1 - rows)[:, None],
+                         torch.minimum(cols, width - 1 - cols)[None, :])
+    return torch.where(edge < border_px, float(weight), 1.0)[None, None]
 
 
 def masked_gradient_loss(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,

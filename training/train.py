@@ -58,7 +58,7 @@ from training.progress import (  # noqa: E402
     PROGRESS_FILE, check_checkpoint_disk, checkpoint_bytes, checkpoint_folder, fmt,
     latest_checkpoint, link_final, rotate_checkpoints, setup_logging, summarize)
 from training.recipe import (  # noqa: E402
-    WarmupExponentialDecay, annealed_strength, decoded_depth, latent_valid_mask,
+    WarmupExponentialDecay, annealed_strength, border_weights, decoded_depth, latent_valid_mask,
     masked_gradient_loss, masked_mse, multi_res_noise_like, sample_timesteps, velocity_target)
 from training.state import (  # noqa: E402,F401 - load_training_state: also this module's API
     load_training_state, nonfinite_weights, save_extra_state)
@@ -351,7 +351,8 @@ class Run:
 
         The predicted x0 goes through the frozen VAE decoder (gradients reach the UNet through
         it); the loss compares the decoded codec value with the target's, in [-1, 1] log depth,
-        on the valid pixels only, plus ``train.gradient_loss_weight`` times the multi-scale
+        on the valid pixels only (those within ``train.border_px`` of the edge weighted
+        ``train.border_weight``), plus ``train.gradient_loss_weight`` times the multi-scale
         gradient matching of the same values (:func:`masked_gradient_loss`).
         """
         text = self.parts.empty_text_embedding.to(self.device)  # [1,T,C]
@@ -361,7 +362,9 @@ class Run:
                                         text)  # [B,4,h,w]
             prediction = decoded_depth(self.vae, x0)  # [B,1,H,W]
         target, cfg = depth[:, :1].float(), self.config.train
-        loss = masked_mse(prediction, target, valid)
+        weights = None if cfg.border_weight == 1.0 else border_weights(
+            *target.shape[-2:], cfg.border_px, cfg.border_weight).to(target.device)
+        loss = masked_mse(prediction, target, valid, weights)
         if cfg.gradient_loss_weight:
             loss = loss + cfg.gradient_loss_weight * masked_gradient_loss(
                 prediction, target, valid, cfg.gradient_loss_scales)

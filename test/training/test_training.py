@@ -199,6 +199,25 @@ def test_gradient_loss_wants_steps_not_offsets_and_ignores_invalid_pixels():
         loss(step, step[..., :8], valid)
 
 
+
+def test_border_weights_count_the_edge_pixels_more_in_the_mse():
+    weights = recipe.border_weights(6, 8, 2, 3.0)
+    assert weights.shape == (1, 1, 6, 8) and float(weights[0, 0, 2:4, 2:6].max()) == 1.0
+    assert float(weights[0, 0, :2].min()) == float(weights[0, 0, :, -2:].min()) == 3.0
+    prediction, target = torch.zeros(1, 1, 6, 8), torch.zeros(1, 1, 6, 8)
+    valid = torch.ones(1, 1, 6, 8, dtype=torch.bool)
+    target[..., 0, 0] = 1.0  # one error, in the corner
+    plain = recipe.masked_mse(prediction, target, valid)
+    assert float(plain) == pytest.approx(1 / 48)
+    assert float(recipe.masked_mse(prediction, target, valid, weights)) == pytest.approx(
+        3 / float(weights.sum()))
+    target[..., 0, 0], target[..., 3, 3] = 0.0, 1.0  # the same error, in the middle
+    assert float(recipe.masked_mse(prediction, target, valid, weights)) == pytest.approx(
+        1 / float(weights.sum()))
+    assert torch.equal(recipe.masked_mse(prediction, target, valid, torch.ones(1, 1, 6, 8)),
+                       recipe.masked_mse(prediction, target, valid))
+
+
 def test_velocity_target_is_the_v_parameterisation():
     from diffusers import DDPMScheduler
 
@@ -328,6 +347,9 @@ def test_effective_batch_derives_or_checks_the_accumulation(tmp_path):
     ('train: {gradient_loss_weight: 0.5}', 'gradient_loss_weight: the gradient loss compares '
      'decoded depth: it needs objective: e2e_ft'),
     ('train: {train_decoder: true}', 'train.train_decoder: only the e2e_ft objective'),
+    ('train: {border_weight: 3}', 'train.border_weight: weights decoded depth pixels'),
+    ('train: {objective: e2e_ft, border_weight: 0}\nmodel: {tiny: true, d_min_m: 1, '
+     'd_max_m: 10}', r'train.border_weight/border_px: 0(\.0)?/8: need a weight > 0'),
     ('train: {objective: e2e_ft, gradient_loss_weight: -1}\nmodel: {tiny: true, d_min_m: 1, '
      'd_max_m: 10}', r'train.gradient_loss_weight: -1(\.0)? must be >= 0'),
 ])
