@@ -591,6 +591,32 @@ def test_e2e_ft_objective_learns_and_marks_its_checkpoint(tmp_path, synthetic_ro
     assert pipeline(np.zeros((48, 64, 3), np.uint8)).depth.shape == (48, 64)
 
 
+def test_e2e_ft_can_fine_tune_the_decoder_and_resume_it(tmp_path, synthetic_root):
+    """train.train_decoder: the decoder (and post_quant_conv) learn with the UNet, the encoder,
+    which reads the images, stays as it was, and a resumed run continues the same trajectory
+    (with the gradient loss and the border weights on)."""
+    from safetensors.torch import load_file
+
+    config = _write_config(tmp_path / 'dec.yaml', synthetic_root,
+                           f"  pretrained: '{BUNDLED_MODEL}'", extra_train=(
+                               '  objective: e2e_ft\n  train_decoder: true\n  ema: true\n'
+                               '  ema_decay: 0.5\n  gradient_loss_weight: 0.5\n'
+                               '  border_weight: 3.0'))
+    straight, broken = tmp_path / 'straight', tmp_path / 'broken'
+    assert train_main(['--config', str(config), '--output', str(straight)]) == 0
+    assert train_main(['--config', str(config), '--output', str(broken),
+                       '--stop-at-step', '3']) == 0
+    assert train_main(['--config', str(config), '--output', str(broken), '--resume']) == 0
+    vae_file = Path('vae') / 'diffusion_pytorch_model.safetensors'
+    start = load_file(str(BUNDLED_MODEL / vae_file))
+    runs = [load_file(str(run / 'final' / vae_file)) for run in (straight, broken)]
+    for key, value in start.items():
+        changed = not torch.equal(runs[0][key], value)
+        assert changed == key.startswith(('decoder.', 'post_quant_conv.')), key
+        torch.testing.assert_close(runs[0][key], runs[1][key], atol=1e-6, rtol=0, msg=key)
+    assert MetricGoldPipeline.from_pretrained(straight / 'final', device='cpu')
+
+
 @pytest.mark.slow
 def test_smoke_run_learns(tmp_path):
     """The CI scale proof, run exactly as documented (budget: 5 minutes on 2 CPU cores)."""
