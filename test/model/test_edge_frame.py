@@ -76,6 +76,7 @@ def test_window_fine_tune_configs_train_on_windows_of_larger_renders(tmp_path, n
 @pytest.mark.parametrize('name, start, walls', [
     ('tiny_bundled_edges', 'metricgold-tiny', 0.15),
     ('tiny_bundled_edges_walls', 'metricgold-tiny', 0.5),
+    ('tiny_bundled_edges_border', 'runs/edges/final', 0.5),
     ('tiny_bundled_edges_scratch', None, 0.15)])
 def test_edge_configs_mix_the_widened_data_with_the_generator_own(tmp_path, name, start,
                                                                  walls):
@@ -94,6 +95,7 @@ def test_edge_configs_mix_the_widened_data_with_the_generator_own(tmp_path, name
     assert config.data.scale_range == (1.0, 1.25) and config.data.resolution == (96, 128)
     assert config.train.objective == 'e2e_ft' and config.train.gradient_loss_weight > 0
     assert config.model.canonical_focal_px == 100.0
+    assert (config.train.border_weight > 1) == name.endswith('border')
     if start:
         assert config.model.pretrained.endswith(start) and config.train.train_decoder
     else:
