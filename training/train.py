@@ -220,8 +220,8 @@ class Run:
             if acc.num_processes > 1:
                 raise ConfigError('train.train_decoder: fine-tuning the decoder runs in one '
                                   f'process; this run has {acc.num_processes}')
-            for part in self._decoder_parts():
-                part.requires_grad_(True)
+            for param in self._decoder_parameters():
+                param.requires_grad_(True)
         if self.config.model.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
             if cfg.objective == 'e2e_ft':  # the loss backpropagates through the decoder
@@ -231,9 +231,8 @@ class Run:
         ddim = DDIMScheduler.from_config(parts.scheduler_config)
         ddim.set_timesteps(self.config.model.denoising_steps)
         self.sampling_timesteps = ddim.timesteps.clone()  # what inference will visit
-        decoder = [p for part in self._decoder_parts() for p in part.parameters()]
-        optimizer = torch.optim.Adam([*unet.parameters(), *decoder], lr=cfg.lr,
-                                     betas=cfg.adam_betas, eps=cfg.adam_eps,
+        optimizer = torch.optim.Adam([*unet.parameters(), *self._decoder_parameters()],
+                                     lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps,
                                      weight_decay=cfg.weight_decay)
         schedule = WarmupExponentialDecay(cfg.warmup_steps, cfg.decay_steps or cfg.steps,
                                           cfg.final_lr_ratio)
@@ -428,16 +427,17 @@ class Run:
                                parts.scheduler_config, parts.empty_text_embedding,
                                self.metadata)
 
-    def _decoder_parts(self) -> list:
-        """The VAE modules that ``train.train_decoder`` fine-tunes (none without it)."""
+    def _decoder_parameters(self) -> list:
+        """The VAE weights that ``train.train_decoder`` fine-tunes: post_quant_conv and the
+        decoder (none without it)."""
         if not self.config.train.train_decoder:
             return []
-        return [self.vae.post_quant_conv, self.vae.decoder]
+        return [*self.vae.post_quant_conv.parameters(), *self.vae.decoder.parameters()]
 
     def _trained_parameters(self) -> list:
         """What the optimizer and the EMA update: the UNet's weights, then the decoder's."""
         return [*self.accelerator.unwrap_model(self.unet).parameters(),
-                *(p for part in self._decoder_parts() for p in part.parameters())]
+                *self._decoder_parameters()]
 
     def _with_ema(self, action):
         """Run ``action`` with the EMA weights swapped into the UNet (and the decoder, when it

@@ -265,6 +265,12 @@ def _path_pose(path: tuple[float, ...], time_s: float) -> CameraPose:
                       0.02 * math.sin(5.6 * t))
 
 
+def path_position(scene: Scene, rng: np.random.Generator) -> tuple[float, float]:
+    """(x, z) metres of a random point of the scene's camera path (one draw from ``rng``)."""
+    x_m, _, z_m = _path_pose(scene.path, rng.uniform(0, 7 / abs(scene.path[5]))).position_m
+    return x_m, z_m
+
+
 def _intrinsics(seed: int, kind: str, width: int, height: int) -> tuple[float, ...]:
     """(fx, fy, cx, cy) px: horizontal field of view 45-90 deg, centre within 2 % of the middle."""
     rng = np.random.default_rng([seed, check_scene_args(kind), 1])
@@ -278,7 +284,7 @@ def render_sample(seed: int, kind: str = 'indoor', width: int = 640,
     """One frame of scene ``seed`` from a random point of its camera path, random orientation."""
     scene, intrinsics = make_scene(seed, kind), _intrinsics(seed, kind, width, height)
     rng = np.random.default_rng([seed, check_scene_args(kind, width, height, seed), 2])
-    x_m, _, z_m = _path_pose(scene.path, rng.uniform(0, 7 / abs(scene.path[5]))).position_m
+    x_m, z_m = path_position(scene, rng)
     towards = math.atan2(scene.path[1] - x_m, scene.path[2] - z_m)  # indoors, face the room
     yaw, pitch, eye_m = ((towards + rng.uniform(-1.3, 1.3), rng.uniform(-0.4, 0.15),
                           rng.uniform(0.6, 1.9)) if kind == 'indoor' else

@@ -6,11 +6,11 @@ training only, where the bundled model failed:
 
 * rooms: 35 % get walls, floor or ceiling in colours the room palette rarely makes (sky blue,
   street grey, brick, dark); poses with pitch -34..+23 deg, eye height 0.3-2.4 m and a
-  heading within 115 deg of the room's centre; 15 % are close-ups of a wall, square on within 17 deg, 0.5-3 m away; 0-12 extra
-  boxes (10-70 cm) on the floor as clutter;
-* walls (``wall_share`` of the indoor frames, 15 % unless asked): ``scenes.wall_scene``'s plane, 0.5-12 m away, turned up to
-  29 deg, with 0-4 boxes in front: flat depth with steps against it, the scene a border
-  artefact shows on;
+  heading within 115 deg of the room's centre; 15 % are close-ups of a wall, square on within
+  17 deg, 0.5-3 m away; 0-12 extra boxes (10-70 cm) on the floor as clutter;
+* walls (``wall_share`` of the indoor frames, 15 % unless asked): ``scenes.wall_scene``'s
+  plane, 0.5-12 m away, turned up to 29 deg, with 0-4 boxes in front: flat depth with steps
+  against it, the scene a border artefact shows on;
 * streets: pitch -20..+9 deg, eye height 0.5-3 m, heading within 46 deg of the street, and
   30 % with recoloured facades;
 * a horizontal field of view of 50-100 deg, so that training windows of 0.8-1.0 of the frame
@@ -27,7 +27,7 @@ import numpy as np
 
 from metricgold_ros.errors import InputError
 from metricgold_ros.synthetic.scenes import (
-    CameraPose, Sample, Scene, _path_pose, check_scene_args, make_scene, render_view,
+    CameraPose, Sample, Scene, check_scene_args, make_scene, path_position, render_view,
     wall_scene)
 from metricgold_ros.synthetic.shading import NOISE, PLAIN, STRIPES, WINDOWS, Material
 
@@ -88,8 +88,7 @@ def _clear(scene: Scene, position: np.ndarray) -> bool:
     """Whether ``position`` is at least ``CLEARANCE_M`` outside every (not inside) box."""
     solid = ~scene.inside
     gap = np.maximum(scene.box_lo_m[solid] - position, position - scene.box_hi_m[solid])
-    return bool((np.linalg.norm(np.maximum(gap, 0.0), axis=1) >= CLEARANCE_M).all()) \
-        if solid.any() else True
+    return bool((np.linalg.norm(np.maximum(gap, 0.0), axis=1) >= CLEARANCE_M).all())
 
 
 def _room(seed: int, rng: np.random.Generator) -> tuple[Scene, CameraPose]:
@@ -116,7 +115,7 @@ def _room_view(rng: np.random.Generator, scene: Scene, size: np.ndarray,
                eye_m: float | None = None) -> CameraPose:
     """A point of the room's walking loop, facing the room within 115 deg, a wide range of
     pitch and height."""
-    x_m, _, z_m = _path_pose(scene.path, rng.uniform(0, 7 / abs(scene.path[5]))).position_m
+    x_m, z_m = path_position(scene, rng)
     towards = math.atan2(scene.path[1] - x_m, scene.path[2] - z_m)
     eye = float(rng.uniform(0.3, min(2.4, size[1] - 0.2))) if eye_m is None else eye_m
     return CameraPose((x_m, eye, z_m), towards + float(rng.uniform(-2.0, 2.0)),
@@ -157,7 +156,7 @@ def _street(seed: int, rng: np.random.Generator) -> tuple[Scene, CameraPose]:
             if material.pattern == WINDOWS:
                 scene.materials[index] = Material(_palette(rng), material.color_b,
                                                   WINDOWS, material.scale_m)
-    x_m, _, z_m = _path_pose(scene.path, rng.uniform(0, 7 / abs(scene.path[5]))).position_m
+    x_m, z_m = path_position(scene, rng)
     return scene, CameraPose((x_m, float(rng.uniform(0.5, 3.0)), z_m),
                              float(rng.uniform(-0.8, 0.8)), float(rng.uniform(-0.35, 0.15)),
                              float(rng.uniform(-0.08, 0.08)))
