@@ -44,6 +44,7 @@ class FrameOptions:
     seed: Optional[int] = 0
     warm_start: bool = False
     warm_start_strength: float = 0.5
+    edge_refine: bool = True  # the checkpoint's guided filter onto the image's edges
     output_scale: float = 1.0  # depth size relative to the input image
     colored: bool = True
     colormap: str = 'turbo'
@@ -199,7 +200,7 @@ def _prepare(job: FrameJob) -> _Prepared:
 def _inference_key(options: FrameOptions) -> Tuple[Any, ...]:
     """The options one pipeline call shares: frames that agree on them can run as a batch."""
     return (options.denoising_steps, options.ensemble_size, options.processing_resolution,
-            options.warm_start_strength)
+            options.warm_start_strength, options.edge_refine)
 
 
 def process_frames(jobs: Sequence[FrameJob]) -> List[FrameResult]:
@@ -231,7 +232,8 @@ def process_frames(jobs: Sequence[FrameJob]) -> List[FrameResult]:
             init_latents=[jobs[i].processor._previous_latent if jobs[i].options.warm_start
                           else None for i in indices],
             warm_start_strength=options.warm_start_strength,
-            output_sizes=[prepared[i].output_size for i in indices])
+            output_sizes=[prepared[i].output_size for i in indices],
+            edge_refine=options.edge_refine)
         for i, prediction in zip(indices, batch):
             predictions[i] = prediction
     return [job.processor._finish(job, ready, prediction)

@@ -85,15 +85,15 @@ def scale_check(ratios: Dict[int, float]) -> dict:
 
 
 def wall_border(pipeline: MetricGoldPipeline, count: int, seed: int, width: int,
-                height: int) -> dict:
+                height: int, edge_refine: bool = True) -> dict:
     """The edge frame on ``count`` flat walls: mean border and centre AbsRel (scale-fitted)."""
     resolution = pipeline.metadata.default_processing_resolution
     rows = []
     for index in range(count):
         sample = flat_wall(seed + index, WALL_DISTANCES_M[index % len(WALL_DISTANCES_M)],
                            width, height)
-        depth = for_camera(pipeline(sample.rgb).depth_m, pipeline.metadata, sample.intrinsics,
-                           resolution)
+        depth = for_camera(pipeline(sample.rgb, edge_refine=edge_refine).depth_m,
+                           pipeline.metadata, sample.intrinsics, resolution)
         rows.append(border_abs_rel(depth, sample.depth_m, sample.valid,
                                    max(1, round(width * WALL_BAND_FRACTION)), 'scale'))
     border, centre = (float(np.mean(values)) for values in zip(*rows))
@@ -103,10 +103,11 @@ def wall_border(pipeline: MetricGoldPipeline, count: int, seed: int, width: int,
 
 def evaluate(model: Path, per_kind: int, seed: int, width: int, height: int,
              medians: Dict[str, float], workdir: Path, steps: Optional[int] = None,
-             walls: int = 0, decoder: Optional[Path] = None) -> dict:
+             walls: int = 0, decoder: Optional[Path] = None, edge_refine: bool = True) -> dict:
     """``{kind: {method: metrics mean}}`` plus the settings, scored by ``metricgold eval``.
 
-    ``decoder``: a light decoder folder for the decode stage (the model's VAE when None).
+    ``decoder``: a light decoder folder for the decode stage (the model's VAE when None);
+    ``edge_refine``: the checkpoint's edge refinement (guided filter) on, as the node runs it.
     """
     pipeline = MetricGoldPipeline.from_pretrained(model, device='cpu', dtype='float32',
                                                   decoder=decoder)
@@ -125,7 +126,8 @@ def evaluate(model: Path, per_kind: int, seed: int, width: int, height: int,
             name = f'{kind}_{seed + index:07d}'
             gt_units = np.where(sample.valid, np.round(sample.depth_m * GT_UNITS_PER_M), 0)
             cv2.imwrite(str(gt_dir / f'{name}.png'), gt_units.astype(np.uint16))
-            depth = for_camera(pipeline(sample.rgb, denoising_steps=steps).depth_m,
+            depth = for_camera(pipeline(sample.rgb, denoising_steps=steps,
+                                        edge_refine=edge_refine).depth_m,
                                pipeline.metadata, sample.intrinsics, resolution)
             predictions = {'model': depth, 'constant': np.full_like(depth, medians[kind]),
                            'oracle_constant': np.full_like(
@@ -153,10 +155,11 @@ def evaluate(model: Path, per_kind: int, seed: int, width: int, height: int,
         results[kind]['model']['scale'] = scale_check(ratios)
     summary = {'results': results}
     if walls:
-        summary['wall_border'] = wall_border(pipeline, walls, seed, width, height)
+        summary['wall_border'] = wall_border(pipeline, walls, seed, width, height, edge_refine)
     return {**summary, 'per_kind': per_kind, 'seed': seed, 'size': [width, height],
             'training_median_m': medians, 'denoising_steps': steps or
             pipeline.metadata.default_denoising_steps, 'model': str(model),
+            'edge_refine': bool(edge_refine and pipeline.metadata.edge_refine_radius_px),
             **({'decoder': str(decoder)} if decoder is not None else {})}
 
 
@@ -196,13 +199,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help='flat walls (scene seeds from --seed) to measure the edge frame on')
     parser.add_argument('--decoder', type=Path,
                         help='light decoder folder (AutoencoderTiny) for the decode stage')
+    parser.add_argument('--edge-refine', action=argparse.BooleanOptionalAction, default=True,
+                        help='the checkpoint\'s edge refinement (guided filter), as the node '
+                             'runs it by default')
     parser.add_argument('--json', type=Path, help='write the summary here')
     args = parser.parse_args(argv)
     width, height = (int(v) for v in args.size.lower().split('x'))
     medians = training_medians(args.train_seed, args.train_count, 128, 96)
     with tempfile.TemporaryDirectory(prefix='metricgold-eval-') as workdir:
         summary = evaluate(args.model, args.per_kind, args.seed, width, height, medians,
-                           Path(workdir), args.steps, args.walls, args.decoder)
+                           Path(workdir), args.steps, args.walls, args.decoder,
+                           args.edge_refine)
     print(format_table(summary))
     if args.json is not None:
         args.json.write_text(json.dumps(summary, indent=2) + '\n')

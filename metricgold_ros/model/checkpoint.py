@@ -58,6 +58,10 @@ class ModelMetadata:
             training resolution); inference multiplies by ``f / f_c``. None: not camera-aware.
         e2e_ft: True for single-step E2E-FT checkpoints (zero depth latent at t = T, the
             predicted x0 out, deterministic).
+        edge_refine_radius_px, edge_refine_eps: the guided filter that moves the depth's
+            edges onto the image's (:mod:`.guided`): window radius in pixels of the processed
+            image and the contrast (grey levels in [0, 1], squared) below which an image edge
+            is smoothed over; radius 0: none (metric checkpoints only).
     """
 
     d_min_m: float
@@ -67,6 +71,8 @@ class ModelMetadata:
     relative: bool = False
     canonical_focal_px: Optional[float] = None
     e2e_ft: bool = False
+    edge_refine_radius_px: int = 0
+    edge_refine_eps: float = 1e-3
 
     def validate(self, source: str) -> 'ModelMetadata':
         if not (math.isfinite(self.d_min_m) and math.isfinite(self.d_max_m)
@@ -92,6 +98,17 @@ class ModelMetadata:
             raise CheckpointError(
                 f'{source}: canonical_focal_px={self.canonical_focal_px!r}, expected a focal '
                 'length in pixels > 0, or null for a checkpoint that is not camera-aware')
+        if not (isinstance(self.edge_refine_radius_px, int)
+                and 0 <= self.edge_refine_radius_px <= 64) or \
+                (self.relative and self.edge_refine_radius_px):
+            raise CheckpointError(
+                f'{source}: edge_refine_radius_px={self.edge_refine_radius_px!r}, expected an '
+                'integer 0..64 (pixels of the processed image; 0: no edge refinement; metric '
+                'checkpoints only)')
+        if not (math.isfinite(self.edge_refine_eps) and self.edge_refine_eps > 0):
+            raise CheckpointError(
+                f'{source}: edge_refine_eps={self.edge_refine_eps!r}, expected a number > 0 '
+                '(squared grey-level contrast, e.g. 0.001)')
         return self
 
 
@@ -156,13 +173,24 @@ def _load_metadata(path: Path, model_index: dict, scheduler_config: dict) -> Mod
             default_processing_resolution=int(data.get('default_processing_resolution', 768)),
             canonical_focal_px=(None if data.get('canonical_focal_px') is None
                                 else float(data['canonical_focal_px'])),
-            e2e_ft=_json_bool(data.get('e2e_ft', False), 'e2e_ft'))
+            e2e_ft=_json_bool(data.get('e2e_ft', False), 'e2e_ft'),
+            edge_refine_radius_px=_json_int(data.get('edge_refine_radius_px', 0),
+                                            'edge_refine_radius_px'),
+            edge_refine_eps=float(data.get('edge_refine_eps', 1e-3)))
     except (KeyError, TypeError, ValueError) as err:
         raise CheckpointError(
             f'{meta_path}: bad or missing field {err}; expected numbers d_min, d_max (metres) '
             'and integers default_denoising_steps, default_processing_resolution (optional: '
-            'canonical_focal_px, a number or null; e2e_ft, true or false)') from err
+            'canonical_focal_px, a number or null; e2e_ft, true or false; '
+            'edge_refine_radius_px, an integer, and edge_refine_eps, a number)') from err
     return meta.validate(str(meta_path))
+
+
+def _json_int(value: object, key: str) -> int:
+    """A JSON integer (3.5, "3" or true would be read as something else)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f'{key}={value!r} is not an integer')
+    return value
 
 
 def _json_bool(value: object, key: str) -> bool:
@@ -380,9 +408,12 @@ def save_checkpoint(path: Union[str, Path], checkpoint: Checkpoint, *,
             fields.pop('relative')
             fields['d_min'] = fields.pop('d_min_m')
             fields['d_max'] = fields.pop('d_max_m')
-            for key, default in (('canonical_focal_px', None), ('e2e_ft', False)):
+            for key, default in (('canonical_focal_px', None), ('e2e_ft', False),
+                                 ('edge_refine_radius_px', 0)):
                 if fields[key] == default:  # older readers never see keys they do not know
                     fields.pop(key)
+            if 'edge_refine_radius_px' not in fields:
+                fields.pop('edge_refine_eps')
             fields['format_version'] = FORMAT_VERSION
             fields['depth_codec'] = 'log: x = 2*log(d/d_min)/log(d_max/d_min) - 1'
             (tmp / METADATA_FILE).write_text(json.dumps(fields, indent=2) + '\n')

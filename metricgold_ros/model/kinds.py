@@ -18,7 +18,7 @@ prepared and members combined) and a :class:`Sampler` (how the depth latent is p
 class here and its detection in :mod:`.checkpoint`.
 """
 
-from typing import Any, List, Optional, Protocol, Tuple
+from typing import Any, Callable, List, Optional, Protocol, Tuple
 
 import numpy as np
 import torch
@@ -62,11 +62,17 @@ class DepthOutput:
         """The dtype the initial noise is drawn in (then cast to ``dtype``)."""
         return torch.float32
 
-    def finish(self, x: torch.Tensor, output_size: Tuple[int, int]
+    def finish(self, x: torch.Tensor, output_size: Tuple[int, int],
+               refine: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
                ) -> Tuple[np.ndarray, Optional[np.ndarray]]:
-        """Members ``[E,1,h,w]`` in [-1, 1] (unpadded) -> depth and uncertainty ``[H,W]``."""
+        """Members ``[E,1,h,w]`` in [-1, 1] (unpadded) -> depth and uncertainty ``[H,W]``.
+
+        ``refine`` maps the ensembled value ``[1,1,H,W]`` at the output size (log depth) to
+        its edge-refined self (:mod:`.guided`); the uncertainty is not refined.
+        """
         median, spread = ensemble_members(x.float())  # [1,1,h,w] each (spread: None for one)
-        depth = self.to_depth(image_ops.resize(median, output_size)[0, 0])
+        value = image_ops.resize(median, output_size)
+        depth = self.to_depth((value if refine is None else refine(value))[0, 0])
         uncertainty = None
         if spread is not None:
             spread = image_ops.resize(spread, output_size)[0, 0]
@@ -115,10 +121,12 @@ class RelativeDepth(DepthOutput):
         """In the networks' dtype, as diffusers draws it."""
         return dtype
 
-    def finish(self, x: torch.Tensor, output_size: Tuple[int, int]
+    def finish(self, x: torch.Tensor, output_size: Tuple[int, int],
+               refine: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
                ) -> Tuple[np.ndarray, Optional[np.ndarray]]:
         """Mapped to [0, 1] and ensembled in the networks' dtype, resized without
-        antialiasing, and only then made float32, as diffusers does."""
+        antialiasing, and only then made float32, as diffusers does (no ``refine``: relative
+        checkpoints state none)."""
         depth = (x + 1.0) / 2.0
         uncertainty = None
         if depth.shape[0] > 1:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from metricgold_ros.errors import InputError
-from metricgold_ros.model import image_ops
+from metricgold_ros.model import guided, image_ops
 from metricgold_ros.model.checkpoint import Checkpoint, load_checkpoint, load_decoder
 from metricgold_ros.model.kinds import DepthOutput, Sampler, kind_of
 
@@ -230,7 +230,8 @@ class MetricGoldPipeline:
                  ensemble_size: int = 1, processing_resolution: Optional[int] = None,
                  seed: Optional[int] = 0, init_latent: Optional[torch.Tensor] = None,
                  warm_start_strength: float = 0.5,
-                 output_size: Optional[Tuple[int, int]] = None) -> DepthPrediction:
+                 output_size: Optional[Tuple[int, int]] = None,
+                 edge_refine: bool = True) -> DepthPrediction:
         """Predict depth for one RGB uint8 ``[H,W,3]`` image (grayscale/RGBA accepted).
 
         Args:
@@ -247,12 +248,15 @@ class MetricGoldPipeline:
                 pure noise; ignored (cold start) when its shape does not match this frame, and
                 by E2E-FT models.
             output_size: ``(H, W)`` of the returned maps; default the input size.
+            edge_refine: apply the checkpoint's edge refinement (its ``metricgold.json``
+                ``edge_refine_radius_px``; :mod:`.guided`), which moves depth edges onto the
+                image's; False: the networks' depth, enlarged, as is.
         """
         return self.predict_batch(
             [rgb], denoising_steps=denoising_steps, ensemble_size=ensemble_size,
             processing_resolution=processing_resolution, seeds=[seed],
             init_latents=[init_latent], warm_start_strength=warm_start_strength,
-            output_sizes=[output_size])[0]
+            output_sizes=[output_size], edge_refine=edge_refine)[0]
 
     @torch.no_grad()
     def predict_batch(self, rgbs: Sequence[np.ndarray], *,
@@ -261,8 +265,8 @@ class MetricGoldPipeline:
                       seeds: Optional[Sequence[Optional[int]]] = None,
                       init_latents: Optional[Sequence[Optional[torch.Tensor]]] = None,
                       warm_start_strength: float = 0.5,
-                      output_sizes: Optional[Sequence[Optional[Tuple[int, int]]]] = None
-                      ) -> List[DepthPrediction]:
+                      output_sizes: Optional[Sequence[Optional[Tuple[int, int]]]] = None,
+                      edge_refine: bool = True) -> List[DepthPrediction]:
         """Predict depth for several images (e.g. one per camera) with shared settings.
 
         Images whose processing size and warm-start state match run through the networks as
@@ -322,7 +326,7 @@ class MetricGoldPipeline:
                 _, padding, input_size, own = prepared[i]
                 results[i] = self._finish_prediction(
                     x, padding, output_sizes[i] or input_size, ensemble_size, rgb_latent,
-                    depth_latent, {**own, **timings})
+                    depth_latent, {**own, **timings}, rgbs[i] if edge_refine else None)
         return results
 
     def _predict_group(self, image: torch.Tensor, steps: int, members: int,
@@ -358,16 +362,35 @@ class MetricGoldPipeline:
 
     def _finish_prediction(self, x: torch.Tensor, padding: Tuple[int, int],
                            size: Tuple[int, int], ensemble_size: int, rgb_latent: torch.Tensor,
-                           depth_latent: torch.Tensor, timings: Dict[str, float]
-                           ) -> DepthPrediction:
-        """6. Ensemble one image's members ``[E,1,PH,PW]``, resize once, map to depth."""
+                           depth_latent: torch.Tensor, timings: Dict[str, float],
+                           guide_rgb: Optional[np.ndarray]) -> DepthPrediction:
+        """6. Ensemble one image's members ``[E,1,PH,PW]``, resize once, refine the edges
+        along ``guide_rgb`` (the input image; None: not refined), map to depth."""
         timings = dict(timings)
         with self._stage('postprocess', timings):
-            depth, uncertainty = self.output.finish(image_ops.unpad(x, padding), size)
+            x = image_ops.unpad(x, padding)
+            depth, uncertainty = self.output.finish(
+                x, size, self._edge_refiner(guide_rgb, size, tuple(x.shape[-2:])))
             if self.sampler.single_step and ensemble_size > 1:
                 uncertainty = np.zeros_like(depth)
         return DepthPrediction(depth, self.relative, uncertainty, rgb_latent, depth_latent,
                                timings)
+
+    def _edge_refiner(self, rgb: Optional[np.ndarray], size: Tuple[int, int],
+                      processed: Tuple[int, int]
+                      ) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
+        """The checkpoint's guided filter for one image of output ``size`` processed at
+        ``processed`` (its radius follows the enlargement); None without one or ``rgb``."""
+        radius = self.metadata.edge_refine_radius_px
+        if rgb is None or not radius:
+            return None
+        radius = max(1, round(radius * max(size) / max(processed)))
+        guide, eps = guided.grey_guide(rgb, size), self.metadata.edge_refine_eps  # [H,W]
+
+        def refine(value: torch.Tensor) -> torch.Tensor:  # [1,1,H,W]
+            filtered = guided.guided_filter(guide, value[0, 0].cpu().numpy(), radius, eps)
+            return torch.from_numpy(filtered).to(value.device, value.dtype)[None, None]
+        return refine
 
     def _decode(self, latent: torch.Tensor) -> torch.Tensor:
         """Depth latents ``[n,4,h,w]`` -> values ``[n,1,PH,PW]`` in [-1, 1] (the light decoder

@@ -74,6 +74,9 @@ PARAMETERS: Tuple[ParamSpec, ...] = (
     ParamSpec('warm_start', False, 'Start each frame from the previous frame\'s latent'),
     ParamSpec('warm_start_strength', 0.5, 'Share of the schedule re-run on a warm start',
               float_range=(0.05, 1.0)),
+    ParamSpec('edge_refine', True, 'Move depth edges onto the image\'s edges with the '
+              'checkpoint\'s guided filter (its metricgold.json edge_refine_radius_px; '
+              'checkpoints without one: no effect); false: the model\'s depth as is'),
     ParamSpec('output_scale', 1.0, 'Depth size relative to the input image (camera_info and '
               'points follow)', float_range=(0.05, 1.0)),
     ParamSpec('publish_colored', True, 'Publish depth/colored (bgr8 false colour)'),
@@ -239,6 +242,7 @@ def frame_options(values: Mapping[str, ParamValue],
         seed=None if values['seed'] < 0 else values['seed'],
         warm_start=values['warm_start'],
         warm_start_strength=values['warm_start_strength'],
+        edge_refine=values['edge_refine'],
         output_scale=values['output_scale'],
         colored=values['publish_colored'],
         colormap=values['colormap'],

@@ -122,6 +122,7 @@ INFERENCE_FLAGS = (
     Flag('processing_resolution', metavar='PX'),
     Flag('fallback_processing_resolution', metavar='PX'),
     Flag('seed'), Flag('warm_start'), Flag('warm_start_strength', metavar='F'),
+    Flag('edge_refine'),
 )
 OUTPUT_FLAGS = (
     Flag('output_scale', metavar='F'), Flag('publish_colored', aliases=('--colored',)),

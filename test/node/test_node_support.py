@@ -150,9 +150,11 @@ def test_frame_options_map_parameter_conventions():
     assert options.denoising_steps is None and options.processing_resolution is None
     assert options.seed == 0 and options.max_depth_m == math.inf
     assert options.color_min_m is None and options.color_max_m is None
+    assert options.edge_refine is True
     values.update(denoising_steps=3, processing_resolution=0, seed=-1, max_depth=12.5,
-                  color_min_depth=0.5, points_stride=4, publish_points=False)
+                  color_min_depth=0.5, points_stride=4, publish_points=False, edge_refine=False)
     options = frame_options(values)
+    assert options.edge_refine is False
     assert (options.denoising_steps, options.processing_resolution, options.seed) == (3, 0, None)
     assert options.max_depth_m == 12.5 and options.color_min_m == 0.5
     assert options.points_stride == 4 and options.points is False
