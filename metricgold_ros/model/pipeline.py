@@ -370,15 +370,15 @@ class MetricGoldPipeline:
         with self._stage('postprocess', timings):
             x = image_ops.unpad(x, padding)
             depth, uncertainty = self.output.finish(
-                x, size, self._edge_refiner(guide_rgb, size, tuple(x.shape[-2:])))
+                x, size, self.edge_refiner(guide_rgb, size, tuple(x.shape[-2:])))
             if self.sampler.single_step and ensemble_size > 1:
                 uncertainty = np.zeros_like(depth)
         return DepthPrediction(depth, self.relative, uncertainty, rgb_latent, depth_latent,
                                timings)
 
-    def _edge_refiner(self, rgb: Optional[np.ndarray], size: Tuple[int, int],
-                      processed: Tuple[int, int]
-                      ) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
+    def edge_refiner(self, rgb: Optional[np.ndarray], size: Tuple[int, int],
+                     processed: Tuple[int, int]
+                     ) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
         """The checkpoint's guided filter for one image of output ``size`` processed at
         ``processed`` (its radius follows the enlargement); None without one or ``rgb``."""
         radius = self.metadata.edge_refine_radius_px

@@ -277,10 +277,18 @@ def _time_postprocess(pipeline: Any, rgb: np.ndarray, args: argparse.Namespace, 
         lambda: ensemble_members(members), micro, 3)
     stages['  resize back'] = median_ms(lambda: image_ops.resize(median, (height, width)),
                                         micro, 3)
+    parts = [f'  ensemble ({args.ensemble} member(s))', '  resize back']
+    refine = pipeline.edge_refiner(rgb, (height, width), proc)
+    if refine is not None:  # the checkpoint's guided filter (metricgold.json edge_refine_*)
+        stages['  edge refinement (guided filter, with its guide)'] = median_ms(
+            lambda: pipeline.edge_refiner(rgb, (height, width), proc)(value[None, None]),
+            micro, 3)
+        parts.append('  edge refinement (guided filter, with its guide)')
     stages['  codec (log depth -> m) + to numpy'] = median_ms(
         lambda: pipeline.to_depth(value).cpu().numpy(), micro, 3)
+    parts.append('  codec (log depth -> m) + to numpy')
     post = 'ensemble + resize back + codec'
-    stages[post] = (stages[post][0], sum(stages[k][1] for k in list(stages)[-3:]))
+    stages[post] = (stages[post][0], sum(stages[k][1] for k in parts))
     return proc
 
 

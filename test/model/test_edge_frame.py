@@ -40,8 +40,9 @@ def wall_scores() -> np.ndarray:
 
 
 def test_the_edge_frame_is_no_wider_than_recorded(wall_scores):
-    # Today's model: border 0.215, centre 0.121 (1.78x; BENCHMARKS.md 16). A
-    # change in preprocessing or decoding that widened the frame would show here first.
+    # Today's model: border 0.192, centre 0.121 (1.58x) with its edge refinement, 0.215 /
+    # 0.121 (1.78x) without (BENCHMARKS.md 16). A change in preprocessing or decoding that
+    # widened the frame would show here first.
     border, centre = wall_scores.mean(axis=0)
     assert np.isfinite(wall_scores).all() and 0 < centre < 0.2
     assert border <= 2.0 * centre, (border, centre)

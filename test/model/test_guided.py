@@ -139,3 +139,26 @@ def test_relative_checkpoints_state_none(tiny_model_dir):
     with pytest.raises(CheckpointError, match='metric checkpoints only'):
         dataclasses.replace(checkpoint.metadata, relative=True,
                             edge_refine_radius_px=2).validate('test')
+
+
+def test_the_bundled_model_draws_depth_boundaries_with_it():
+    """Issue 24, item 3: boundary F1 on streets, with the bundled model's refinement and
+    without (BENCHMARKS.md 16: held-out outdoor F1 0.018 -> 0.26)."""
+    from metricgold_ros.boundaries import BoundaryCounts, boundary_counts
+    from metricgold_ros.canonical_camera import for_camera
+    from metricgold_ros.model_paths import bundled_model_path
+    from metricgold_ros.synthetic.scenes import render_sample
+
+    pipeline = MetricGoldPipeline.from_pretrained(bundled_model_path(), device='cpu',
+                                                  dtype='float32')
+    assert pipeline.metadata.edge_refine_radius_px > 0
+    counts = {True: BoundaryCounts(), False: BoundaryCounts()}
+    for seed in range(600_000, 600_006):
+        street = render_sample(seed, 'outdoor', 320, 240)
+        for refine in counts:
+            depth = for_camera(pipeline(street.rgb, edge_refine=refine).depth_m,
+                               pipeline.metadata, street.intrinsics, 128)
+            counts[refine] += boundary_counts(depth, street.depth_m, street.valid, 0.10, 2, 3,
+                                              planar_gt=True)
+    assert counts[True].f1 > 0.15 and counts[True].f1 > 4 * counts[False].f1, \
+        (counts[True].f1, counts[False].f1)
