@@ -10,7 +10,7 @@ import re
 import subprocess
 import time
 from pathlib import Path
-from typing import Iterator, List, Tuple
+from typing import Callable, Iterator, List, Tuple
 
 import pytest
 
@@ -130,14 +130,20 @@ def test_topic_hz_measures_depth_image_from_its_own_process(running, ros2, works
     assert rates and all(0.2 < rate < 50 for rate in rates), output.text()
 
 
-def _lifecycle(ros2: str, workspace: Path, *args: str) -> str:
-    """``ros2 lifecycle ARGS`` without a daemon; asked again (3 tries) while its discovery
-    window has not yet seen the node ("Node not found" on a loaded machine)."""
+def _ros2_until(ros2: str, workspace: Path, seen: Callable[[str], bool], *args: str) -> str:
+    """``ros2 ARGS`` without a daemon, asked again (3 tries) while its discovery window has not
+    yet seen what ``seen`` looks for (a node or topic missed in 3 s on a loaded machine)."""
     for _ in range(3):
-        text = _ros2(ros2, workspace, 'lifecycle', *args, *DISCOVERY)
-        if 'Node not found' not in text:
+        text = _ros2(ros2, workspace, *args, *DISCOVERY)
+        if seen(text):
             break
     return text
+
+
+def _lifecycle(ros2: str, workspace: Path, *args: str) -> str:
+    """``ros2 lifecycle ARGS``, asked again while the node is not found."""
+    return _ros2_until(ros2, workspace, lambda text: 'Node not found' not in text,
+                       'lifecycle', *args)
 
 
 def test_ros2_lifecycle_drives_an_unstarted_node(workspace, ros2):
@@ -160,7 +166,9 @@ def test_ros2_lifecycle_drives_an_unstarted_node(workspace, ros2):
             assert state in _lifecycle(ros2, workspace, 'get', node_name)
         assert output.wait_for('listening on', 30), output.text()
         assert f'{ns}/front/image' in output.text() and f'{ns}/rear/image' in output.text()
-        topics = _ros2(ros2, workspace, 'topic', 'list', *DISCOVERY)
+        wanted = (f'{ns}/rear/depth/image', f'{ns}/front/points')
+        topics = _ros2_until(ros2, workspace, lambda text: all(name in text for name in wanted),
+                             'topic', 'list')
         assert f'{ns}/rear/depth/image' in topics and f'{ns}/front/points' in topics, topics
         for transition, state in (('deactivate', 'inactive'), ('cleanup', 'unconfigured')):
             text = _lifecycle(ros2, workspace, 'set', node_name, transition)
