@@ -109,18 +109,28 @@ def fit_scaling_factor(vae: torch.nn.Module, batches: Iterator[dict], count: int
 
 
 @torch.no_grad()
+def depth_round_trip(vae: torch.nn.Module, depth_m: np.ndarray, valid: np.ndarray,
+                     d_min_m: float, d_max_m: float, device: torch.device
+                     ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``[H,W]`` metres -> the codec value ``[1,1,H,W]`` (CPU, float32) after VAE encode
+    (posterior mode) -> decode alone, and the mask of valid in-range pixels ``[1,1,H,W]``."""
+    depth, in_range = depth_as_image(torch.from_numpy(depth_m)[None, None],
+                                     torch.from_numpy(valid)[None, None],
+                                     d_min_m, d_max_m)  # [1,3,H,W], [1,1,H,W]
+    image, padding = image_ops.pad_to_multiple(depth.to(device))
+    decoded = vae.decode(vae.encode(image).latent_dist.mode()).sample
+    return image_ops.unpad(decoded.mean(dim=1, keepdim=True), padding).float().cpu(), in_range
+
+
+@torch.no_grad()
 def depth_reconstruction_metrics(vae: torch.nn.Module, items: List[dict], d_min_m: float,
                                  d_max_m: float, device: torch.device) -> Dict[str, float]:
     """Mean AbsRel / delta1 of depth after VAE encode -> decode alone, and RGB L1 (0..255)."""
     abs_rel, delta1, rgb_l1 = [], [], []
     for item in items:
-        depth, in_range = depth_as_image(torch.from_numpy(item['depth_m'])[None, None],
-                                         torch.from_numpy(item['valid'])[None, None],
-                                         d_min_m, d_max_m)  # [1,3,H,W], [1,1,H,W]
-        image, padding = image_ops.pad_to_multiple(depth.to(device))
-        decoded = vae.decode(vae.encode(image).latent_dist.mode()).sample
-        x = image_ops.unpad(decoded.mean(dim=1, keepdim=True), padding)[0, 0].float().cpu()
-        pred_m = decode_depth(x, d_min_m, d_max_m).numpy()
+        x, in_range = depth_round_trip(vae, item['depth_m'], item['valid'], d_min_m, d_max_m,
+                                       device)
+        pred_m = decode_depth(x[0, 0], d_min_m, d_max_m).numpy()
         metrics = depth_metrics(pred_m, item['depth_m'], in_range[0, 0].numpy())
         abs_rel.append(metrics['abs_rel'])
         delta1.append(metrics['delta1'])
