@@ -30,10 +30,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from metricgold_ros.atomic import write_json_atomic  # noqa: E402  (after the path fix)
 from metricgold_ros.boundaries import BoundaryCounts, boundary_counts  # noqa: E402
+from metricgold_ros.errors import CheckpointError  # noqa: E402
 from metricgold_ros.evaluation import depth_metrics  # noqa: E402
 from metricgold_ros.model import ModelMetadata, image_ops  # noqa: E402
 from metricgold_ros.model.checkpoint import load_checkpoint  # noqa: E402
 from metricgold_ros.model.codec import decode_depth  # noqa: E402
+from metricgold_ros.model.weights import load_module  # noqa: E402
 from metricgold_ros.model_paths import bundled_model_path  # noqa: E402
 from metricgold_ros.synthetic.scenes import KINDS, render_sample  # noqa: E402
 from training.evaluate_synthetic import (BOUNDARY_BASELINE_PX, BOUNDARY_JUMP,  # noqa: E402
@@ -82,7 +84,8 @@ def depth_sources(model: Path, vaes: Sequence[Path], best_latent_steps: int
     checkpoint = load_checkpoint(model)
     meta = checkpoint.metadata
     folders = {str(model / 'vae'): checkpoint.vae}
-    folders.update({str(folder): AutoencoderKL.from_pretrained(folder) for folder in vaes})
+    folders.update({str(folder): load_module(AutoencoderKL, folder, allow_pickle=False)
+                    for folder in vaes})
     sources: Dict[str, Source] = {CEILING: lambda d, v: codec_value(d, v, meta)[0]}
     for name, vae in folders.items():
         vae.eval().requires_grad_(False)
@@ -158,15 +161,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument('--threads', type=int, default=1, help='torch CPU threads')
     parser.add_argument('--json', type=Path, default=None, help='write the results here')
     args = parser.parse_args(argv)
-    for folder in args.vae:
-        if not (folder / 'config.json').is_file():
-            parser.error(f'--vae {folder}: no config.json there; give an AutoencoderKL folder '
-                         '(a checkpoint\'s vae/)')
     torch.set_num_threads(args.threads)
     width, height = (int(v) for v in args.size.lower().split('x'))
     model = args.model or bundled_model_path()
-    results = run(model, args.vae, args.per_kind, args.seed, width, height, args.resolution,
-                  args.best_latent)
+    try:
+        results = run(model, args.vae, args.per_kind, args.seed, width, height,
+                      args.resolution, args.best_latent)
+    except CheckpointError as err:  # names the folder or file and what it lacks
+        parser.error(str(err))
     print(table(results))
     if args.json is not None:
         write_json_atomic(args.json, {'model': str(model), 'per_kind': args.per_kind,

@@ -169,7 +169,7 @@ def test_ros2_lifecycle_drives_an_unstarted_node(workspace, ros2):
         wanted = (f'{ns}/rear/depth/image', f'{ns}/front/points')
         topics = _ros2_until(ros2, workspace, lambda text: all(name in text for name in wanted),
                              'topic', 'list')
-        assert f'{ns}/rear/depth/image' in topics and f'{ns}/front/points' in topics, topics
+        assert all(name in topics for name in wanted), topics
         for transition, state in (('deactivate', 'inactive'), ('cleanup', 'unconfigured')):
             text = _lifecycle(ros2, workspace, 'set', node_name, transition)
             assert 'Transitioning successful' in text, text
